@@ -1,0 +1,173 @@
+"""Triplets, triplet sets, and their tokenization into scored batches.
+
+A triplet (head, relation, tail) is verbalized as one sentence that ends exactly with the tail.
+The model is scored on the tail tokens given the prefix. With GPT-2 byte-level BPE the space
+before the tail belongs to the tail's first token, so the split is
+``prefix = text[:-len(tail)].rstrip(" ")`` and ``tail_str = text[len(prefix):]`` (e.g. " vehicle").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+TailScoring = Literal["all", "last"]
+
+
+class KGError(ValueError):
+    """Bad knowledge-graph input; the message names the source (file, line, field)."""
+
+
+@dataclass(frozen=True)
+class Triplet:
+    head: str
+    relation: str
+    tail: str
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.tail.strip():
+            raise KGError(f"empty tail in triplet {self.head!r} {self.relation!r}")
+        if not self.text.endswith(self.tail):
+            raise KGError(f"text {self.text!r} does not end with the tail {self.tail!r}")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Identity used for overlap checks: case- and space-insensitive (head, relation, tail)."""
+        norm = lambda s: " ".join(s.lower().split())
+        return (norm(self.head), norm(self.relation), norm(self.tail))
+
+    @property
+    def prefix(self) -> str:
+        """The sentence without the tail and without the space that belongs to the tail."""
+        return self.text[: len(self.text) - len(self.tail)].rstrip(" ")
+
+    @property
+    def tail_str(self) -> str:
+        """The tail as it follows the prefix, with its leading space when there is one."""
+        return self.text[len(self.prefix) :]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head": self.head, "relation": self.relation, "tail": self.tail, "text": self.text, **self.meta}
+
+
+@dataclass
+class TripletSet:
+    """A named, ordered list of triplets (a TargetKG, a ControlKG, a paraphrase set...)."""
+
+    triplets: list[Triplet]
+    name: str = "kg"
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __iter__(self):
+        return iter(self.triplets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return TripletSet(self.triplets[i], self.name, self.source)
+        return self.triplets[i]
+
+    def keys(self) -> set[tuple[str, str, str]]:
+        return {t.key for t in self.triplets}
+
+    def without(self, other: "TripletSet") -> tuple["TripletSet", int]:
+        """This set minus any triplet whose key is in ``other``; returns (set, number dropped)."""
+        drop = other.keys()
+        kept = [t for t in self.triplets if t.key not in drop]
+        return TripletSet(kept, self.name, self.source), len(self.triplets) - len(kept)
+
+
+@dataclass
+class TripletBatch:
+    """Right-padded token ids of BOS + prefix + tail, with the positions that score tail tokens.
+
+    ``score_mask[b, p]`` is True where the logits at position p predict a scored tail token,
+    which is ``targets[b, p] = tokens[b, p + 1]``. Triplet b's loss averages over its scored
+    positions. Right padding needs no attention mask in a causal model: padded positions
+    come after every scored one.
+    """
+
+    tokens: Int[Tensor, "batch seq"]
+    targets: Int[Tensor, "batch seq"]
+    score_mask: Bool[Tensor, "batch seq"]
+    lengths: Int[Tensor, "batch"]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> "TripletBatch":
+        return TripletBatch(*(getattr(self, f).to(device) for f in ("tokens", "targets", "score_mask", "lengths")))
+
+    def select(self, idx: Int[Tensor, "n"] | Sequence[int]) -> "TripletBatch":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        n = int(self.lengths[idx].max())
+        return TripletBatch(self.tokens[idx, :n], self.targets[idx, :n], self.score_mask[idx, :n], self.lengths[idx])
+
+    def shifted_to_tail_token(self) -> "TripletBatch":
+        """The released code's off-by-one: score the logits AT the tail tokens (one position late).
+
+        Only for fidelity comparisons (``tail_position = "released"``); the targets are not
+        meaningful for these positions, only the distributions are.
+        """
+        mask = torch.zeros_like(self.score_mask)
+        mask[:, 1:] = self.score_mask[:, :-1]
+        return TripletBatch(self.tokens, self.targets, mask, self.lengths)
+
+
+def tokenize_triplets(
+    triplets: Iterable[Triplet],
+    tokenizer: Any,
+    *,
+    prepend_bos: bool = True,
+    tail_scoring: TailScoring = "all",
+    d_vocab: int | None = None,
+    pad_id: int | None = None,
+    source: str = "",
+) -> TripletBatch:
+    """Tokenize prefix and tail separately (so the tail's tokens are exactly what is scored)."""
+    if tail_scoring not in ("all", "last"):
+        raise KGError(f"tail_scoring must be 'all' or 'last', got {tail_scoring!r}")
+    rows: list[list[int]] = []
+    n_prefix: list[int] = []
+    n_tail: list[int] = []
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for i, t in enumerate(triplets):
+        pre = tokenizer.encode(t.prefix, add_special_tokens=False)
+        tail = tokenizer.encode(t.tail_str, add_special_tokens=False)
+        if prepend_bos:
+            pre = [bos] + pre
+        if not pre:
+            raise KGError(f"{source or 'triplet'} #{i} ({t.text!r}): empty prefix and no BOS token to condition on")
+        if not tail:
+            raise KGError(f"{source or 'triplet'} #{i} ({t.text!r}): tail {t.tail!r} tokenizes to nothing")
+        ids = pre + tail
+        if d_vocab is not None and max(ids) >= d_vocab:
+            raise KGError(
+                f"{source or 'triplet'} #{i} ({t.text!r}): token id {max(ids)} >= the model's vocabulary size "
+                f"{d_vocab}; the tokenizer does not match the model"
+            )
+        rows.append(ids)
+        n_prefix.append(len(pre))
+        n_tail.append(len(tail))
+    if not rows:
+        raise KGError(f"{source or 'triplet set'} is empty")
+    seq = max(len(r) for r in rows)
+    pad = pad_id if pad_id is not None else (bos if bos is not None else 0)
+    tokens = torch.full((len(rows), seq), pad, dtype=torch.long)
+    score = torch.zeros((len(rows), seq), dtype=torch.bool)
+    for b, (ids, p, k) in enumerate(zip(rows, n_prefix, n_tail)):
+        tokens[b, : len(ids)] = torch.tensor(ids)
+        first = p - 1 if tail_scoring == "all" else p + k - 2
+        score[b, first : p + k - 1] = True
+    targets = torch.full_like(tokens, pad)
+    targets[:, :-1] = tokens[:, 1:]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    return TripletBatch(tokens, targets, score, lengths)
