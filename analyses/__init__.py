@@ -1,0 +1,1 @@
+"""kcs_lens.analyses: comparisons of subnetworks with activation patching, attribution and circuitsvis views."""

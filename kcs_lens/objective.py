@@ -1,0 +1,154 @@
+"""The multi-objective loss of Bayazit et al. (EMNLP 2024), method.md "Loss".
+
+Minimized over mask logits only (model frozen, dropout off). With p the original model's
+next-token distribution and q the remaining model's:
+
+1. suppression, TargetKG:  mean over triplets of KL(U || q) at the tail positions;
+2. ControlKG maintenance:  mean over triplets of KL(p || q) at the tail positions;
+3. ControlLM maintenance:  mean over all token positions of KL(p || q);
+4. sparsity:               mean sigmoid(logits), weighted by lambda(t) (2 -> 3 schedule).
+
+This file is the straightforward reference: every pass is a full forward of the masked model,
+p is recomputed with the masks switched off (the same weights: no second model copy), and each
+masked pass draws its own mask sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from kcs_lens.data.triplets import TripletBatch
+from kcs_lens.masks import WeightMask
+from kcs_lens.models import LensModel
+from kcs_lens.scoring import per_triplet_mean
+
+TailPosition = Literal["correct", "released"]
+TERMS = ("suppression", "control_kg", "control_lm", "sparsity")
+
+
+@dataclass
+class LossConfig:
+    """Weights and switches of the four terms (released defaults: 1.5, 1, 1, lambda 2 -> 3)."""
+
+    suppression: float = 1.5
+    control_kg: float = 1.0
+    control_lm: float = 1.0
+    sparsity_start: float = 2.0
+    sparsity_end: float = 3.0
+    use_suppression: bool = True
+    use_control_kg: bool = True
+    use_control_lm: bool = True
+    use_sparsity: bool = True
+    tail_position: TailPosition = "correct"
+
+    def sparsity_weight(self, step: int, total_steps: int) -> float:
+        """lambda_reg(t): constant until the middle of training, then linear to the end value."""
+        half = total_steps / 2
+        if step < half or total_steps <= 1:
+            return self.sparsity_start
+        frac = min(1.0, (step - half) / max(total_steps - 1 - half, 1))
+        return self.sparsity_start + (self.sparsity_end - self.sparsity_start) * frac
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ABLATIONS: dict[str, dict[str, bool]] = {
+    "full": {},
+    "no-suppression": {"use_suppression": False},
+    "no-control-kg": {"use_control_kg": False},
+    "no-control-lm": {"use_control_lm": False},
+    "no-sparsity": {"use_sparsity": False},
+}
+
+
+def kl_uniform_to_q(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, "n"]:
+    """KL(U || q) = -log V - mean_v log q_v, per row."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return -math.log(logits.shape[-1]) - logq.mean(-1)
+
+
+def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]) -> Float[Tensor, "n"]:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v), per row, p given as log-probabilities."""
+    logq = torch.log_softmax(logits_q.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _scored(batch: TripletBatch, tail_position: TailPosition) -> TripletBatch:
+    return batch.shifted_to_tail_token() if tail_position == "released" else batch
+
+
+class Objective:
+    """Computes the loss terms for one step and back-propagates them into the mask logits."""
+
+    def __init__(self, lm: LensModel, masks: WeightMask, config: LossConfig):
+        self.lm = lm
+        self.masks = masks
+        self.config = config
+
+    @torch.no_grad()
+    def original_tail_logprobs(self, batch: TripletBatch) -> Float[Tensor, "n_scored vocab"]:
+        b = _scored(batch, self.config.tail_position)
+        with self.masks.using("off"):
+            logits = self.lm(b.tokens)
+        return torch.log_softmax(logits[b.score_mask].float(), dim=-1)
+
+    @torch.no_grad()
+    def original_lm_logprobs(self, blocks: Int[Tensor, "n seq"]) -> Float[Tensor, "n seq vocab"]:
+        with self.masks.using("off"):
+            return torch.log_softmax(self.lm(blocks).float(), dim=-1)
+
+    def suppression(self, target: TripletBatch) -> Tensor:
+        b = _scored(target, self.config.tail_position)
+        logits = self.lm(b.tokens)
+        return per_triplet_mean(kl_uniform_to_q(logits[b.score_mask]), b).mean()
+
+    def control_kg(self, control: TripletBatch, logp: Tensor | None = None) -> Tensor:
+        b = _scored(control, self.config.tail_position)
+        logp = self.original_tail_logprobs(control) if logp is None else logp
+        logits = self.lm(b.tokens)
+        return per_triplet_mean(kl_p_to_q(logp, logits[b.score_mask]), b).mean()
+
+    def control_lm(self, blocks: Int[Tensor, "n seq"], logp: Tensor | None = None) -> Tensor:
+        logp = self.original_lm_logprobs(blocks) if logp is None else logp
+        logits = self.lm(blocks)
+        return kl_p_to_q(logp.flatten(0, 1), logits.flatten(0, 1)).mean()
+
+    def step(
+        self, target: TripletBatch, control: TripletBatch, blocks: Int[Tensor, "n seq"], step: int, total_steps: int
+    ) -> dict[str, float]:
+        """Forward and backward of every enabled term (one masked pass each, fresh sample each).
+
+        Gradients accumulate in the mask logits; the caller steps the optimizer. Returns the
+        unweighted terms, the sparsity weight and the weighted total.
+        """
+        c = self.config
+        out: dict[str, float] = {}
+        total = 0.0
+        with self.masks.using("sample", "remaining"):
+            for term, on, w, fn in (
+                ("suppression", c.use_suppression, c.suppression, lambda: self.suppression(target)),
+                ("control_kg", c.use_control_kg, c.control_kg, lambda: self.control_kg(control)),
+                ("control_lm", c.use_control_lm, c.control_lm, lambda: self.control_lm(blocks)),
+            ):
+                if not on:
+                    continue
+                loss = fn()
+                (w * loss).backward()
+                out[term] = float(loss.detach())
+                total += w * float(loss)
+        lam = c.sparsity_weight(step, total_steps)
+        density = self.masks.expected_density()
+        if c.use_sparsity:
+            (lam * density).backward()
+            total += lam * float(density)
+        out["sparsity"] = float(density)
+        out["lambda"] = lam
+        out["total"] = total
+        return out
