@@ -157,7 +157,7 @@ def hard_concrete_sample(
     s = torch.sigmoid((logits + (torch.log(u) - torch.log1p(-u))) / tau)
     soft = s if keep == "subnetwork" else 1.0 - s
     hard = (soft > 0.5).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly binary forward, d soft backward
 
 
 class WeightMask(nn.Module):

@@ -312,11 +312,18 @@ class HookedLensModel(LensModel):
 # ------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------
+def _bridge_class():
+    try:
+        from transformer_lens import TransformerBridge
+    except ImportError:  # TransformerLens 3.9 ships it one level down
+        from transformer_lens.model_bridge import TransformerBridge
+    return TransformerBridge
+
+
 def available_backends() -> list[Backend]:
     out: list[Backend] = []
     try:
-        from transformer_lens import TransformerBridge  # noqa: F401
-
+        _bridge_class()
         out.append("bridge")
     except ImportError:
         pass
@@ -333,10 +340,11 @@ def available_backends() -> list[Backend]:
 
 
 def default_backend() -> Backend:
+    """``hooked`` where TransformerLens 3.x provides HookedTransformer, else ``bridge`` (4.x)."""
     av = available_backends()
     if not av:
         raise ModelLoadError("transformer_lens provides neither TransformerBridge nor HookedTransformer")
-    return av[0]
+    return "hooked" if "hooked" in av else "bridge"
 
 
 def wrap_model(model: nn.Module, tokenizer: Any = None, spec: str | None = None) -> LensModel:
@@ -449,10 +457,18 @@ def _load_hub(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
         f"Connect to the Hugging Face Hub (unset HF_HUB_OFFLINE), or download it elsewhere with "
         f"`huggingface-cli download {repo} --local-dir DIR` and pass the directory as --model DIR."
     )
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline:  # answer at once instead of going through transformers' retries
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            raise ModelLoadError(
+                f"could not load model {spec!r} ({repo}) from the Hugging Face Hub: HF_HUB_OFFLINE is set and it "
+                f"is not in the local cache. {how}"
+            )
     try:
         cfg = AutoConfig.from_pretrained(repo)
     except Exception as e:  # offline, unknown repo, network error
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
         raise ModelLoadError(f"could not load model {spec!r} ({repo}) from the Hugging Face Hub: {why}. {how}") from e
     _check_gpt2(spec, cfg.model_type)
@@ -476,9 +492,7 @@ def from_hf(
     _check_gpt2(spec, getattr(hf.config, "model_type", None))
     hf = hf.to(device).eval()
     if backend == "bridge":
-        from transformer_lens import TransformerBridge
-
-        bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device=str(device))
+        bridge = _bridge_class().boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device=str(device))
         return BridgeLensModel(bridge, tokenizer, spec, source)
     return HookedLensModel(_hooked_from_hf(hf, tokenizer, device), tokenizer, spec, source)
 

@@ -142,7 +142,7 @@ class Objective:
                 loss = fn()
                 (w * loss).backward()
                 out[term] = float(loss.detach())
-                total += w * float(loss)
+                total += w * out[term]
         lam = c.sparsity_weight(step, total_steps)
         density = self.masks.expected_density()
         if c.use_sparsity:

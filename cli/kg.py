@@ -1,0 +1,83 @@
+"""``kcs-lens kg ...``: knowledge-graph commands (mounted by cli/main.py as ``app.add_typer(kg_app, name="kg")``).
+
+Commands: ``show`` (this file). ``wordnet`` (building TargetKGs/ControlKGs from WordNet) is added
+to this same ``kg_app`` by the WordNet work: add it below the marked section, keep the error
+convention (KGError/ValueError -> one line on stderr, exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from kcs_lens.data.loaders import bundled_dir, load_kg
+from kcs_lens.data.summary import format_summary, kg_summary
+from kcs_lens.data.triplets import KGError
+
+kg_app = typer.Typer(help="Inspect and build knowledge graphs (TargetKG, ControlKG).", no_args_is_help=True)
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> None:
+    """Print one line to stderr and exit with code 2 (bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _load_tokenizer(path: Optional[Path]) -> Any:
+    """A local tokenizer (``--tokenizer`` or the bundled model's); None when there is none."""
+    path = path or (bundled_dir() / "model")
+    if not path.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_model(spec: str) -> Any:
+    from kcs_lens.models import load_model
+
+    return load_model(spec)
+
+
+@kg_app.command("show")
+def show(
+    spec: str = typer.Argument(..., help="KG spec: a .jsonl/.json/.csv file or folder, hf:NAME[:SPLIT], builtin:NAME, wordnet:ROOT."),
+    control: Optional[str] = typer.Option(None, "--control", help="A ControlKG spec: report its overlap with SPEC."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model spec (e.g. bundled, gpt2-medium, a local HF dir): adds tail PPL and accuracy."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which paper field best_<NAME>_input to read (default: the --model spec)."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Templates file (JSON/TOML/YAML: relation -> templates)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local tokenizer dir for tail token lengths (default: the model's, else the bundled one)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of an hf: dataset."),
+    tail_scoring: str = typer.Option("all", "--tail-scoring", help="'all' tail tokens or only the 'last'."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Counts per relation, tail token lengths, templates, overlap with a control set, model fit."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            name_for_fields = model_name or model
+            kg = load_kg(spec, model_name=name_for_fields, templates=templates, split=split)
+            ctrl = load_kg(control, model_name=name_for_fields, templates=templates) if control else None
+        for w in caught:
+            typer.echo(f"note: {w.message}", err=True)
+        lm = _load_model(model) if model else None
+        tok = lm.tokenizer if lm is not None else _load_tokenizer(tokenizer)
+        if tail_scoring not in ("all", "last"):
+            raise KGError(f"--tail-scoring must be 'all' or 'last', got {tail_scoring!r}")
+        summary = kg_summary(kg, tokenizer=tok, control=ctrl, model=lm, tail_scoring=tail_scoring, batch_size=batch_size)
+    except (KGError, ValueError, OSError) as e:  # ModelLoadError is a ValueError
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+# --------------------------------------------------------------------------------------------
+# `kg wordnet` (WordNet TargetKG/ControlKG builder) goes here: added later by the WordNet work.
+# --------------------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""Model-dependent KG preparation: tail scores, best-template choice, known-fact filter.
+
+``model`` is any object with ``.tokenizer`` and ``model(tokens) -> logits [batch seq vocab]``
+(a ``kcs_lens.models.LensModel``, a HookedTransformer, or a small adapter around an HF model;
+an output with a ``.logits`` attribute is accepted too). Triplets are tokenized with
+:func:`kcs_lens.data.triplets.tokenize_triplets`, so the prefix/tail split (the tail's leading
+space belongs to its first token) and the BOS token are handled in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from kcs_lens.data.templates import article_variants, fill, merge_templates, templates_for
+from kcs_lens.data.triplets import KGError, TailScoring, Triplet, TripletSet, tokenize_triplets
+
+__all__ = ["TailScores", "score_tails", "candidate_texts", "choose_templates", "filter_known", "model_logits"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TailScores:
+    """Per-triplet tail statistics under one model (teacher forcing over the tail tokens)."""
+
+    nll: Float[Tensor, "n"]  # mean NLL over the scored tail tokens
+    n_tokens: Int[Tensor, "n"]  # number of scored tail tokens
+    n_tail_tokens: Int[Tensor, "n"]  # number of tail tokens (scored or not)
+    rank: Int[Tensor, "n"]  # rank of the first tail token (0 = the model's top prediction)
+    top1: Bool[Tensor, "n"]  # every scored tail token is the model's argmax
+
+    @property
+    def ppl(self) -> Float[Tensor, "n"]:
+        """Per-triplet tail perplexity exp(mean NLL)."""
+        return self.nll.exp()
+
+    def set_ppl(self) -> float:
+        """PPL of the set: exp(mean NLL over all scored tail tokens)."""
+        total = float((self.nll * self.n_tokens).sum())
+        return math.exp(total / max(int(self.n_tokens.sum()), 1))
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "n": int(self.nll.numel()),
+            "tail_ppl": self.set_ppl(),
+            "top1_acc": float(self.top1.float().mean()),
+            "mean_rank": float(self.rank.float().mean()),
+        }
+
+
+def _device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def model_logits(model: Any, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
+    """Logits of a duck-typed model (callable or ``.forward``; ``.logits`` outputs unwrapped)."""
+    fn = model if callable(model) else model.forward
+    out = fn(tokens.to(_device(model)))
+    return getattr(out, "logits", out)
+
+
+def _last_only(mask: Bool[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
+    """Keep only the last True of each row."""
+    pos = torch.arange(mask.shape[1]).expand_as(mask)
+    last = torch.where(mask, pos, -1).max(dim=1).values
+    return pos == last[:, None]
+
+
+@torch.no_grad()
+def score_tails(
+    model: Any,
+    triplets: Sequence[Triplet] | TripletSet,
+    *,
+    batch_size: int = 32,
+    tail_scoring: TailScoring = "all",
+    prepend_bos: bool = True,
+) -> TailScores:
+    """Tail NLL, first-tail-token rank and top-1 correctness of every triplet under ``model``."""
+    trip = list(triplets)
+    if not trip:
+        raise KGError("no triplets to score")
+    tok = model.tokenizer
+    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    device = _device(model)
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("nll", "n", "k", "rank", "top1")}
+    for start in range(0, len(trip), batch_size):
+        batch = tokenize_triplets(trip[start : start + batch_size], tok, prepend_bos=prepend_bos, d_vocab=d_vocab)
+        all_mask = batch.score_mask
+        mask = all_mask if tail_scoring == "all" else _last_only(all_mask)
+        first = all_mask.float().argmax(1)  # the first scored position predicts the first tail token
+        batch, mask, first = batch.to(device), mask.to(device), first.to(device)
+        logp = model_logits(model, batch.tokens).float().log_softmax(-1)
+        tgt_logp = logp.gather(-1, batch.targets[..., None])[..., 0]
+        nll = -(tgt_logp * mask).sum(1) / mask.sum(1)
+        correct = (logp.argmax(-1) == batch.targets) | ~mask
+        rows = torch.arange(len(batch), device=device)
+        rank = (logp[rows, first] > tgt_logp[rows, first][:, None]).sum(-1)
+        parts["nll"].append(nll.cpu())
+        parts["n"].append(mask.sum(1).cpu())
+        parts["k"].append(all_mask.sum(1))
+        parts["rank"].append(rank.cpu())
+        parts["top1"].append(correct.all(1).cpu())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return TailScores(cat["nll"], cat["n"], cat["k"], cat["rank"], cat["top1"])
+
+
+def candidate_texts(
+    t: Triplet,
+    templates: Mapping[str, list[str]] | None = None,
+    *,
+    variants: bool = True,
+    space_variants: bool = False,
+    where: str = "",
+) -> list[tuple[str, str]]:
+    """(template, text) candidates for a triplet: each template of its relation, with and without
+    articles (``variants``) and optionally with a leading space (as in the paper's data)."""
+    out: dict[str, str] = {}
+    for base in templates_for(t.relation, templates, where=where):
+        for tpl in article_variants(base) if variants else [base]:
+            text = fill(tpl, t.head, t.tail)
+            out.setdefault(text, tpl)
+            if space_variants:
+                out.setdefault(" " + text, " " + tpl)
+    return [(tpl, text) for text, tpl in out.items()]
+
+
+def choose_templates(
+    kg: TripletSet,
+    model: Any,
+    templates: Mapping[str, list[str]] | str | None = None,
+    *,
+    variants: bool = True,
+    space_variants: bool = False,
+    only_templated: bool = True,
+    batch_size: int = 32,
+    tail_scoring: TailScoring = "all",
+) -> TripletSet:
+    """Re-verbalize each triplet with the candidate that gives ``model`` the lowest tail PPL.
+
+    ``only_templated``: keep triplets whose text was given in the data (only those verbalized
+    from templates are re-chosen). Articles follow the word after them (a/an).
+    """
+    reg = merge_templates(templates) if not isinstance(templates, Mapping) else templates
+    todo = [i for i, t in enumerate(kg) if not only_templated or t.meta.get("text_source") == "template"]
+    cands: list[tuple[int, str, Triplet]] = []
+    for i in todo:
+        t = kg[i]
+        for tpl, text in candidate_texts(t, reg, variants=variants, space_variants=space_variants, where=f"{kg.source or kg.name} #{i}"):
+            cands.append((i, tpl, Triplet(t.head, t.relation, t.tail, text, t.meta)))
+    out = list(kg.triplets)
+    if not cands:
+        return TripletSet(out, kg.name, kg.source)
+    scores = score_tails(model, [c[2] for c in cands], batch_size=batch_size, tail_scoring=tail_scoring)
+    best: dict[int, int] = {}
+    for j, (i, _, _) in enumerate(cands):
+        if i not in best or scores.nll[j] < scores.nll[best[i]]:
+            best[i] = j
+    for i, j in best.items():
+        _, tpl, c = cands[j]
+        meta = {**c.meta, "template": tpl, "text_source": "best_template", "tail_ppl": float(scores.nll[j].exp())}
+        out[i] = Triplet(c.head, c.relation, c.tail, c.text, meta)
+    return TripletSet(out, kg.name, kg.source)
+
+
+def filter_known(
+    kg: TripletSet,
+    model: Any,
+    *,
+    max_rank: int = 0,
+    batch_size: int = 32,
+) -> tuple[TripletSet, int]:
+    """Keep triplets whose first tail token has rank <= ``max_rank`` (0 = top-1) under ``model``.
+
+    Returns (kept set, number dropped); the drop is logged. KGError if nothing is left.
+    """
+    if max_rank < 0:
+        raise KGError(f"max_rank must be >= 0 (0 = the tail's first token is the top prediction), got {max_rank}")
+    scores = score_tails(model, kg, batch_size=batch_size)
+    keep = (scores.rank <= max_rank).tolist()
+    kept = [t for t, k in zip(kg, keep) if k]
+    dropped = len(kg) - len(kept)
+    if not kept:
+        raise KGError(
+            f"{kg.source or kg.name}: the known-fact filter (first tail token rank <= {max_rank}) dropped all "
+            f"{len(kg)} triplets; raise max_rank or use a model that knows these facts"
+        )
+    log.info("known-fact filter (rank <= %d) dropped %d of %d triplets of %s", max_rank, dropped, len(kg), kg.name)
+    return TripletSet(kept, kg.name, kg.source), dropped

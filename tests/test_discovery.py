@@ -1,0 +1,141 @@
+"""Discovery runs end to end on a tiny model: artifacts, resume, selection, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_run_kwargs
+from kcs_lens import Subnetwork, discover, load_model
+from kcs_lens.config import ConfigError, build_config
+from kcs_lens.discovery import NonFiniteLoss, RunError, select_checkpoint
+from kcs_lens.masks import MaskError
+
+
+def test_run_directory_artifacts(tmp_path, tiny_kg, tiny_model_dir):
+    out = tmp_path / "run"
+    s = discover(out=out, **tiny_run_kwargs(tiny_kg, tiny_model_dir))
+    for f in ("config.json", "metrics.jsonl", "subnetwork.safetensors", "summary.json", "checkpoints/state.pt"):
+        assert (out / f).exists(), f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["steps"] == 12 and "torch" in cfg["versions"] and cfg["selection"]["min_target_ratio"] == 10.0
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [3, 6, 9, 12]
+    assert {"suppression", "control_kg", "control_lm", "sparsity"} <= set(metrics[0]["train"])
+    sub = Subnetwork.load(out)
+    lm = load_model(str(tiny_model_dir))
+    sub.check_model(lm)
+    assert sub.meta["model_fingerprint"] == lm.fingerprint() and sub.meta["step"] == s["selected_step"]
+    assert sub.mask_config.layers == (2, 3)  # top half of 4 blocks
+    assert math.isclose(s["sparsity"], sub.sparsity)
+    # the summary's remaining-model numbers are those of the saved subnetwork
+    from kcs_lens.discovery import evaluate_split, load_run_data
+
+    data = load_run_data(build_config(**tiny_run_kwargs(tiny_kg, tiny_model_dir)), lm)
+    with sub.applied(lm):
+        rem = evaluate_split(lm, data)
+    assert math.isclose(rem["target_ppl"], s["remaining"]["target_ppl"], rel_tol=1e-6)
+
+
+def test_training_moves_toward_suppression(tmp_path, tiny_kg, tiny_model_dir):
+    """With only the suppression term, the remaining model's target PPL must go up."""
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | dict(steps=30, eval_every=10, checkpoint_every=10, ablation="no-sparsity")
+    s = discover(out=tmp_path / "r", **kw)
+    assert s["ratio"]["target_ratio"] > 1.05 or s["sparsity"] < 1.0
+
+
+def test_resume_is_bit_identical(tmp_path, tiny_kg, tiny_model_dir):
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir)
+    discover(out=tmp_path / "full", **kw)
+    assert discover(out=tmp_path / "part", stop_after=6, **kw) is None  # interrupted after a checkpoint
+    discover(resume=tmp_path / "part")
+    a, b = Subnetwork.load(tmp_path / "full" / "checkpoints" / "step_000012.safetensors"), Subnetwork.load(
+        tmp_path / "part" / "checkpoints" / "step_000012.safetensors"
+    )
+    for n in a.logits:
+        assert torch.equal(a.logits[n], b.logits[n]), n
+    ma = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in mb] == [3, 6, 9, 12]
+    assert [json.loads(l)["target_ppl"] for l in ma] == [json.loads(l)["target_ppl"] for l in mb]
+
+
+def test_bad_input(tmp_path, tiny_kg, tiny_model_dir):
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "x").write_text("x")
+    with pytest.raises(RunError, match="--resume .* or --force"):
+        discover(out=out, **kw)
+    with pytest.raises(MaskError, match="out of range"):
+        discover(out=tmp_path / "a", **(kw | {"layers": "3-7"}))
+    with pytest.raises(MaskError, match="granularity"):
+        discover(out=tmp_path / "b", **(kw | {"granularity": "block"}))
+    with pytest.raises(RunError, match="not a run directory"):
+        discover(resume=tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="multiple of --eval-every"):
+        build_config(**(kw | {"checkpoint_every": 4}))
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 0"):
+        discover(out=tmp_path / "nan", **(kw | {"suppression_weight": float("nan")}))
+
+
+def test_kg_that_does_not_match_the_tokenizer(tmp_path, tiny_kg, tiny_tokenizer):
+    from conftest import tiny_hf_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    small = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50, n_positions=64))
+    d = tmp_path / "small_vocab_model"
+    small.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)  # 320 tokens, the model has 50
+    kw = tiny_run_kwargs(tiny_kg, d)
+    with pytest.raises(Exception, match="vocabulary"):
+        discover(out=tmp_path / "r", **kw)
+
+
+def test_selection_rule():
+    from kcs_lens.config import DiscoveryConfig
+
+    cfg = DiscoveryConfig()
+    rec = lambda step, sp, t, c, l: dict(step=step, sparsity=sp, target_ratio=t, control_ratio=c, lm_ratio=l)
+    rs = [rec(200, 0.99, 12, 1.0, 1.0), rec(400, 0.995, 15, 1.1, 1.01), rec(600, 0.999, 30, 1.5, 1.0)]
+    chosen, ok = select_checkpoint(rs, cfg)
+    assert ok and chosen["step"] == 400  # sparsest that meets all bounds
+    chosen, ok = select_checkpoint([rec(200, 0.99, 2, 1.0, 1.0), rec(400, 0.99, 3, 1.0, 1.0)], cfg)
+    assert not ok and chosen["step"] == 400  # none qualifies: the last, flagged
+
+
+def test_config_file_and_flags(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('steps = 77\nseed = 5\nlr = 0.1\n')
+    cfg = build_config(f, seed=9)
+    assert (cfg.steps, cfg.seed, cfg.lr) == (77, 9, 0.1)  # CLI flags win over the file
+    y = tmp_path / "c.yaml"
+    y.write_text("discover:\n  granularity: neuron\n")
+    assert build_config(y).granularity == "neuron"
+    assert build_config(model="gpt2-medium").steps == 40_000  # the paper's recipe for GPT-2
+    assert build_config().recipe == "bundled"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml: unknown keys \\['stepz'\\]"):
+        build_config(bad)
+
+
+def test_cli_discover(tmp_path, tiny_kg, tiny_model_dir):
+    from kcs_lens.cli.main import app
+
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir)
+    args = ["discover", "--model", kw["model"], "--target-kg", kw["target_kg"], "--control-kg", kw["control_kg"],
+            "--control-val-kg", "", "--control-val-size", "10", "--control-lm", kw["control_lm"], "--lm-block-len", "32", "--steps", "6",
+            "--eval-every", "3", "--checkpoint-every", "3", "--control-batch", "8", "--lm-batch", "2",
+            "--out", str(tmp_path / "cli"), "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "TargetKG" in r.output and "sparsity" in r.output
+    r = CliRunner().invoke(app, args)  # exists now
+    assert r.exit_code == 2 and "exists" in r.output
+    r = CliRunner().invoke(app, args[:-3] + ["--layers", "9", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert r.exit_code == 2 and "out of range" in r.output
