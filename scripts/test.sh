@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create/reuse the environments and run the whole test suite on both TransformerLens lines:
+#   .venv      TransformerLens 4.x (TransformerBridge)             constraints.txt
+#   .venv-tl3  TransformerLens 3.9 (HookedTransformer + bridge)    constraints-tl3.txt
+# Usage: bash scripts/test.sh [pytest args...]      (KCS_TL_LINES="4" runs one line only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+status=0
+for line in ${KCS_TL_LINES:-4 3}; do
+  if [ "$line" = 4 ]; then venv=.venv; cons=constraints.txt; else venv=.venv-tl3; cons=constraints-tl3.txt; fi
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  t0=$(date +%s)
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$cons" -e ".[test]"
+  echo "== TransformerLens line $line: installed in $(( $(date +%s) - t0 )) s ($("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformer-lens"))'))"
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=$?
+done
+exit $status
