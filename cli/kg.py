@@ -81,3 +81,33 @@ def show(
 # --------------------------------------------------------------------------------------------
 # `kg wordnet` (WordNet TargetKG/ControlKG builder) goes here: added later by the WordNet work.
 # --------------------------------------------------------------------------------------------
+
+
+@kg_app.command("wordnet")
+def wordnet_cmd(
+    root: str = typer.Option(..., "--root", help="Root synset of the TargetKG, e.g. building.n.01"),
+    out: Path = typer.Option(Path("kg"), "--out", help="Output folder for target_<root>.jsonl (and control.jsonl)"),
+    up: int = typer.Option(1, "--up", min=0, help="Hypernym levels above the root"),
+    down: int = typer.Option(2, "--down", min=0, help="Hyponym levels below the root"),
+    min_triplets: int = typer.Option(10, "--min-triplets", min=1),
+    max_triplets: int = typer.Option(40, "--max-triplets", min=1),
+    control: int = typer.Option(0, "--control", min=0, help="Also build a ControlKG of this many IsA triplets sharing no synset with the TargetKG"),
+    seed: int = typer.Option(0, "--seed"),
+    wordnet_dir: Optional[Path] = typer.Option(None, "--wordnet", help="Local WordNet directory (default: NLTK data, else /usr/share/wordnet)"),
+) -> None:
+    """Build a TargetKG like the paper's: a connected IsA neighbourhood of a WordNet synset."""
+    from kcs_lens.data.wordnet import build_control_kg, build_target_kg, kg_synsets, open_wordnet
+    from kcs_lens.subnetwork import atomic_write_bytes
+
+    try:
+        wn = open_wordnet(wordnet_dir)
+        target = build_target_kg(wn, root, up=up, down=down, min_triplets=min_triplets, max_triplets=max_triplets, seed=seed)
+        files = {out / f"target_{root.split('.')[0]}.jsonl": target}
+        if control:
+            files[out / "control.jsonl"] = build_control_kg(wn, kg_synsets(target), control, seed)
+    except ValueError as e:  # WordNetError, unknown synset, too few triplets
+        fail(str(e))
+        return
+    for path, rows in files.items():
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        typer.echo(f"wrote {len(rows)} IsA triplets to {path}")

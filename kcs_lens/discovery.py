@@ -292,16 +292,12 @@ class Run:
         last = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         running: dict[str, list[float]] = {}
         bar = _Progress(cfg.steps, self.step, enabled=progress)
+        gen_state = self.masks.generator.get_state()  # the noise state matching self.step
         try:
             while self.step < last:
-                gen_state = self.masks.generator.get_state()
                 t, c, lmb = self.batches(self.step)
                 self.opt.zero_grad(set_to_none=True)
-                try:
-                    losses = self.objective.step(t, c, lmb, self.step, cfg.steps)
-                except KeyboardInterrupt:
-                    self.save_state(gen_state)
-                    raise
+                losses = self.objective.step(t, c, lmb, self.step, cfg.steps)
                 if not all(math.isfinite(v) for v in losses.values()):
                     self.opt.zero_grad(set_to_none=True)
                     raise NonFiniteLoss(
@@ -311,6 +307,7 @@ class Run:
                 self.opt.step()
                 self.sched.step()
                 self.step += 1
+                gen_state = self.masks.generator.get_state()
                 for k, v in losses.items():
                     running.setdefault(k, []).append(v)
                 bar.update(self.step, losses)
@@ -327,7 +324,7 @@ class Run:
                     self.save_state()
         except KeyboardInterrupt:
             bar.close()
-            self.save_state()
+            self.save_state(gen_state)  # between steps: logits, Adam and noise state agree
             raise RunError(f"interrupted at step {self.step}; resume with: kcs-lens discover --resume {self.out}")
         finally:
             bar.close()
