@@ -51,6 +51,7 @@ def discover(
     control_val_kg: Optional[str] = typer.Option(None, "--control-val-kg", help="ControlKG validation spec ('' = first --control-val-size items of --control-kg)"),
     control_val_size: Optional[int] = typer.Option(None, "--control-val-size", help="validation items split off --control-kg when --control-val-kg is '' (paper: 50)"),
     control_lm: Optional[str] = typer.Option(None, "--control-lm", help="ControlLM text: wikitext-2, bundled, or a .txt file/folder"),
+    templates: Optional[str] = typer.Option(None, "--templates", help="relation templates file (JSON/TOML/YAML) for KG rows without text"),
     granularity: Optional[str] = typer.Option(None, help="weight or neuron"),
     layers: Optional[str] = typer.Option(None, help="top-half (default), all, 6-11, or 6,7,8"),
     matrices: Optional[str] = typer.Option(None, help="comma list of W_Q,W_K,W_V,W_O,W_in,W_out"),
@@ -74,6 +75,7 @@ def discover(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted run directory"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing run directory"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop (resumably) after this many steps"),
+    keep_all_checkpoints: Optional[bool] = typer.Option(None, "--keep-all-checkpoints/--prune-checkpoints", help="keep every mask checkpoint (default: only the latest and the best qualifying)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Find a knowledge-critical subnetwork. With no arguments: the bundled model and its 'building' TargetKG."""
@@ -92,6 +94,7 @@ def discover(
                 control_val_kg=control_val_kg,
                 control_val_size=control_val_size,
                 control_lm=control_lm,
+                templates=templates,
                 granularity=granularity,
                 layers=layers,
                 matrices=matrices.split(",") if matrices else None,
@@ -110,6 +113,7 @@ def discover(
                 lm_block_len=lm_block_len,
                 backend=backend,
                 device=device,
+                keep_all_checkpoints=keep_all_checkpoints,
             )
             typer.echo(f"kcs-lens discover: model={cfg.model} target={cfg.target_kg} seed={cfg.seed} steps={cfg.steps} ({cfg.recipe} recipe)")
             summary = run_discover(cfg, out=out, force=force, stop_after=stop_after, progress=progress, log=typer.echo)

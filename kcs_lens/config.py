@@ -47,6 +47,7 @@ class DiscoveryConfig:
     control_val_size: int = 50
     control_lm: str | None = None  # None: 'bundled' for the bundled model, 'wikitext-2' otherwise
     lm_block_len: int = 512
+    templates: str | None = None  # relation templates file (JSON/TOML/YAML) for rows without text
     prepend_bos: bool = True
     tail_scoring: Literal["all", "last"] = "all"
     # mask
@@ -78,6 +79,7 @@ class DiscoveryConfig:
     eval_every: int = 100
     checkpoint_every: int = 200
     lm_eval_blocks: int = 64
+    keep_all_checkpoints: bool = False  # default: keep the latest and the best qualifying one
     # checkpoint selection (method.md: our rule, stated in every report)
     select_min_target_ratio: float = 10.0
     select_max_control_ratio: float = 1.15

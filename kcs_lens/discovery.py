@@ -75,10 +75,11 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
     from kcs_lens.data.loaders import disjoint, load_kg
     from kcs_lens.data.text import load_text_blocks
 
-    target = load_kg(cfg.target_kg, model_name=lm.spec)
-    control = load_kg(cfg.control_kg, model_name=lm.spec)
+    kw = dict(model_name=lm.spec, templates=cfg.templates)
+    target = load_kg(cfg.target_kg, **kw)
+    control = load_kg(cfg.control_kg, **kw)
     if cfg.control_val_kg:
-        control_val = load_kg(cfg.control_val_kg, model_name=lm.spec)
+        control_val = load_kg(cfg.control_val_kg, **kw)
     else:
         control_val, control = control[: cfg.control_val_size], control[cfg.control_val_size :]
     control, n1 = disjoint(target, control)
@@ -158,17 +159,19 @@ def selection_rule(cfg: DiscoveryConfig) -> dict[str, Any]:
     }
 
 
+def meets_criteria(r: dict[str, Any], cfg: DiscoveryConfig) -> bool:
+    return (
+        r["target_ratio"] >= cfg.select_min_target_ratio
+        and r["control_ratio"] <= cfg.select_max_control_ratio
+        and r["lm_ratio"] <= cfg.select_max_lm_ratio
+    )
+
+
 def select_checkpoint(records: list[dict[str, Any]], cfg: DiscoveryConfig) -> tuple[dict[str, Any], bool]:
     """Pick among checkpointed evaluations by the rule of :func:`selection_rule`."""
     if not records:
         raise RunError("no checkpoint to select from")
-    ok = [
-        r
-        for r in records
-        if r["target_ratio"] >= cfg.select_min_target_ratio
-        and r["control_ratio"] <= cfg.select_max_control_ratio
-        and r["lm_ratio"] <= cfg.select_max_lm_ratio
-    ]
+    ok = [r for r in records if meets_criteria(r, cfg)]
     if ok:
         return max(ok, key=lambda r: (r["sparsity"], r["step"])), True
     return max(records, key=lambda r: r["step"]), False
@@ -266,6 +269,24 @@ class Run:
             self.ckpt_dir / f"step_{self.step:06d}.safetensors"
         )
 
+    def checkpoint_steps(self) -> set[int]:
+        return {int(p.stem.split("_")[1]) for p in self.ckpt_dir.glob("step_*.safetensors")}
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        m = self.out / "metrics.jsonl"
+        return [json.loads(l) for l in m.read_text().splitlines() if l.strip()] if m.exists() else []
+
+    def prune_checkpoints(self) -> None:
+        """Keep only checkpoints the selection rule could still pick: the latest and the best
+        qualifying one so far (a mask checkpoint of GPT-2 medium is ~0.75 GB)."""
+        steps = self.checkpoint_steps()
+        keep = {max(steps)}
+        ok = [r for r in self.read_metrics() if r["step"] in steps and meets_criteria(r, self.cfg)]
+        if ok:
+            keep.add(select_checkpoint(ok, self.cfg)[0]["step"])
+        for s in steps - keep:
+            (self.ckpt_dir / f"step_{s:06d}.safetensors").unlink(missing_ok=True)
+
     # --- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         with self.masks.using("eval", "remaining"):
@@ -322,6 +343,10 @@ class Run:
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save_mask_checkpoint()
                     self.save_state()
+                    if not cfg.keep_all_checkpoints:
+                        self.prune_checkpoints()
+            if self.step < cfg.steps:  # stopped by stop_after: resumable from exactly here
+                self.save_state(gen_state)
         except KeyboardInterrupt:
             bar.close()
             self.save_state(gen_state)  # between steps: logits, Adam and noise state agree
@@ -332,9 +357,8 @@ class Run:
 
     # --- result ----------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
-        records = [json.loads(l) for l in (self.out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        ckpts = {int(p.stem.split("_")[1]) for p in self.ckpt_dir.glob("step_*.safetensors")}
-        chosen, meets = select_checkpoint([r for r in records if r["step"] in ckpts], self.cfg)
+        ckpts = self.checkpoint_steps()
+        chosen, meets = select_checkpoint([r for r in self.read_metrics() if r["step"] in ckpts], self.cfg)
         sub = Subnetwork.load(self.ckpt_dir / f"step_{chosen['step']:06d}.safetensors")
         sub.meta.update(
             selected_by=selection_rule(self.cfg), meets_criteria=meets, target_kg=self.cfg.target_kg, granularity=self.cfg.granularity

@@ -394,19 +394,19 @@ def load_model(
     if isinstance(spec, nn.Module):
         return wrap_model(spec, tokenizer)
     spec_s = str(spec)
+    if backend is not None and backend not in ("bridge", "hooked"):
+        raise ModelLoadError(f"backend {backend!r}: expected 'bridge' (TransformerLens 4.x) or 'hooked' (3.x)")
+    hf, tok, source = _load_hf(spec_s)  # first: a bad spec fails before the TL import cost
     backend = backend or default_backend()
     if backend not in available_backends():
         raise ModelLoadError(
             f"backend {backend!r} is not available with the installed transformer_lens "
             f"(available: {', '.join(available_backends()) or 'none'})"
         )
-    hf, tok, source = _load_hf(spec_s)
     return from_hf(hf, tok, backend=backend, spec=spec_s, source=source, device=device)
 
 
 def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     if spec in BUNDLED_NAMES:
         if not (BUNDLED_DIR / "config.json").exists():
             raise ModelLoadError(
@@ -436,6 +436,8 @@ def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
         raise ModelLoadError(f"model {spec!r}: {path} has no weights (model.safetensors or pytorch_model.bin)")
     if not any((path / f).exists() for f in ("tokenizer.json", "vocab.json")):
         raise ModelLoadError(f"model {spec!r}: {path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
     hf = GPT2LMHeadModel.from_pretrained(str(path))
     tok = AutoTokenizer.from_pretrained(str(path))
     return hf, tok, {"kind": kind, "path": str(path.resolve()), "hf_config": hf.config.to_diff_dict()}
@@ -450,12 +452,10 @@ def _check_gpt2(spec: str, model_type: str | None) -> None:
 
 
 def _load_hub(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
-
     repo = HUB_GPT2.get(spec, spec)
     how = (
         f"Connect to the Hugging Face Hub (unset HF_HUB_OFFLINE), or download it elsewhere with "
-        f"`huggingface-cli download {repo} --local-dir DIR` and pass the directory as --model DIR."
+        f"`hf download {repo} --local-dir DIR` (older huggingface_hub: `huggingface-cli download`) and pass the directory as --model DIR."
     )
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if offline:  # answer at once instead of going through transformers' retries
@@ -466,6 +466,8 @@ def _load_hub(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
                 f"could not load model {spec!r} ({repo}) from the Hugging Face Hub: HF_HUB_OFFLINE is set and it "
                 f"is not in the local cache. {how}"
             )
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
     try:
         cfg = AutoConfig.from_pretrained(repo)
     except Exception as e:  # offline, unknown repo, network error

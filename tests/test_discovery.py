@@ -27,6 +27,8 @@ def test_run_directory_artifacts(tmp_path, tiny_kg, tiny_model_dir):
     assert [m["step"] for m in metrics] == [3, 6, 9, 12]
     assert {"suppression", "control_kg", "control_lm", "sparsity"} <= set(metrics[0]["train"])
     sub = Subnetwork.load(out)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert "step_000012.safetensors" in ckpts and len(ckpts) <= 2  # pruned to latest + best qualifying
     lm = load_model(str(tiny_model_dir))
     sub.check_model(lm)
     assert sub.meta["model_fingerprint"] == lm.fingerprint() and sub.meta["step"] == s["selected_step"]
@@ -49,9 +51,11 @@ def test_training_moves_toward_suppression(tmp_path, tiny_kg, tiny_model_dir):
 
 
 def test_resume_is_bit_identical(tmp_path, tiny_kg, tiny_model_dir):
-    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir)
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | {"keep_all_checkpoints": True}
     discover(out=tmp_path / "full", **kw)
-    assert discover(out=tmp_path / "part", stop_after=6, **kw) is None  # interrupted after a checkpoint
+    assert len(list((tmp_path / "full" / "checkpoints").glob("step_*"))) == 2
+    assert discover(out=tmp_path / "part", stop_after=5, **kw) is None  # stopped between checkpoints
+    assert discover(resume=tmp_path / "part", stop_after=3) is None
     discover(resume=tmp_path / "part")
     a, b = Subnetwork.load(tmp_path / "full" / "checkpoints" / "step_000012.safetensors"), Subnetwork.load(
         tmp_path / "part" / "checkpoints" / "step_000012.safetensors"

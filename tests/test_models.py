@@ -106,7 +106,7 @@ def test_hub_name_offline_fails_fast_and_clearly():
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300).stdout
-    assert "ERR" in out and "gpt2-medium" in out and "huggingface-cli download" in out
+    assert "ERR" in out and "gpt2-medium" in out and "hf download" in out
     assert float(out.split("SECONDS")[1]) < 2.0
 
 

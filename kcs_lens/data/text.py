@@ -47,16 +47,16 @@ def _check_split(split: str) -> str:
 def _wikitext_documents(split: str, heldout_split: str) -> list[str]:
     """WikiText-2 (raw) articles of one split, through ``datasets``."""
     hf_split = "train" if split == "train" else (split if split in ("validation", "test") else heldout_split)
-    if hub_offline():
-        raise KGError(
-            "wikitext-2: datasets.load_dataset('wikitext', 'wikitext-2-raw-v1') needs the Hugging Face Hub, "
-            "but offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Use a local .txt file/folder or 'bundled'"
-        )
     try:
         import datasets
 
         ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
-    except Exception as e:  # no network, no cache
+    except Exception as e:  # no network and no cache
+        if hub_offline():
+            raise KGError(
+                "wikitext-2: datasets.load_dataset('wikitext', 'wikitext-2-raw-v1') is not in the local cache and "
+                "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Use a local .txt file/folder or 'bundled'"
+            ) from None
         msg = str(e).splitlines()[0][:300] if str(e) else ""
         raise KGError(f"wikitext-2 ({hf_split}): cannot load ({type(e).__name__}: {msg})") from None
     return wikitext_articles(ds["text"])
