@@ -1,0 +1,100 @@
+"""Where the subnetwork's weights are: density per layer, per head (Q, K, V, O and combined),
+per MLP layer and per MLP neuron.
+
+Density = share of a component's *masked* weights that belong to the subnetwork. Neuron masks
+(one logit per input row) are expanded to the canonical weight shape first, so every number
+counts weights. Components in layers or matrices that were not masked get NaN (nothing could be
+removed there); :func:`unit_density` maps them to 0 for the all-units comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from kcs_lens.models import ModelShape, canonical_shape, parse_weight_name, weight_name
+from kcs_lens.subnetwork import Subnetwork
+
+HEAD_MATRICES = ("W_Q", "W_K", "W_V", "W_O")
+MLP_MATRICES = ("W_in", "W_out")
+
+
+def full_binary(sub: Subnetwork) -> dict[str, Bool[Tensor, "..."]]:
+    """The subnetwork's binary mask at canonical weight shape (neuron masks broadcast)."""
+    return {n: b.expand(canonical_shape(sub.shape, parse_weight_name(n)[1])).clone() for n, b in sub.binary().items()}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def structure(sub: Subnetwork) -> dict[str, Any]:
+    """Densities of the subnetwork; arrays are [n_layers, n_heads] / [n_layers] with NaN where
+    nothing was masked."""
+    s: ModelShape = sub.shape
+    L, H = s.n_layers, s.n_heads
+    full = full_binary(sub)
+    head = {m: np.full((L, H), np.nan) for m in HEAD_MATRICES}
+    head_num, head_den = np.zeros((L, H)), np.zeros((L, H))
+    mlp = {m: np.full(L, np.nan) for m in MLP_MATRICES}
+    mlp_num, mlp_den = np.zeros(L), np.zeros(L)
+    layer_num, layer_den = np.zeros(L), np.zeros(L)
+    neurons: dict[str, list[float]] = {}
+    for l in range(L):
+        for m in HEAD_MATRICES:
+            b = full.get(weight_name(l, m))
+            if b is None:
+                continue
+            per_head = b.flatten(1).float()  # [H, ...]: head is dim 0 for Q, K, V and O
+            head[m][l] = per_head.mean(1).numpy()
+            head_num[l] += per_head.sum(1).numpy()
+            head_den[l] += per_head.shape[1]
+        for m in MLP_MATRICES:
+            b = full.get(weight_name(l, m))
+            if b is None:
+                continue
+            mlp[m][l] = float(b.float().mean())
+            mlp_num[l] += float(b.sum())
+            mlp_den[l] += b.numel()
+        layer_num[l] = head_num[l].sum() + mlp_num[l]
+        layer_den[l] = head_den[l].sum() + mlp_den[l]
+        w_in, w_out = full.get(weight_name(l, "W_in")), full.get(weight_name(l, "W_out"))
+        if w_in is not None or w_out is not None:
+            # neuron j: its input column of W_in [d_model, d_mlp] and its output row of W_out [d_mlp, d_model]
+            num = torch.zeros(s.d_mlp)
+            den = 0
+            if w_in is not None:
+                num += w_in.float().sum(0)
+                den += s.d_model
+            if w_out is not None:
+                num += w_out.float().sum(1)
+                den += s.d_model
+            neurons[str(l)] = (num / den).tolist()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        combined = np.where(head_den > 0, head_num / np.maximum(head_den, 1), np.nan)
+        mlp_comb = np.where(mlp_den > 0, mlp_num / np.maximum(mlp_den, 1), np.nan)
+        layer = np.where(layer_den > 0, layer_num / np.maximum(layer_den, 1), np.nan)
+    st = sub.stats
+    return {
+        "granularity": sub.mask_config.granularity,
+        "masked_layers": list(sub.mask_config.layers),
+        "masked_matrices": list(sub.mask_config.matrices),
+        "sparsity": st.sparsity,
+        "sparsity_all_linear": sub.sparsity_all_linear,
+        "density_overall": _ratio(st.n_sub, st.n_total),
+        "layer": layer,
+        "head": combined,
+        "head_by_matrix": head,
+        "mlp": mlp_comb,
+        "mlp_by_matrix": mlp,
+        "mlp_neuron": neurons,
+    }
+
+
+def unit_density(st: dict[str, Any]) -> tuple[Float[np.ndarray, "L H"], Float[np.ndarray, "L"]]:
+    """Head and MLP densities for ranking, unmasked components set to 0."""
+    return np.nan_to_num(st["head"], nan=0.0), np.nan_to_num(st["mlp"], nan=0.0)
