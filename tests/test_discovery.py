@@ -143,3 +143,15 @@ def test_cli_discover(tmp_path, tiny_kg, tiny_model_dir):
     assert r.exit_code == 2 and "exists" in r.output
     r = CliRunner().invoke(app, args[:-3] + ["--layers", "9", "--out", str(tmp_path / "x"), "--no-progress"])
     assert r.exit_code == 2 and "out of range" in r.output
+
+
+def test_every_config_value_has_a_cli_flag():
+    from dataclasses import fields
+
+    from kcs_lens.cli.main import app
+    from kcs_lens.config import DiscoveryConfig
+
+    r = CliRunner().invoke(app, ["discover", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    flags = {f.name.replace("_", "-") for f in fields(DiscoveryConfig)}
+    missing = sorted(f for f in flags if f"--{f}" not in r.output)
+    assert missing == [], f"config fields without a CLI flag: {missing}"
