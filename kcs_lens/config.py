@@ -25,8 +25,14 @@ class ConfigError(ValueError):
 Recipe = Literal["auto", "paper", "bundled"]
 
 # Values that differ from the paper's recipe for the small bundled model (see docs/method.md).
+# The paper runs 40,000 steps; on 2 CPU cores the bundled default must finish in minutes, so it
+# runs 250 steps and compensates with a 25x sparsity weight (50 -> 75 instead of 2 -> 3) and half
+# the learning rate (0.1): with the paper's weights, 600 steps reach only 91% sparsity.
 BUNDLED_RECIPE: dict[str, Any] = {
-    "steps": 300,
+    "steps": 250,
+    "lr": 0.1,
+    "sparsity_start": 50.0,
+    "sparsity_end": 75.0,
     "eval_every": 50,
     "checkpoint_every": 50,
     "control_batch": 64,

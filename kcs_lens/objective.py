@@ -147,8 +147,8 @@ class Objective:
         density = self.masks.expected_density()
         if c.use_sparsity:
             (lam * density).backward()
-            total += lam * float(density)
-        out["sparsity"] = float(density)
+            total += lam * float(density.detach())
+        out["sparsity"] = float(density.detach())
         out["lambda"] = lam
         out["total"] = total
         return out
