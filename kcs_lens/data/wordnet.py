@@ -30,7 +30,7 @@ import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from kcs_lens.data.templates import ISA_TEMPLATES, fill
 
@@ -290,6 +290,7 @@ def build_target_kg(
     exclude_synsets: Iterable[str] = (),
     exclude_heads: Iterable[str] = (),
     single_parent: bool = False,
+    head_filter: Callable[[str], bool] | None = None,
 ) -> list[dict]:
     """A TargetKG: a connected IsA neighbourhood of ``root`` with ``min_triplets..max_triplets`` triplets.
 
@@ -301,7 +302,8 @@ def build_target_kg(
 
     Each head appears once. ``exclude_synsets`` / ``exclude_heads`` keep synsets / head names out
     (e.g. to make several TargetKGs pairwise disjoint); ``single_parent`` keeps only heads with
-    exactly one hypernym (so "A <head> is a" has one right answer). Deterministic for ``seed``.
+    exactly one hypernym (so "A <head> is a" has one right answer); ``head_filter(name)`` False
+    keeps a hyponym out (the root and its hypernyms are always kept). Deterministic for ``seed``.
     Raises ``WordNetError`` (ValueError) for an unknown root, ValueError when fewer than
     ``min_triplets`` triplets can be built.
     """
@@ -326,6 +328,7 @@ def build_target_kg(
             and h.lower() != t.lower()
             and is_single_word(t)
             and (not single_parent or len(_parents(child)) == 1)
+            and (head_filter is None or bool(head_filter(h)))
         )
 
     def take(edge) -> None:
@@ -413,6 +416,7 @@ def build_control_kg(
     single_parent: bool = True,
     min_tail_heads: int = 1,
     exclude_heads: Iterable[str] = (),
+    head_filter: Callable[[str], bool] | None = None,
 ) -> list[dict]:
     """A ControlKG: ``n`` IsA triplets over noun synsets sharing no synset with ``exclude_synsets``.
 
@@ -422,7 +426,8 @@ def build_control_kg(
     TargetKG entity, even through a homonymous synset). Head names naming several candidate
     synsets are ambiguous and dropped; with ``single_parent`` only heads with exactly one
     hypernym are kept, so each head has one right tail. ``min_tail_heads`` drops rare tails
-    (tails with fewer candidate heads). Returns a seeded sample in shuffled order; raises
+    (tails with fewer candidate heads); ``head_filter(name)`` False drops a head name (e.g. to keep
+    lower-case common nouns only). ``exclude_heads`` are head names to leave out. Returns a seeded sample in shuffled order; raises
     ValueError when fewer than ``n`` candidates exist.
     """
     excl = set(exclude_synsets)
@@ -442,7 +447,7 @@ def build_control_kg(
         if single_parent and len(parents) != 1:
             continue
         h = entity_name(s)
-        if h.lower() in excl_names:
+        if h.lower() in excl_names or (head_filter is not None and not head_filter(h)):
             continue
         for p in s.hypernyms():
             t = entity_name(p)
