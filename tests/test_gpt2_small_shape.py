@@ -1,0 +1,34 @@
+"""The discover command on a random-init GPT-2-small-shaped model (12 x 768, vocab 50257), 2 steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import requires_bundled
+
+
+@requires_bundled
+def test_discover_runs_on_gpt2_small_shape(tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from kcs_lens.cli.main import app
+    from kcs_lens.models import BUNDLED_DIR
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "gpt2-small-random"
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)  # GPT-2 small's default shape
+    AutoTokenizer.from_pretrained(str(BUNDLED_DIR)).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    args = ["discover", "--model", str(model_dir), "--steps", "2", "--eval-every", "2", "--checkpoint-every", "2",
+            "--target-batch", "8", "--control-batch", "8", "--lm-batch", "1", "--lm-block-len", "32",
+            "--lm-eval-blocks", "2", "--control-lm", "bundled", "--out", str(out), "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mask"]["layers"] == list(range(6, 12)) and cfg["config"]["recipe"] == "paper"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["selected_step"] == 2 and 0.0 <= s["sparsity"] <= 1.0
