@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from conftest import requires_bundled
 
 
+@pytest.mark.slow
 @requires_bundled
 def test_discover_runs_on_gpt2_small_shape(tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel

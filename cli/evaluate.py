@@ -1,0 +1,230 @@
+"""``kcs-lens evaluate | baseline | overlap | report | export``: thin wrappers over
+:mod:`kcs_lens.evaluation` and :mod:`kcs_lens.export` (mounted by cli/main.py through ``register``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from kcs_lens.cli.errors import EXPECTED_ERRORS, fail
+from kcs_lens.export import ExportError
+
+ERRORS = EXPECTED_ERRORS + (ExportError,)
+SET_LABELS = {"target": "TargetKG", "control": "ControlKG (val)", "lm": "ControlLM (held-out)", "paraphrases": "paraphrases"}
+
+RUN_ARG = typer.Argument(..., help="run directory of kcs-lens discover")
+KG_OPT = typer.Option(None, "--kg", help="another KG spec to evaluate against the same subnetwork (repeatable)")
+PARA_OPT = typer.Option(None, "--paraphrases", help="KG spec of other verbalizations of the TargetKG (repeatable; default: <target>-paraphrases when bundled)")
+MODEL_OPT = typer.Option(None, "--model", help="model spec to use instead of the run's (must have the same weights)")
+SUB_OPT = typer.Option(None, "--subnetwork", help="a subnetwork file to use instead of RUN/subnetwork.safetensors")
+BACKEND_OPT = typer.Option(None, "--backend", help="bridge (TransformerLens 4.x) or hooked (3.x)")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=max(170, Console().width))
+
+
+def _label(name: str) -> str:
+    return SET_LABELS.get(name, name)
+
+
+def _f(x: Any, spec: str = ".3f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def metrics_table(res: dict[str, Any], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("set", "model", "PPL", "dPPL", "ratio", "rank", "d rank mean [min,max]", "d logprob mean [min,max]", "top1/5/10"):
+        t.add_column(c, justify="left" if c in ("set", "model") else "right")
+    m = res["metrics"]
+    for s in m["original"]:
+        for v in m:
+            x = m[v][s]
+            rng = lambda k, f, g: "" if f"{k}_mean" not in x else f"{x[k + '_mean']:+.{f}f} [{x[k + '_min']:+.{g}f},{x[k + '_max']:+.{g}f}]"
+            t.add_row(
+                _label(s) if v == "original" else "",
+                v,
+                _f(x["ppl"]),
+                _f(x.get("dppl"), "+.3f"),
+                _f(x.get("ppl_ratio")),
+                _f(x.get("rank_mean"), ".1f"),
+                rng("drank", 1, 0),
+                rng("dlogprob", 2, 2),
+                "" if "top1" not in x else f"{x['top1']:.2f}/{x['top5']:.2f}/{x['top10']:.2f}",
+            )
+    return t
+
+
+def print_subnetwork(c, st: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    d = st["density"]
+    mats = list(d["per_matrix"])
+    t = Table(title="density (% of weights in the subnetwork)")
+    for col in ["layer", *mats, "all"]:
+        t.add_column(col, justify="right")
+    for l, row in d["per_layer_matrix"].items():
+        t.add_row(l, *[f"{100 * row[m]:.2f}" for m in mats], f"{100 * d['per_layer'][l]:.2f}")
+    t.add_row("all", *[f"{100 * d['per_matrix'][m]:.2f}" for m in mats], f"{100 * (1 - st['sparsity']):.2f}")
+    c.print(t)
+    for l, heads in d["per_head"].items():
+        c.print(f"layer {l} per-head density (Q,K,V,O) %: " + " ".join(f"{100 * x:.2f}" for x in heads["all"]))
+    lg = st["logits"]
+    c.print(
+        f"sparsity {100 * st['sparsity']:.3f}% of masked weights, {100 * st['sparsity_all_linear']:.3f}% of all linear weights "
+        f"({st['n_in_subnetwork']} of {st['n_masked']} masked weights in the subnetwork); mask probabilities near 0: "
+        f"{100 * lg['near_0']:.1f}%, near 1: {100 * lg['near_1']:.1f}% (within {lg['near_threshold']})"
+    )
+
+
+def evaluate(
+    run: Path = RUN_ARG,
+    kg: Optional[List[str]] = KG_OPT,
+    paraphrases: Optional[List[str]] = PARA_OPT,
+    subnetwork: Optional[Path] = SUB_OPT,
+    model: Optional[str] = MODEL_OPT,
+    backend: Optional[str] = BACKEND_OPT,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/evaluation.json)"),
+) -> None:
+    """Original vs remaining model vs the subnetwork alone: tail PPL, ranks, log-probs, top-k; sparsity and density."""
+    from kcs_lens.evaluation import evaluate_run
+
+    try:
+        res = evaluate_run(run, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, save=json_out or True, log=typer.echo)
+    except ERRORS as e:
+        fail(str(e))
+    c = _console()
+    c.print(metrics_table(res, f"{res['model']} / TargetKG {res['target_kg']} / seed {res['seed']} ({run})"))
+    print_subnetwork(c, res["subnetwork"])
+    c.print(f"wrote {json_out or Path(run) / 'evaluation.json'}")
+
+
+def baseline(
+    run: Path = RUN_ARG,
+    draws: int = typer.Option(5, "--draws", min=1, help="number of random subnetworks"),
+    seed: int = typer.Option(0, "--seed", help="seed of the first draw (draw i uses seed + i)"),
+    kg: Optional[List[str]] = KG_OPT,
+    paraphrases: Optional[List[str]] = PARA_OPT,
+    subnetwork: Optional[Path] = SUB_OPT,
+    model: Optional[str] = MODEL_OPT,
+    backend: Optional[str] = BACKEND_OPT,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/baseline.json)"),
+) -> None:
+    """Random subnetworks with the run's per-matrix sizes: mean ± std of every metric over draws."""
+    from rich.table import Table
+
+    from kcs_lens.evaluation import baseline_run
+
+    try:
+        res = baseline_run(run, draws=draws, seed=seed, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, save=json_out or True, log=typer.echo)
+    except ERRORS as e:
+        fail(str(e))
+    mean, std, own = res["baseline"]["mean"]["metrics"], res["baseline"]["std"]["metrics"], res["run_metrics"]
+    t = Table(title=f"random baseline ({draws} draws, same per-matrix sizes, sparsity {100 * res['subnetwork']['sparsity']:.3f}%) vs the run")
+    for col in ("set", "model", "run dPPL", "random dPPL", "run ratio", "random ratio", "run dlogp", "random dlogp", "run top1", "random top1"):
+        t.add_column(col, justify="left" if col in ("set", "model") else "right")
+    pm = lambda v, s, k: f"{mean[v][s][k]:{'+' if k[0] == 'd' else ''}.4g} ± {std[v][s][k]:.2g}" if k in mean[v][s] else ""
+    for s in own["original"]:
+        for v in ("remaining", "subnetwork"):
+            o = own[v][s]
+            t.add_row(
+                _label(s) if v == "remaining" else "", v, f"{o['dppl']:+.4g}", pm(v, s, "dppl"), f"{o['ppl_ratio']:.4g}", pm(v, s, "ppl_ratio"),
+                _f(o.get("dlogprob_mean"), "+.3g"), pm(v, s, "dlogprob_mean"), _f(o.get("top1"), ".2f"), pm(v, s, "top1"),
+            )
+    c = _console()
+    c.print(t)
+    c.print(f"wrote {json_out or Path(run) / 'baseline.json'}")
+
+
+def overlap(
+    runs: List[Path] = typer.Argument(..., help="run directories (seeds) of the same model and layer range"),
+    out: Optional[Path] = typer.Option(None, "--out", help="new directory for the combinations (one run directory each) and overlap.json"),
+    do_eval: bool = typer.Option(False, "--evaluate", help="evaluate every run and combination on the first run's sets"),
+    model: Optional[str] = MODEL_OPT,
+    backend: Optional[str] = BACKEND_OPT,
+) -> None:
+    """Union, intersection and at-least-k-of-n of several seeds' subnetworks; Jaccard; shared share per layer / matrix."""
+    from rich.table import Table
+
+    from kcs_lens.evaluation import overlap_runs
+
+    try:
+        res = overlap_runs(runs, out=out, evaluate=do_eval, model=model, backend=backend, log=typer.echo)
+    except ERRORS as e:
+        fail(str(e))
+    c = _console()
+    names = [f"{i}: {Path(str(r['target_kg'])).stem}/s{r['seed']}" for i, r in enumerate(res["runs"])]
+    t = Table(title=f"pairwise Jaccard (mean {res['overlap']['jaccard_mean']:.3f})")
+    t.add_column("run")
+    for n in names:
+        t.add_column(n.split(":")[0], justify="right")
+    for n, row in zip(names, res["overlap"]["jaccard"]):
+        t.add_row(n, *[f"{x:.3f}" for x in row])
+    c.print(t)
+    t = Table(title="combinations")
+    cols = ["combination", "k", "sparsity %", "weights"] + (["dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM"] if do_eval else [])
+    for col in cols:
+        t.add_column(col, justify="left" if col == "combination" else "right")
+    rows = [(n, r, r.get("metrics")) for n, r in zip(names, res["runs"])] + [(k, v, v.get("metrics")) for k, v in res["combinations"].items()]
+    for name, r, m in rows:
+        cells = [name, str(r.get("k", "")), f"{100 * r['sparsity']:.3f}", str(r["n_in_subnetwork"])]
+        if do_eval:
+            cells += [f"{m['remaining'][s]['dppl']:+.3f}" for s in ("target", "control", "lm")]
+        t.add_row(*cells)
+    c.print(t)
+    t = Table(title="shared by all seeds: Jaccard (intersection / union) and mean share of each seed's part")
+    for col in ("part", "Jaccard", "shared share", "intersection", "union"):
+        t.add_column(col, justify="left" if col == "part" else "right")
+    ov = res["overlap"]
+    for label, d in [("all", ov["all"])] + [(f"layer {k}", v) for k, v in ov["per_layer"].items()] + list(ov["per_matrix"].items()):
+        t.add_row(label, f"{d['jaccard_all']:.3f}", f"{d['shared_frac']:.3f}", str(d["n_intersection"]), str(d["n_union"]))
+    c.print(t)
+    if out:
+        c.print(f"wrote {out}/overlap.json and one run directory per combination (kcs-lens evaluate {out}/intersection)")
+
+
+def report(
+    runs: List[Path] = typer.Argument(..., help="run directories, or folders of run directories"),
+    out: Path = typer.Option(..., "--out", help="FILE: writes FILE.md, FILE.csv and FILE.png"),
+    draws: int = typer.Option(5, "--draws", min=1, help="random-baseline draws per run"),
+    seed: int = typer.Option(0, "--seed", help="seed of the first random draw"),
+    recompute: bool = typer.Option(False, "--recompute", help="ignore RUN/evaluation.json and RUN/baseline.json"),
+) -> None:
+    """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot."""
+    from kcs_lens.evaluation import report_runs
+
+    try:
+        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, log=typer.echo)
+    except ERRORS as e:
+        fail(str(e))
+    typer.echo(Path(res["files"][0]).read_text())
+    typer.echo("wrote " + ", ".join(res["files"]))
+
+
+def export(
+    run: Path = RUN_ARG,
+    out: Path = typer.Option(..., "--out", help="new HF checkpoint directory"),
+    remove: str = typer.Option("subnetwork", "--remove", help="subnetwork (the remaining model) or complement (keep only the subnetwork)"),
+    subnetwork: Optional[Path] = SUB_OPT,
+    model: Optional[str] = MODEL_OPT,
+    backend: Optional[str] = BACKEND_OPT,
+) -> None:
+    """Write an HF checkpoint (AutoModelForCausalLM.from_pretrained) with the chosen weights zeroed."""
+    from kcs_lens.export import export_run
+
+    try:
+        path = export_run(run, out, remove=remove, subnetwork=subnetwork, model=model, backend=backend)  # type: ignore[arg-type]
+    except ERRORS as e:
+        fail(str(e))
+    typer.echo(f"wrote {path} (removed: {remove}); load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
+
+
+def register(app: typer.Typer) -> None:
+    for name, fn in (("evaluate", evaluate), ("baseline", baseline), ("overlap", overlap), ("report", report), ("export", export)):
+        app.command(name)(fn)
