@@ -524,7 +524,9 @@ def _hooked_from_hf(hf: nn.Module, tokenizer: Any, device: str | torch.device) -
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_state_dict(hf_to_tl_state_dict(hf.state_dict(), cfg), strict=False)
-    return model.to(device).eval()
+    # TL 3.x's HookedTransformer.to prints "Moving model to device" on stdout, which would
+    # corrupt `--json` output; keep stdout for results.
+    return model.to(device, print_details=False).eval()
 
 
 def hf_to_tl_state_dict(sd: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:

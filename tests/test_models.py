@@ -74,6 +74,13 @@ def test_local_dir_and_wrap_user_object(backend, tiny_model_dir):
     assert again.backend == backend and again.fingerprint() == lm.fingerprint()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loading_keeps_stdout_clean(backend, tiny_model_dir, capfd):
+    """stdout carries results (`--json`); TL 3.x prints "Moving model to device" unless told not to."""
+    load_model(str(tiny_model_dir), backend=backend)
+    assert capfd.readouterr().out == ""
+
+
 def test_bad_specs(tmp_path, tiny_model_dir):
     with pytest.raises(ModelLoadError, match="no such directory"):
         load_model(str(tmp_path / "missing" / "model"))
