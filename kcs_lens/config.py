@@ -81,6 +81,10 @@ class DiscoveryConfig:
     lm_batch: int = 10
     seed: int = 84
     device: str = "cpu"
+    # speed (docs/performance.md): none of these changes the method except autocast's rounding
+    objective: Literal["fast", "reference"] = "fast"
+    autocast: Literal["none", "bf16"] = "none"  # CUDA only; losses stay fp32
+    lm_cache_mb: float = 0.0  # cache frozen ControlLM activations per block, up to this many MB
     # bookkeeping
     eval_every: int = 100
     checkpoint_every: int = 200
@@ -132,6 +136,17 @@ class DiscoveryConfig:
             raise ConfigError(f"--tail-position {self.tail_position!r}: expected 'correct' or 'released'")
         if self.tail_scoring not in ("all", "last"):
             raise ConfigError(f"--tail-scoring {self.tail_scoring!r}: expected 'all' or 'last'")
+        if self.objective not in ("fast", "reference"):
+            raise ConfigError(f"--objective {self.objective!r}: expected 'fast' or 'reference'")
+        if self.autocast not in ("none", "bf16"):
+            raise ConfigError(f"--autocast {self.autocast!r}: expected 'none' or 'bf16'")
+        if self.autocast != "none" and (self.objective != "fast" or not str(self.device).startswith("cuda")):
+            raise ConfigError(
+                f"--autocast {self.autocast} needs --objective fast and a CUDA --device (got --objective "
+                f"{self.objective}, --device {self.device})"
+            )
+        if self.lm_cache_mb < 0:
+            raise ConfigError(f"--lm-cache-mb must be >= 0, got {self.lm_cache_mb}")
         if self.recipe not in ("auto", "paper", "bundled"):
             raise ConfigError(f"--recipe {self.recipe!r}: expected auto, paper or bundled")
         return self

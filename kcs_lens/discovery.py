@@ -30,6 +30,7 @@ from torch import Tensor
 
 from kcs_lens.config import ConfigError, DiscoveryConfig, build_config
 from kcs_lens.data.triplets import TripletBatch, TripletSet, tokenize_triplets
+from kcs_lens.fast_objective import FastObjective
 from kcs_lens.masks import MaskConfig, WeightMask, resolve_layers
 from kcs_lens.models import LensModel, load_model
 from kcs_lens.objective import Objective
@@ -192,6 +193,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def make_objective(cfg: DiscoveryConfig, lm: LensModel, masks: WeightMask) -> Objective | FastObjective:
+    """The loss of method.md: the fast implementation (default) or the straightforward reference."""
+    if cfg.objective == "reference":
+        return Objective(lm, masks, cfg.loss_config())
+    autocast = None if cfg.autocast == "none" else cfg.autocast
+    return FastObjective(lm, masks, cfg.loss_config(), lm_cache_mb=cfg.lm_cache_mb, autocast=autocast)
+
+
 class Run:
     """One discovery run bound to a run directory."""
 
@@ -205,7 +214,7 @@ class Run:
         mc = MaskConfig(layers, tuple(cfg.matrices), cfg.granularity, cfg.init_prob, cfg.tau)
         self.masks = WeightMask(self.lm.shape, mc, seed=cfg.seed, device=self.lm.device)
         self.masks.hold_sample = cfg.share_sample
-        self.objective = Objective(self.lm, self.masks, cfg.loss_config())
+        self.objective = make_objective(cfg, self.lm, self.masks)
         self.opt = torch.optim.Adam(self.masks.parameters(), lr=cfg.lr)
         warm = max(1, int(cfg.warmup_frac * cfg.steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
@@ -310,6 +319,8 @@ class Run:
         if not self.original:
             with self.masks.using("off"):
                 self.original = evaluate_split(self.lm, self.data)
+        if isinstance(self.objective, FastObjective):  # cache the fixed rows' frozen activations once
+            self.objective.prepare(self.data.target_batch, self.data.control_batch)
         last = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         running: dict[str, list[float]] = {}
         bar = _Progress(cfg.steps, self.step, enabled=progress)

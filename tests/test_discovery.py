@@ -68,6 +68,24 @@ def test_resume_is_bit_identical(tmp_path, tiny_kg, tiny_model_dir):
     assert [json.loads(l)["target_ppl"] for l in ma] == [json.loads(l)["target_ppl"] for l in mb]
 
 
+def test_fast_and_reference_objectives_give_the_same_run(tmp_path, tiny_kg, tiny_model_dir):
+    """--objective fast (default) and reference: the same training losses, step for step."""
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | {"steps": 6, "checkpoint_every": 3}
+    discover(out=tmp_path / "fast", **kw)
+    discover(out=tmp_path / "ref", **(kw | {"objective": "reference"}))
+    read = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "fast" / "config.json").read_text())["config"]["objective"] == "fast"
+    fast, ref = read("fast"), read("ref")
+    assert [r["step"] for r in fast] == [r["step"] for r in ref] == [3, 6]
+    for a, b in zip(fast, ref):
+        for term in ("suppression", "control_kg", "control_lm", "sparsity"):
+            assert a["train"][term] == pytest.approx(b["train"][term], rel=1e-4), (a["step"], term)
+    with pytest.raises(ConfigError, match="--autocast bf16 needs .*CUDA"):
+        build_config(**(kw | {"autocast": "bf16"}))
+    with pytest.raises(ConfigError, match="--objective 'quick'"):
+        build_config(**(kw | {"objective": "quick"}))
+
+
 def test_bad_input(tmp_path, tiny_kg, tiny_model_dir):
     kw = tiny_run_kwargs(tiny_kg, tiny_model_dir)
     out = tmp_path / "run"

@@ -1,0 +1,269 @@
+"""FastObjective computes the reference Objective's losses and mask gradients (issue 7).
+
+Both paths draw their masks from the same seeded generator in the same order, so with the same
+logits they see the same samples; losses must agree to float tolerance and the gradients of the
+mask logits too. Runs on whichever TransformerLens backend is installed (4.x bridge, 3.x
+HookedTransformer); scripts/test.sh runs the suite on both.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kcs_lens.data.triplets import Triplet, tokenize_triplets
+from kcs_lens.fast_objective import FastObjective, FastSwitches, _Noise
+from kcs_lens.masks import MaskConfig, WeightMask, hard_concrete_sample
+from kcs_lens.models import available_backends
+from kcs_lens.objective import LossConfig, Objective
+
+BACKENDS = available_backends()
+LOSS_RTOL = 1e-5
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7
+
+
+def _triplets(path):
+    return [Triplet(r["head"], r["relation"], r["tail"], r["text"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_kg, tiny_tokenizer):
+    tok = lambda ts, **kw: tokenize_triplets(ts, tiny_tokenizer, **kw)
+    target = tok(_triplets(tiny_kg["target"]))
+    control = tok(_triplets(tiny_kg["control"]))
+    text = tiny_tokenizer.encode(tiny_kg["text"].read_text())
+    blocks = torch.tensor(text[: 3 * 24]).view(3, 24)
+    return {"target": target, "control": control, "blocks": blocks, "tok": tok, "triplets": _triplets(tiny_kg["control"])}
+
+
+def _masks(lm, layers=(2, 3), seed=7, granularity="weight"):
+    m = WeightMask(lm.shape, MaskConfig(tuple(layers), granularity=granularity), seed=seed)
+    g = torch.Generator().manual_seed(123)  # varied logits, the same in every copy
+    with torch.no_grad():
+        for _, p in m.items():
+            p.copy_(torch.randn(p.shape, generator=g) * 1.5 - 0.2)
+    return m
+
+
+def _run(lm, objective_cls, batches, steps=2, loss=None, masks_kw=None, hold=False, **switches):
+    """Run ``steps`` steps (no optimizer update in between); returns [(losses, grads)] per step."""
+    masks = _masks(lm, **(masks_kw or {}))
+    masks.hold_sample = hold
+    masks.attach(lm)
+    try:
+        obj = objective_cls(lm, masks, loss or LossConfig(), **switches)
+        out = []
+        for s in range(steps):
+            t, c, b = batches(s)
+            masks.zero_grad(set_to_none=True)
+            losses = obj.step(t, c, b, s, 10)
+            grads = {n: p.grad.detach().clone() for n, p in masks.items()}
+            out.append((losses, grads))
+        return out
+    finally:
+        masks.detach()
+
+
+def _compare(ref, fast):
+    for (lr, gr), (lf, gf) in zip(ref, fast):
+        assert lr.keys() == lf.keys()
+        for k in lr:
+            assert lf[k] == pytest.approx(lr[k], rel=LOSS_RTOL, abs=1e-7), (k, lr, lf)
+        for n in gr:
+            scale = float(gr[n].abs().max())
+            torch.testing.assert_close(gf[n], gr[n], rtol=GRAD_RTOL, atol=GRAD_ATOL + 1e-5 * scale, msg=n)
+
+
+def _batches(data, control_batch=8):
+    ctl = data["control"]
+
+    def get(step):
+        idx = torch.arange(step * control_batch, (step + 1) * control_batch) % len(ctl)
+        return data["target"], ctl.select(idx), data["blocks"][step % 2 : step % 2 + 2]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_matches_reference_default(make_tiny_lm, data, backend):
+    lm = make_tiny_lm(backend)
+    get = _batches(data)
+    ref = _run(lm, Objective, get, steps=3)
+    fast = _run(lm, FastObjective, get, steps=3)
+    _compare(ref, fast)
+    # the terms are real: non-zero, and the gradients are not all zero
+    assert all(ref[0][0][k] > 0 for k in ("suppression", "control_kg", "control_lm"))
+    assert any(float(g.abs().sum()) > 0 for g in ref[0][1].values())
+
+
+SWITCH_SETS = {
+    "all-off": FastSwitches.none().to_dict(),
+    "no-prefix-cache": {"prefix_cache": False},
+    "no-p-cache": {"p_cache": False},
+    "no-scored-only": {"scored_only": False},
+    "no-scored-last-block": {"scored_last_block": False},
+    "no-fused-noise": {"fused_noise": False},
+    "no-chunked-kl": {"chunked_kl": False},
+    "small-chunks": {"kl_chunk": 5},
+    "tiny-p-cache-budget": {"p_cache_mb": 0.05},
+    "lm-cache": {"lm_cache_mb": 64.0},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(SWITCH_SETS))
+def test_each_switch_matches_reference(make_tiny_lm, data, backend, name):
+    lm = make_tiny_lm(backend)
+    get = _batches(data)
+    if name == "lm-cache":  # the same blocks twice: the second step hits the cache
+        get = lambda s, g=_batches(data): (g(s)[0], g(s)[1], data["blocks"][:2])
+    _compare(_run(lm, Objective, get), _run(lm, FastObjective, get, **SWITCH_SETS[name]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LossConfig(tail_position="released"),
+        LossConfig(use_suppression=False),
+        LossConfig(use_control_kg=False),
+        LossConfig(use_control_lm=False),
+        LossConfig(use_sparsity=False),
+        LossConfig(suppression=0.7, control_kg=2.0, control_lm=0.3),
+    ],
+    ids=["released-tail", "no-suppression", "no-control-kg", "no-control-lm", "no-sparsity", "weights"],
+)
+def test_loss_options_match_reference(make_tiny_lm, data, backend, loss):
+    lm = make_tiny_lm(backend)
+    get = _batches(data)
+    _compare(_run(lm, Objective, get, loss=loss), _run(lm, FastObjective, get, loss=loss))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_token_tails_last_token_and_other_layers(make_tiny_lm, data, tiny_tokenizer, backend):
+    lm = make_tiny_lm(backend, n_layers=5)
+    trips = data["triplets"]
+    multi = [Triplet(t.head, t.relation, t.tail + " thing mat", t.text + " thing mat") for t in trips[:6]]
+    for scoring in ("all", "last"):
+        target = data["tok"](multi, tail_scoring=scoring)
+        control = data["tok"](trips[6:20], tail_scoring=scoring)
+        get = lambda s: (target, control.select(torch.arange(s * 5, s * 5 + 7) % len(control)), data["blocks"][:2])
+        for layers in ((1, 3), (0, 1, 2, 3, 4)):
+            kw = {"masks_kw": {"layers": layers}}
+            _compare(_run(lm, Objective, get, **kw), _run(lm, FastObjective, get, **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neuron_granularity(make_tiny_lm, data, backend):
+    lm = make_tiny_lm(backend)
+    get = _batches(data)
+    kw = {"masks_kw": {"granularity": "neuron"}}
+    _compare(_run(lm, Objective, get, **kw), _run(lm, FastObjective, get, **kw))
+
+
+class _HeldSampleReference(Objective):
+    """method.md's shared-sample option written out: one sample for the step (masks.hold_sample),
+    the three passes summed and back-propagated once."""
+
+    def step(self, target, control, blocks, step, total_steps):
+        c = self.config
+        out, total, losses = {}, 0.0, []
+        with self.masks.using("sample", "remaining"):
+            for term, w, fn in (
+                ("suppression", c.suppression, lambda: self.suppression(target)),
+                ("control_kg", c.control_kg, lambda: self.control_kg(control)),
+                ("control_lm", c.control_lm, lambda: self.control_lm(blocks)),
+            ):
+                loss = fn()
+                losses.append(w * loss)
+                out[term] = float(loss.detach())
+                total += w * float(loss)
+            torch.stack(losses).sum().backward()
+        lam = c.sparsity_weight(step, total_steps)
+        density = self.masks.expected_density()
+        (lam * density).backward()
+        out.update(sparsity=float(density), **{"lambda": lam}, total=total + lam * float(density))
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_sample_option(make_tiny_lm, data, backend):
+    """share_sample (opt-in, changes the method): one sample per step for the three passes."""
+    lm = make_tiny_lm(backend)
+    get = _batches(data)
+    ref = _run(lm, _HeldSampleReference, get, hold=True)
+    _compare(ref, _run(lm, FastObjective, get, share_sample=True))
+    _compare(ref, _run(lm, FastObjective, get, hold=True))  # masks.hold_sample switches it on too
+    fresh = _run(lm, FastObjective, get)
+    assert fresh[0][0]["control_lm"] != pytest.approx(ref[0][0]["control_lm"], rel=1e-3)
+
+
+def _ste_truth(l, u, w, tau):
+    """d/dl of sum(w * (1 - sigmoid((l + logit(u)) / tau))) in float64."""
+    l, u, w = l.detach().double(), u.double(), w.double()
+    s = torch.sigmoid((l + torch.log(u) - torch.log1p(-u)) / tau)
+    return -w * s * (1 - s) / tau
+
+
+def test_fused_noise_draws_the_reference_samples():
+    """One flat uniform_ = the reference's per-matrix torch.rand; thresholds and STE gradients agree."""
+    from kcs_lens.models import ModelShape
+
+    shape = ModelShape(4, 4, 64, 16, 256, 300, 64)
+    for tau in (1.0, 0.7):
+        a = WeightMask(shape, MaskConfig((2, 3), tau=tau), seed=3)
+        b = WeightMask(shape, MaskConfig((2, 3), tau=tau), seed=3)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(a.items(), b.items()):
+                p.copy_(torch.randn(p.shape, generator=g) * 4)
+                p.view(-1)[:3] = torch.tensor([-40.0, 40.0, 14.0])  # beyond the clamp of u
+                q.copy_(p)
+        noise = _Noise(b)
+        for _ in range(2):
+            noise.prepare()
+            fast = noise.sample()
+            state = a.generator.get_state()
+            a.generator_u = {n: torch.rand(l.shape, generator=a.generator).clamp_(1e-6, 1 - 1e-6) for n, l in a.items()}
+            a.generator.set_state(state)
+            ref = {n: hard_concrete_sample(l, tau, "remaining", a.generator) for n, l in a.items()}
+            for n in ref:
+                assert torch.equal(fast[n], ref[n].detach()), n
+                w = torch.randn(ref[n].shape, generator=g)
+                ga = torch.autograd.grad((ref[n] * w).sum(), a.logit(n))[0]
+                gb = torch.autograd.grad((fast[n] * w).sum(), b.logit(n))[0]
+                # the reference's float32 sigmoid rounds s(1 - s) to 0 for |l + logit(u)| > ~17; the fast
+                # gradient is closer to the float64 truth there: compare with both
+                torch.testing.assert_close(gb, ga, rtol=1e-5, atol=5e-7)
+                assert float((gb.double() - _ste_truth(a.logit(n), a.generator_u[n], w, tau)).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_and_blocks_equal_full_forward(make_tiny_lm, data, backend):
+    """The fast path's own block loop from the cached residual = the model's forward."""
+    from kcs_lens.fast_objective import _Parts
+
+    lm = make_tiny_lm(backend)
+    parts = _Parts(lm)
+    toks = data["control"].tokens[:5]
+    with torch.no_grad():
+        full = lm(toks)
+        for L in (0, 2, 3):
+            x = parts.prefix(toks, L)
+            logits = parts.unembed(parts.norm(parts.top(x, L)))
+            torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(parts.logits_w(parts.norm(parts.top(x, L))), full, rtol=1e-5, atol=1e-5)
+            sm = torch.rand(toks.shape, generator=torch.Generator().manual_seed(L)) < 0.3
+            sm[0, 0] = sm[-1, -1] = True
+            assert parts.can_select_last
+            for select in (True, False):
+                torch.testing.assert_close(parts.top_at(x, L, sm, select), parts.top(x, L)[sm], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_switch_is_refused(make_tiny_lm):
+    lm = make_tiny_lm()
+    m = _masks(lm)
+    with pytest.raises(TypeError, match="unknown FastObjective switches"):
+        FastObjective(lm, m, LossConfig(), prefix_cahce=False)
