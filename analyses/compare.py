@@ -66,8 +66,9 @@ PAIRS = (
 )
 
 
-def load_run(run_dir: str | Path, *, backend: str | None = None, lens_model: LensModel | None = None):
-    """(config dict, LensModel, Subnetwork) of a ``kcs-lens discover`` run directory."""
+def load_run(run_dir: str | Path, *, backend: str | None = None, lens_model: LensModel | None = None, device: str | None = None):
+    """(config dict, LensModel, Subnetwork) of a ``kcs-lens discover`` run directory (``device``:
+    default the run's)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -76,7 +77,7 @@ def load_run(run_dir: str | Path, *, backend: str | None = None, lens_model: Len
     saved = json.loads((run_dir / "config.json").read_text())
     cfg = saved["config"]
     sub = Subnetwork.load(run_dir)
-    lm = lens_model or load_model(cfg["model"], backend=backend or cfg.get("backend"))
+    lm = lens_model or load_model(cfg["model"], backend=backend or cfg.get("backend"), device=device or cfg.get("device", "cpu"))
     sub.check_model(lm)
     return cfg, lm, sub
 
@@ -292,6 +293,7 @@ def compare_circuits(
     token_prompts: int = 8,
     backend: str | None = None,
     lens_model: LensModel | None = None,
+    device: str | None = None,
     control: bool = True,
     threads: int | str | None = "auto",
     log: Callable[[str], None] = print,
@@ -310,7 +312,7 @@ def compare_circuits(
         raise ValueError(f"--corrupt {corrupt!r}: expected one of {', '.join(CORRUPT_MODES)}")
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    cfg, lm, sub = load_run(run_dir, backend=backend, lens_model=lens_model)
+    cfg, lm, sub = load_run(run_dir, backend=backend, lens_model=lens_model, device=device)
     out_dir = Path(out) if out else run_dir / f"compare-{kg_key(kg)}"
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = kg_sets(cfg, lm, kg)

@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         attention_prompts: int = typer.Option(2, "--attention-prompts", help="prompts with attention views"),
         control: bool = typer.Option(True, "--control/--no-control", help="also analyse the ControlKG (specificity)"),
         backend: Optional[str] = typer.Option(None, help="bridge (TransformerLens 4.x) or hooked (3.x)"),
+        device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: the run's --device)"),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: 1 for small models, else torch's)"),
     ) -> None:
         """Compare a subnetwork with activation patching, attribution and knock-out; write an offline HTML report."""
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
             data = compare_circuits(
                 run, kg=kg, out=out, corrupt=corrupt, n_bootstrap=n_bootstrap, seed=seed,
                 max_prompts=max_prompts or None, top_k_heads=top_heads, attention_prompts=attention_prompts,
-                control=control, backend=backend, threads=threads or "auto", log=typer.echo,
+                control=control, backend=backend, device=device, threads=threads or "auto", log=typer.echo,
             )
         except EXPECTED_ERRORS as e:
             fail(str(e))

@@ -20,6 +20,7 @@ PARA_OPT = typer.Option(None, "--paraphrases", help="KG spec of other verbalizat
 MODEL_OPT = typer.Option(None, "--model", help="model spec to use instead of the run's (must have the same weights)")
 SUB_OPT = typer.Option(None, "--subnetwork", help="a subnetwork file to use instead of RUN/subnetwork.safetensors")
 BACKEND_OPT = typer.Option(None, "--backend", help="bridge (TransformerLens 4.x) or hooked (3.x)")
+DEVICE_OPT = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: the run's --device)")
 
 
 def _console():
@@ -90,13 +91,14 @@ def evaluate(
     subnetwork: Optional[Path] = SUB_OPT,
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
+    device: Optional[str] = DEVICE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/evaluation.json)"),
 ) -> None:
     """Original vs remaining model vs the subnetwork alone: tail PPL, ranks, log-probs, top-k; sparsity and density."""
     from kcs_lens.evaluation import evaluate_run
 
     try:
-        res = evaluate_run(run, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, save=json_out or True, log=typer.echo)
+        res = evaluate_run(run, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, device=device, save=json_out or True, log=typer.echo)
     except ERRORS as e:
         fail(str(e))
     c = _console()
@@ -114,6 +116,7 @@ def baseline(
     subnetwork: Optional[Path] = SUB_OPT,
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
+    device: Optional[str] = DEVICE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/baseline.json)"),
 ) -> None:
     """Random subnetworks with the run's per-matrix sizes: mean ± std of every metric over draws."""
@@ -122,7 +125,7 @@ def baseline(
     from kcs_lens.evaluation import baseline_run
 
     try:
-        res = baseline_run(run, draws=draws, seed=seed, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, save=json_out or True, log=typer.echo)
+        res = baseline_run(run, draws=draws, seed=seed, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, device=device, save=json_out or True, log=typer.echo)
     except ERRORS as e:
         fail(str(e))
     mean, std, own = res["baseline"]["mean"]["metrics"], res["baseline"]["std"]["metrics"], res["run_metrics"]
@@ -148,6 +151,7 @@ def overlap(
     do_eval: bool = typer.Option(False, "--evaluate", help="evaluate every run and combination on the first run's sets"),
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Union, intersection and at-least-k-of-n of several seeds' subnetworks; Jaccard; shared share per layer / matrix."""
     from rich.table import Table
@@ -155,7 +159,7 @@ def overlap(
     from kcs_lens.evaluation import overlap_runs
 
     try:
-        res = overlap_runs(runs, out=out, evaluate=do_eval, model=model, backend=backend, log=typer.echo)
+        res = overlap_runs(runs, out=out, evaluate=do_eval, model=model, backend=backend, device=device, log=typer.echo)
     except ERRORS as e:
         fail(str(e))
     c = _console()
@@ -195,12 +199,13 @@ def report(
     draws: int = typer.Option(5, "--draws", min=1, help="random-baseline draws per run"),
     seed: int = typer.Option(0, "--seed", help="seed of the first random draw"),
     recompute: bool = typer.Option(False, "--recompute", help="ignore RUN/evaluation.json and RUN/baseline.json"),
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot."""
     from kcs_lens.evaluation import report_runs
 
     try:
-        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, log=typer.echo)
+        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
     except ERRORS as e:
         fail(str(e))
     typer.echo(Path(res["files"][0]).read_text())
@@ -214,12 +219,13 @@ def export(
     subnetwork: Optional[Path] = SUB_OPT,
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Write an HF checkpoint (AutoModelForCausalLM.from_pretrained) with the chosen weights zeroed."""
     from kcs_lens.export import export_run
 
     try:
-        path = export_run(run, out, remove=remove, subnetwork=subnetwork, model=model, backend=backend)  # type: ignore[arg-type]
+        path = export_run(run, out, remove=remove, subnetwork=subnetwork, model=model, backend=backend, device=device)  # type: ignore[arg-type]
     except ERRORS as e:
         fail(str(e))
     typer.echo(f"wrote {path} (removed: {remove}); load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")

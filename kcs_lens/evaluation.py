@@ -194,12 +194,13 @@ class Evaluator:
         lens_model: LensModel | None = None,
         model: str | None = None,
         backend: str | None = None,
+        device: str | None = None,
         log: Log = print,
     ):
         from kcs_lens.data.loaders import concat, load_kg
 
         cfg = self.config = run.config
-        self.lm = lens_model or load_model(model or cfg.model, backend=backend or cfg.backend, device=cfg.device)
+        self.lm = lens_model or load_model(model or cfg.model, backend=backend or cfg.backend, device=device or cfg.device)
         check_model(run, self.lm)
         data = load_run_data(cfg, self.lm, log)
         self.batches: dict[str, TripletBatch] = {"target": data.target_batch, "control": data.control_val_batch}
@@ -296,7 +297,8 @@ def evaluate_run(
     **model_kw: Any,
 ) -> dict[str, Any]:
     """Everything ``kcs-lens evaluate`` shows. ``save``: True writes ``RUN/evaluation.json``, a path
-    writes there, False nothing. ``model_kw``: ``model``, ``backend``, ``lens_model`` for the Evaluator."""
+    writes there, False nothing. ``model_kw``: ``model``, ``backend``, ``device``, ``lens_model``
+    for the Evaluator (``device``: default the run's)."""
     info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
     ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, log=log, **model_kw)
     out = {
@@ -594,6 +596,7 @@ def report_runs(
     seed: int = 0,
     recompute: bool = False,
     lens_model: LensModel | None = None,
+    device: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Evaluate (or reuse ``evaluation.json`` / ``baseline.json`` of) every run and write
@@ -616,7 +619,7 @@ def report_runs(
             base = None if recompute else _cached(r.dir / "baseline.json", sha, draws)
             if ev_ is None or base is None:
                 if lm is None:
-                    lm = load_model(r.config.model, backend=r.config.backend, device=r.config.device)
+                    lm = load_model(r.config.model, backend=r.config.backend, device=device or r.config.device)
                 log(f"evaluating {r.dir} ({draws} random draws)")
                 evr = Evaluator(r, lens_model=lm, log=log)
                 ev_ = ev_ or evaluate_run(r, evaluator=evr)

@@ -125,6 +125,7 @@ def export_run(
     model: str | None = None,
     backend: str | None = None,
     lens_model: LensModel | None = None,
+    device: str | None = None,
 ) -> Path:
     """``kcs-lens export RUN --out DIR``: load the run's model (or ``model``) and export it."""
     from kcs_lens.evaluation import check_model, load_run
@@ -135,6 +136,6 @@ def export_run(
         raise ExportError(f"--remove {remove!r}: expected 'subnetwork' or 'complement'")
     info = load_run(run, subnetwork)
     c = info.config
-    lm = lens_model or load_model(model or c.model, backend=backend or c.backend, device=c.device)
+    lm = lens_model or load_model(model or c.model, backend=backend or c.backend, device=device or c.device)
     check_model(info, lm)
     return export_model(lm, info.subnetwork, out, remove=remove, provenance={"run": str(info.dir), "target_kg": c.target_kg, "seed": c.seed})

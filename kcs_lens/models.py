@@ -396,6 +396,7 @@ def load_model(
     spec_s = str(spec)
     if backend is not None and backend not in ("bridge", "hooked"):
         raise ModelLoadError(f"backend {backend!r}: expected 'bridge' (TransformerLens 4.x) or 'hooked' (3.x)")
+    check_device(device)
     hf, tok, source = _load_hf(spec_s)  # first: a bad spec fails before the TL import cost
     backend = backend or default_backend()
     if backend not in available_backends():
@@ -404,6 +405,21 @@ def load_model(
             f"(available: {', '.join(available_backends()) or 'none'})"
         )
     return from_hf(hf, tok, backend=backend, spec=spec_s, source=source, device=device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or a ModelLoadError saying why it cannot be used here."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"--device {device!r}: not a torch device ({e})") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available (torch {torch.__version__} sees no GPU)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device}: MPS is not available")
+    return d
 
 
 def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:

@@ -121,7 +121,11 @@ def test_extra_kgs_and_paraphrases(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
 
 
 def test_cli_evaluate_and_baseline(real_run, tmp_path):
-    r = cli("evaluate", real_run, "--json", tmp_path / "e.json")
+    for cmd in (("evaluate", real_run), ("export", real_run, "--out", tmp_path / "x"), ("compare-circuits", real_run)):
+        bad = cli(*cmd, "--device", "gpu0")  # every command that loads the run's model takes --device
+        assert bad.exit_code == 2 and "--device 'gpu0': not a torch device" in bad.output, (cmd, bad.output)
+    assert not (tmp_path / "x").exists()
+    r = cli("evaluate", real_run, "--json", tmp_path / "e.json", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "TargetKG" in r.output and "density" in r.output and (tmp_path / "e.json").exists()
     r = cli("baseline", real_run, "--draws", 2, "--json", tmp_path / "b.json")

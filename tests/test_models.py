@@ -100,6 +100,14 @@ def test_bad_specs(tmp_path, tiny_model_dir):
         load_model(str(llama))
     with pytest.raises(ModelLoadError, match="backend 'nope'"):
         load_model(str(tiny_model_dir), backend="nope")
+    with pytest.raises(ModelLoadError, match="--device 'gpu0': not a torch device"):
+        load_model(str(tiny_model_dir), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="--device cuda: CUDA is not available"):
+            load_model(str(tiny_model_dir), device="cuda")
+    else:
+        with pytest.raises(ModelLoadError, match="--device cuda:99: only"):
+            load_model(str(tiny_model_dir), device="cuda:99")
 
 
 def test_hub_name_offline_fails_fast_and_clearly():
