@@ -38,7 +38,8 @@ What the switches change (none changes the method):
   long run most steps hit the cache; WikiText-2 at 512 tokens needs about 6 KB per token (fp32).
 - ``share_sample`` (opt-in; CHANGES THE METHOD, not the paper's default): one mask sample per
   step shared by the three passes (also switched on by ``masks.hold_sample``).
-- ``autocast``: ``"bf16"`` runs the model passes under CUDA bf16 autocast (losses and KL in fp32).
+- ``autocast``: ``"bf16"`` runs the model passes under bf16 autocast (losses and KL in fp32); for
+  CUDA (it works on CPU, slower than fp32 there). Changes the losses by bf16 rounding.
 
 The fast path runs the transformer blocks itself (``blocks[L:]``, ``ln_final``, the unembedding
 weights), so hooks a user adds to the model do not see the masked passes; the masks still apply
@@ -451,8 +452,9 @@ class FastObjective:
         self.kg_cache = _RowCache(self.sw.prefix_cache_mb)  # prefix residuals of KG rows (rows x len x d)
         self.p_cache = _RowCache(self.sw.p_cache_mb)
         self.lm_cache = _RowCache(self.sw.lm_cache_mb)
-        if self.sw.autocast is not None and lm.device.type != "cuda":
-            raise ValueError("autocast is for CUDA devices; on CPU the fast path runs in fp32")
+        if self.sw.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast {self.sw.autocast!r}: expected None, 'bf16' or 'fp16'")
+        # CPU autocast works too (bf16) but is slower than fp32 there: the CLI offers it for CUDA only
         self._ac_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[self.sw.autocast]
         self._select_last = self.sw.scored_only and self.sw.scored_last_block and self.parts.can_select_last
         self._share = False
@@ -674,8 +676,8 @@ class FastObjective:
         if c.use_sparsity:
             with record_function("kcs.sparsity.backward"):
                 (lam * density).backward()
-            total += lam * float(density)
-        out["sparsity"] = float(density)
+            total += lam * float(density.detach())
+        out["sparsity"] = float(density.detach())
         out["lambda"] = lam
         out["total"] = total
         return out

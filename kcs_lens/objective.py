@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.autograd.profiler import record_function
 
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.masks import WeightMask
@@ -95,13 +96,13 @@ class Objective:
     @torch.no_grad()
     def original_tail_logprobs(self, batch: TripletBatch) -> Float[Tensor, "n_scored vocab"]:
         b = _scored(batch, self.config.tail_position)
-        with self.masks.using("off"):
+        with self.masks.using("off"), record_function("kcs.original"):
             logits = self.lm(b.tokens)
         return torch.log_softmax(logits[b.score_mask].float(), dim=-1)
 
     @torch.no_grad()
     def original_lm_logprobs(self, blocks: Int[Tensor, "n seq"]) -> Float[Tensor, "n seq vocab"]:
-        with self.masks.using("off"):
+        with self.masks.using("off"), record_function("kcs.original"):
             return torch.log_softmax(self.lm(blocks).float(), dim=-1)
 
     def suppression(self, target: TripletBatch) -> Tensor:
@@ -139,8 +140,10 @@ class Objective:
             ):
                 if not on:
                     continue
-                loss = fn()
-                (w * loss).backward()
+                with record_function(f"kcs.{term}.forward"):  # labels for bench/profile_step.py
+                    loss = fn()
+                with record_function(f"kcs.{term}.backward"):
+                    (w * loss).backward()
                 out[term] = float(loss.detach())
                 total += w * out[term]
         lam = c.sparsity_weight(step, total_steps)

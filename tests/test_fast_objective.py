@@ -262,6 +262,21 @@ def test_prefix_and_blocks_equal_full_forward(make_tiny_lm, data, backend):
                 torch.testing.assert_close(parts.top_at(x, L, sm, select), parts.top(x, L)[sm], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_autocast_stays_close(make_tiny_lm, data, backend):
+    """autocast="bf16" (meant for CUDA; CPU autocast runs the same code): losses within bf16
+    rounding of fp32, mask gradients pointing the same way."""
+    lm = make_tiny_lm(backend)
+    get = _batches(data)
+    ref, bf = _run(lm, Objective, get), _run(lm, FastObjective, get, autocast="bf16")
+    for (lr, gr), (lb, gb) in zip(ref, bf):
+        for k in ("suppression", "control_kg", "control_lm", "sparsity"):
+            assert lb[k] == pytest.approx(lr[k], rel=0.05, abs=1e-3), k
+        a, b = torch.cat([g.flatten() for g in gr.values()]), torch.cat([g.flatten() for g in gb.values()])
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.98
+        assert not torch.equal(a, b)  # bf16 did run
+
+
 def test_unknown_switch_is_refused(make_tiny_lm):
     lm = make_tiny_lm()
     m = _masks(lm)
