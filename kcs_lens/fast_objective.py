@@ -63,7 +63,7 @@ from torch.nn.utils import parametrize
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.masks import WeightMask, hard_concrete_sample
 from kcs_lens.models import LensModel
-from kcs_lens.objective import LossConfig, _scored, kl_p_to_q, kl_uniform_to_q
+from kcs_lens.objective import LossConfig, _scored, kl_p_to_q, kl_uniform_to_q, sparsity_and_total
 from kcs_lens.scoring import per_triplet_mean
 
 U_LO, U_HI = 1e-6, 1.0 - 1e-6  # the reference's clamp of the uniform noise
@@ -649,13 +649,11 @@ class FastObjective:
         out: dict[str, float] = {}
         total = 0.0
         pending: list[Tensor] = []
-        for term, on, w, fn in (
-            ("suppression", c.use_suppression, c.suppression, lambda: self.suppression(target)),
-            ("control_kg", c.use_control_kg, c.control_kg, lambda: self.control_kg(control)),
-            ("control_lm", c.use_control_lm, c.control_lm, lambda: self.control_lm(blocks)),
+        for term, w, fn in c.enabled_terms(
+            suppression=lambda: self.suppression(target),
+            control_kg=lambda: self.control_kg(control),
+            control_lm=lambda: self.control_lm(blocks),
         ):
-            if not on:
-                continue
             with record_function(f"kcs.{term}.forward"):
                 loss = fn()
             if self._share:
@@ -668,19 +666,8 @@ class FastObjective:
         if pending:
             torch.stack(pending).sum().backward()
         self._shared = None
-        lam = c.sparsity_weight(step, total_steps)
-        if sw.fused_noise:
-            density = self._noise.density()
-        else:
-            density = self.masks.expected_density()
-        if c.use_sparsity:
-            with record_function("kcs.sparsity.backward"):
-                (lam * density).backward()
-            total += lam * float(density.detach())
-        out["sparsity"] = float(density.detach())
-        out["lambda"] = lam
-        out["total"] = total
-        return out
+        density = self._noise.density() if sw.fused_noise else self.masks.expected_density()
+        return sparsity_and_total(c, density, step, total_steps, out, total)
 
     # --- bookkeeping -----------------------------------------------------------------------
     def prepare(self, target: TripletBatch | None = None, control: TripletBatch | None = None, chunk: int = 256) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -59,6 +59,12 @@ class LossConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def enabled_terms(self, **losses: Callable[[], Tensor]) -> list[tuple[str, float, Callable[[], Tensor]]]:
+        """(name, weight, loss function) of the enabled KL terms, in method.md's order; ``losses``
+        maps each of ``suppression``, ``control_kg``, ``control_lm`` to a function computing it."""
+        on = {"suppression": self.use_suppression, "control_kg": self.use_control_kg, "control_lm": self.use_control_lm}
+        return [(t, getattr(self, t), losses[t]) for t in TERMS[:3] if on[t]]
+
 
 ABLATIONS: dict[str, dict[str, bool]] = {
     "full": {},
@@ -79,6 +85,22 @@ def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]
     """KL(p || q) = sum_v p_v (log p_v - log q_v), per row, p given as log-probabilities."""
     logq = torch.log_softmax(logits_q.float(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def sparsity_and_total(
+    c: LossConfig, density: Tensor, step: int, total_steps: int, out: dict[str, float], total: float
+) -> dict[str, float]:
+    """Back-propagate the weighted sparsity term (when enabled); complete ``out`` with the expected
+    density, lambda(t) and the weighted total."""
+    lam = c.sparsity_weight(step, total_steps)
+    if c.use_sparsity:
+        with record_function("kcs.sparsity.backward"):
+            (lam * density).backward()
+        total += lam * float(density.detach())
+    out["sparsity"] = float(density.detach())
+    out["lambda"] = lam
+    out["total"] = total
+    return out
 
 
 def _scored(batch: TripletBatch, tail_position: TailPosition) -> TripletBatch:
@@ -133,25 +155,15 @@ class Objective:
         out: dict[str, float] = {}
         total = 0.0
         with self.masks.using("sample", "remaining"):
-            for term, on, w, fn in (
-                ("suppression", c.use_suppression, c.suppression, lambda: self.suppression(target)),
-                ("control_kg", c.use_control_kg, c.control_kg, lambda: self.control_kg(control)),
-                ("control_lm", c.use_control_lm, c.control_lm, lambda: self.control_lm(blocks)),
+            for term, w, fn in c.enabled_terms(
+                suppression=lambda: self.suppression(target),
+                control_kg=lambda: self.control_kg(control),
+                control_lm=lambda: self.control_lm(blocks),
             ):
-                if not on:
-                    continue
                 with record_function(f"kcs.{term}.forward"):  # labels for bench/profile_step.py
                     loss = fn()
                 with record_function(f"kcs.{term}.backward"):
                     (w * loss).backward()
                 out[term] = float(loss.detach())
                 total += w * out[term]
-        lam = c.sparsity_weight(step, total_steps)
-        density = self.masks.expected_density()
-        if c.use_sparsity:
-            (lam * density).backward()
-            total += lam * float(density.detach())
-        out["sparsity"] = float(density.detach())
-        out["lambda"] = lam
-        out["total"] = total
-        return out
+        return sparsity_and_total(c, self.masks.expected_density(), step, total_steps, out, total)
