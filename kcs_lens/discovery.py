@@ -15,14 +15,18 @@ Run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from jaxtyping import Int
@@ -316,52 +320,59 @@ class Run:
     def train(self, stop_after: int | None = None, progress: bool = True) -> bool:
         """Run steps until ``cfg.steps`` (or ``stop_after`` more steps). True when training is complete."""
         cfg = self.cfg
-        if not self.original:
-            with self.masks.using("off"):
-                self.original = evaluate_split(self.lm, self.data)
-        if isinstance(self.objective, FastObjective):  # cache the fixed rows' frozen activations once
-            self.objective.prepare(self.data.target_batch, self.data.control_batch)
         last = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         running: dict[str, list[float]] = {}
         bar = _Progress(cfg.steps, self.step, enabled=progress)
         gen_state = self.masks.generator.get_state()  # the noise state matching self.step
         try:
+            if not self.original:
+                with self.masks.using("off"):
+                    self.original = evaluate_split(self.lm, self.data)
+            if isinstance(self.objective, FastObjective):  # cache the fixed rows' frozen activations once
+                self.objective.prepare(self.data.target_batch, self.data.control_batch)
             while self.step < last:
                 t, c, lmb = self.batches(self.step)
                 self.opt.zero_grad(set_to_none=True)
-                losses = self.objective.step(t, c, lmb, self.step, cfg.steps)
+                losses = self.objective.step(t, c, lmb, self.step, cfg.steps)  # Ctrl-C here: nothing applied yet
                 if not all(math.isfinite(v) for v in losses.values()):
                     self.opt.zero_grad(set_to_none=True)
                     raise NonFiniteLoss(
                         f"non-finite loss at step {self.step}: {losses}. Stopped; the last good checkpoint is kept "
                         f"in {self.ckpt_dir} (resume or lower --lr)."
                     )
-                self.opt.step()
-                self.sched.step()
-                self.step += 1
-                gen_state = self.masks.generator.get_state()
-                for k, v in losses.items():
-                    running.setdefault(k, []).append(v)
-                bar.update(self.step, losses)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    rec = self.evaluate()
-                    rec["train"] = {k: sum(v) / len(v) for k, v in running.items()}
-                    rec["lr"] = self.sched.get_last_lr()[0]
-                    running = {}
-                    with open(self.out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    bar.note(rec)
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save_mask_checkpoint()
-                    self.save_state()
-                    if not cfg.keep_all_checkpoints:
-                        self.prune_checkpoints()
+                with _sigint_deferred(bar):  # the update and its bookkeeping happen whole or not at all
+                    self.opt.step()
+                    self.sched.step()
+                    self.step += 1
+                    gen_state = self.masks.generator.get_state()
+                    for k, v in losses.items():
+                        running.setdefault(k, []).append(v)
+                    bar.update(self.step, losses)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        rec = self.evaluate()
+                        rec["train"] = {k: sum(v) / len(v) for k, v in running.items()}
+                        rec["lr"] = self.sched.get_last_lr()[0]
+                        running = {}
+                        with open(self.out / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        bar.note(rec)
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save_mask_checkpoint()
+                        self.save_state()
+                        if not cfg.keep_all_checkpoints:
+                            self.prune_checkpoints()
             if self.step < cfg.steps:  # stopped by stop_after: resumable from exactly here
                 self.save_state(gen_state)
+        except _StopAtOnce:
+            bar.close()
+            raise RunError(
+                f"stopped at once inside step {self.step}'s update; its state was not saved. Resume with: "
+                f"kcs-lens discover --resume {self.out} (continues from the last saved state)"
+            ) from None
         except KeyboardInterrupt:
             bar.close()
             self.save_state(gen_state)  # between steps: logits, Adam and noise state agree
-            raise RunError(f"interrupted at step {self.step}; resume with: kcs-lens discover --resume {self.out}")
+            raise RunError(f"interrupted at step {self.step}; resume with: kcs-lens discover --resume {self.out}") from None
         finally:
             bar.close()
         return self.step >= cfg.steps
@@ -394,6 +405,34 @@ class Run:
         return summary
 
 
+class _StopAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C inside a held block: the in-memory state may be half-updated."""
+
+
+@contextlib.contextmanager
+def _sigint_deferred(bar: "_Progress") -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt; a second
+    Ctrl-C raises at once. Only in the main thread (elsewhere signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum, frame):  # noqa: ARG001
+        if pending:
+            raise _StopAtOnce
+        pending.append(signum)
+        bar.message("Ctrl-C: stopping after this step (press again to stop at once)")
+
+    old = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if pending:
+        raise KeyboardInterrupt
+
+
 class _Progress:
     """A rich progress bar with the live loss terms and sparsity (silent when disabled)."""
 
@@ -420,6 +459,12 @@ class _Progress:
                 f"step {rec['step']}: sparsity {rec['sparsity']:.4f}  target PPL x{rec['target_ratio']:.2f}  "
                 f"control x{rec['control_ratio']:.3f}  LM x{rec['lm_ratio']:.3f}"
             )
+
+    def message(self, text: str) -> None:
+        if self.p:
+            self.p.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.p:

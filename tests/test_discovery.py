@@ -68,6 +68,93 @@ def test_resume_is_bit_identical(tmp_path, tiny_kg, tiny_model_dir):
     assert [json.loads(l)["target_ppl"] for l in ma] == [json.loads(l)["target_ppl"] for l in mb]
 
 
+def _cli_args(kw: dict) -> list[str]:
+    """`kcs-lens discover` flags for discover() keyword arguments."""
+    out = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--" + ("no-" if k != "keep_all_checkpoints" else "prune-") + k.replace("_", "-"))
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def test_ctrl_c_stops_cleanly_and_resumes_bit_identically(tmp_path, tiny_kg, tiny_model_dir):
+    """SIGINT to a running `kcs-lens discover`: one-line message, exit 2, state saved between steps;
+    --resume then ends exactly where an uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | {"steps": 120, "keep_all_checkpoints": True}
+    out = tmp_path / "int"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-c", "from kcs_lens.cli.main import app; app()", "discover", *_cli_args(kw), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # mid-run, past a checkpoint
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run did not get going"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (stdout, stderr)
+    assert "interrupted at step" in stderr + stdout and f"--resume {out}" in stderr + stdout
+    assert "Traceback" not in stderr
+    stopped = torch.load(out / "checkpoints" / "state.pt", weights_only=False)["step"]
+    assert 6 <= stopped < 120
+    assert all(json.loads(l)["step"] <= stopped for l in metrics.read_text().splitlines())
+    discover(resume=out)
+    discover(out=tmp_path / "full", **kw)
+    a, b = Subnetwork.load(tmp_path / "full"), Subnetwork.load(out)
+    for n in a.logits:
+        assert torch.equal(a.logits[n], b.logits[n]), n
+    steps_ppl = lambda d: [(r["step"], r["target_ppl"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    assert steps_ppl(out) == steps_ppl(tmp_path / "full")
+
+
+def test_ctrl_c_during_an_evaluation_finishes_the_step_first(tmp_path, tiny_kg, tiny_model_dir, monkeypatch):
+    """A Ctrl-C that lands in the evaluation/checkpoint of step 6 is held until both are written."""
+    import os
+    import signal
+
+    from kcs_lens.discovery import Run
+
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | {"keep_all_checkpoints": True}
+    evaluate = Run.evaluate
+
+    def evaluate_and_ctrl_c(self):
+        if self.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(self)
+
+    monkeypatch.setattr(Run, "evaluate", evaluate_and_ctrl_c)
+    with pytest.raises(RunError, match="interrupted at step 6; resume with"):
+        discover(out=tmp_path / "int", **kw, progress=False)
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    assert (tmp_path / "int" / "checkpoints" / "step_000006.safetensors").exists()
+    discover(resume=tmp_path / "int")
+    discover(out=tmp_path / "full", **kw)
+    read = lambda d: [(r["step"], r["target_ppl"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    assert read(tmp_path / "int") == read(tmp_path / "full")
+    a, b = Subnetwork.load(tmp_path / "full"), Subnetwork.load(tmp_path / "int")
+    assert all(torch.equal(a.logits[n], b.logits[n]) for n in a.logits)
+
+    def ctrl_c_twice(self):
+        if self.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(self)
+
+    monkeypatch.setattr(Run, "evaluate", ctrl_c_twice)  # the second press stops at once, saving nothing
+    with pytest.raises(RunError, match="stopped at once inside step 6's update; its state was not saved"):
+        discover(out=tmp_path / "twice", **kw, progress=False)
+    assert not (tmp_path / "twice" / "checkpoints" / "state.pt").exists()  # the first save is at step 6
+
+
 def test_fast_and_reference_objectives_give_the_same_run(tmp_path, tiny_kg, tiny_model_dir):
     """--objective fast (default) and reference: the same training losses, step for step."""
     kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | {"steps": 6, "checkpoint_every": 3}
