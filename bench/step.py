@@ -133,7 +133,7 @@ def make_batches(shape: str, a: argparse.Namespace, seed: int = 1):
     """Random-token TargetKG / ControlKG batches (one tail token, the last) and ControlLM blocks."""
     from kcs_lens.data.triplets import TripletBatch
 
-    V = SHAPES[shape]["vocab_size"] if shape != "bundled" else hf_vocab(shape)
+    V = hf_vocab(shape)
     g = torch.Generator().manual_seed(seed)
 
     def kg(n: int) -> TripletBatch:

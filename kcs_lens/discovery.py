@@ -328,8 +328,7 @@ class Run:
             if not self.original:
                 with self.masks.using("off"):
                     self.original = evaluate_split(self.lm, self.data)
-            if isinstance(self.objective, FastObjective):  # cache the fixed rows' frozen activations once
-                self.objective.prepare(self.data.target_batch, self.data.control_batch)
+            self.objective.prepare(self.data.target_batch, self.data.control_batch)  # per-run caches, once
             while self.step < last:
                 t, c, lmb = self.batches(self.step)
                 self.opt.zero_grad(set_to_none=True)

@@ -462,25 +462,10 @@ class FastObjective:
 
     # --- model modes -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def _off(self) -> Iterator[None]:
-        m = self.masks
-        old = (m.mode, m.keep, m._current)
-        m.mode, m._current = "off", {}
-        try:
-            yield
-        finally:
-            m.mode, m.keep, m._current = old
-
-    @contextlib.contextmanager
     def _with_sample(self, sample: dict[str, Tensor]) -> Iterator[None]:
-        m = self.masks
-        old = (m.mode, m.keep, m._current)
-        m.mode, m.keep, m._current = "sample", "remaining", sample
-        try:
-            with parametrize.cached():
-                yield
-        finally:
-            m.mode, m.keep, m._current = old
+        """The remaining model under ``sample``; each masked weight is formed once for the pass."""
+        with self.masks.using_sample(sample, "remaining"), parametrize.cached():
+            yield
 
     def _autocast(self):
         if self._ac_dtype is None:
@@ -496,12 +481,12 @@ class FastObjective:
 
     # --- pieces ----------------------------------------------------------------------------
     def _prefix(self, tokens: Tensor) -> Tensor:
-        with self._off(), self._autocast():
+        with self.masks.using("off"), self._autocast():
             return self.parts.prefix(tokens, self.layer)
 
     @torch.no_grad()
     def _original_final(self, x: Tensor) -> Tensor:
-        with self._off(), self._autocast():
+        with self.masks.using("off"), self._autocast():
             return self.parts.top(x, self.layer)
 
     def _kg_inputs(self, b: TripletBatch, need_p: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -562,7 +547,7 @@ class FastObjective:
 
     @torch.no_grad()
     def _original_logp(self, x: Tensor, sm: Tensor) -> Tensor:
-        with self._off(), self._autocast():
+        with self.masks.using("off"), self._autocast():
             if self.sw.scored_only:
                 logits = self.parts.unembed(self.parts.norm(self.parts.top_at(x, self.layer, sm, self._select_last)))
             else:  # the reference's computation: logits at every position, then the scored ones

@@ -244,6 +244,13 @@ class WeightMask(nn.Module):
         finally:
             self.mode, self.keep, self._current = old
 
+    @contextlib.contextmanager
+    def using_sample(self, sample: dict[str, Tensor], keep: Keep = "remaining"):
+        """Temporarily run with a sample drawn elsewhere (one mask per matrix) as the current one."""
+        with self.using("sample", keep):
+            self._current = dict(sample)
+            yield self
+
     # --- attaching -------------------------------------------------------------------------
     def attach(self, lm: LensModel) -> "WeightMask":
         """Parametrize the model's weights with this mask; a forward pre-hook refreshes the mask

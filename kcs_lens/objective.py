@@ -115,6 +115,9 @@ class Objective:
         self.masks = masks
         self.config = config
 
+    def prepare(self, target: TripletBatch | None = None, control: TripletBatch | None = None) -> None:
+        """Nothing to precompute: the reference recomputes everything each step (see FastObjective)."""
+
     @torch.no_grad()
     def original_tail_logprobs(self, batch: TripletBatch) -> Float[Tensor, "n_scored vocab"]:
         b = _scored(batch, self.config.tail_position)
