@@ -10,7 +10,6 @@ prompts). A top-k overlap with k >= the number of units is trivially 1 and repor
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ def _ranks(x: Float[np.ndarray, "n unit"]) -> np.ndarray:
     return stats.rankdata(x, axis=-1)  # average ranks for ties
 
 
-def spearman(a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"]) -> np.ndarray:
+def spearman(a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"]) -> np.ndarray | float:
     """Spearman rho along the last axis (Pearson of average ranks); NaN if either is constant."""
     ra, rb = _ranks(np.atleast_2d(a)), _ranks(np.atleast_2d(b))
     ra, rb = ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True)
@@ -44,7 +43,7 @@ def spearman(a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"])
     return out if np.ndim(a) > 1 else out[0]
 
 
-def kendall(a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"]) -> np.ndarray:
+def kendall(a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"]) -> np.ndarray | float:
     """Kendall tau-b along the last axis: sum sign(da) sign(db) / sqrt(untied pairs of a * of b)."""
     A, B = np.atleast_2d(a), np.atleast_2d(b)
     out = np.empty(A.shape[0])
@@ -67,7 +66,7 @@ def topk_mask(a: Float[np.ndarray, "... unit"], k: int) -> np.ndarray:
     return m
 
 
-def jaccard_topk(a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"], k: int) -> np.ndarray | None:
+def jaccard_topk(a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"], k: int) -> np.ndarray | float | None:
     """|top-k(a) & top-k(b)| / |top-k(a) | top-k(b)|; None when k >= the number of units."""
     if k >= np.shape(a)[-1]:
         return None
@@ -103,7 +102,10 @@ def _mean(x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
 
 
 def compare_scores(
-    a: Float[np.ndarray, "... unit"], b: Float[np.ndarray, "... unit"], units: np.ndarray, boot: np.ndarray,
+    a: Float[np.ndarray, "... unit"],
+    b: Float[np.ndarray, "... unit"],
+    units: np.ndarray,
+    boot: np.ndarray,
     ks: Sequence[int] = KS,
 ) -> dict[str, Any]:
     """Agreement of two methods over the selected units, with bootstrap CIs over prompts.

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kcs_lens.analyses.patching import hook_names, run_cache
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.models import LensModel
+from kcs_lens.backends import LensModel
 
 
 @dataclass
@@ -44,7 +44,10 @@ def _positions_upto(prompts: Prompts) -> Tensor:
 
 
 def attribution_patching(
-    lm: LensModel, clean: Prompts, acts: dict[str, Tensor], clean_acts: dict[str, Tensor] | None = None,
+    lm: LensModel,
+    clean: Prompts,
+    acts: dict[str, Tensor],
+    clean_acts: dict[str, Tensor] | None = None,
     valid: Tensor | None = None,
 ) -> UnitValues:
     """Estimated ``logp_clean - logp_patched`` of every head and MLP layer (one forward + backward)."""
@@ -85,30 +88,14 @@ def attribution_patching(
     return out
 
 
-def _ln_final(lm: LensModel) -> tuple[Tensor, float]:
-    """Final LayerNorm weight and epsilon, from the backend's module (unprocessed)."""
-    ln = lm.model.ln_final
-    w = ln.original_component.weight if hasattr(ln, "original_component") else ln.w
-    eps = float(getattr(lm.model.cfg, "eps", 1e-5))
-    return w.detach(), eps
-
-
-def _unembed(lm: LensModel) -> Tensor:
-    """W_U as [d_model, d_vocab] on either backend."""
-    u = lm.model.unembed
-    if hasattr(u, "original_component"):
-        return u.original_component.weight.detach().T
-    return u.W_U.detach()
-
-
 def dla_projector(lm: LensModel, prompts: Prompts, resid_final: Float[Tensor, "batch d_model"]):
     """``f(v [batch, ..., d_model]) -> [batch, ...]``: the direct effect of residual-stream vectors
     at the scored position on ``logit(tail) - mean(logits)``, through the final LayerNorm with the
     scale of ``resid_final`` (the last block's output there). Summed over every component of the
     residual stream (plus ``ln_f.bias``) it gives that logit difference exactly."""
-    w_ln, eps = _ln_final(lm)
+    w_ln, eps = lm.final_norm_params()
     scale = (resid_final.var(-1, unbiased=False, keepdim=True) + eps).sqrt()  # [b, 1]
-    W_U = _unembed(lm)  # [d_model, d_vocab]
+    W_U = lm.unembed_params()[0].detach().T  # [d_model, d_vocab]
     direction = (W_U[:, prompts.target.to(W_U.device)].T - W_U.mean(1)[None]) * w_ln[None]  # [b, d_model]
 
     def project(out: Tensor) -> Tensor:

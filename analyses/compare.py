@@ -42,9 +42,14 @@ from kcs_lens.analyses.patching import (
 )
 from kcs_lens.analyses.prompts import Prompts, build_prompts, head_swap, tail_logprob
 from kcs_lens.analyses.structure import structure, unit_density
+from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletSet
-from kcs_lens.models import LensModel, load_model
-from kcs_lens.subnetwork import Subnetwork, SubnetworkError
+from kcs_lens.errors import ConfigError
+from kcs_lens.evaluation import check_model
+from kcs_lens.files import atomic_write_bytes
+from kcs_lens.models import load_model
+from kcs_lens.runs import RunInfo, load_run, load_run_data
+from kcs_lens.subnetwork import Subnetwork
 
 METHODS = ("density", "knockout", "patching", "attribution", "dla")
 METHOD_TITLES = {
@@ -66,38 +71,18 @@ PAIRS = (
 )
 
 
-def load_run(run_dir: str | Path, *, backend: str | None = None, lens_model: LensModel | None = None, device: str | None = None):
-    """(config dict, LensModel, Subnetwork) of a ``kcs-lens discover`` run directory (``device``:
-    default the run's)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
-    if not (run_dir / "config.json").exists():
-        raise SubnetworkError(f"{run_dir}: not a run directory (config.json missing)")
-    saved = json.loads((run_dir / "config.json").read_text())
-    cfg = saved["config"]
-    sub = Subnetwork.load(run_dir)
-    lm = lens_model or load_model(cfg["model"], backend=backend or cfg.get("backend"), device=device or cfg.get("device", "cpu"))
-    sub.check_model(lm)
-    return cfg, lm, sub
-
-
-def kg_sets(cfg: dict[str, Any], lm: LensModel, kg: str) -> dict[str, TripletSet]:
+def kg_sets(info: RunInfo, lm: LensModel, kg: str, log: Callable[[str], None]) -> dict[str, TripletSet]:
     """The primary prompt set (``target``, ``control`` or any KG spec) and the run's ControlKG
-    (validation split, disjoint from the TargetKG) for the specificity check."""
-    from kcs_lens.data.loaders import disjoint, load_kg
+    validation set (disjoint from the TargetKG) for the specificity check, verbalized as the run's
+    data was (its ``templates`` included)."""
+    from kcs_lens.data.loaders import load_kg
 
-    target = load_kg(cfg["target_kg"], model_name=lm.spec)
-    if cfg.get("control_val_kg"):
-        control = load_kg(cfg["control_val_kg"], model_name=lm.spec)
-    else:
-        control = load_kg(cfg["control_kg"], model_name=lm.spec)[: cfg.get("control_val_size", 50)]
-    control, _ = disjoint(target, control)
+    data = load_run_data(info.config, lm, log, text=False)
     if kg == "target":
-        return {"target": target, "control": control}
+        return {"target": data.target, "control": data.control_val}
     if kg == "control":
-        return {"control": control}
-    return {kg_key(kg): load_kg(kg, model_name=lm.spec), "control": control}
+        return {"control": data.control_val}
+    return {kg_key(kg): load_kg(kg, model_name=lm.spec, templates=info.config.templates), "control": data.control_val}
 
 
 def kg_key(kg: str) -> str:
@@ -156,7 +141,9 @@ def analyse_set(
             corruption.prompts.tokens = corruption.prompts.tokens.to(lm.device)
             valid = corruption.valid
             if corruption.fallback:
-                log(f"  {len(corruption.fallback)} of {len(clean)} prompts have no length-aligned head swap; left out of patching")
+                log(
+                    f"  {len(corruption.fallback)} of {len(clean)} prompts have no length-aligned head swap; left out of patching"
+                )
             with torch.no_grad():
                 corrupted_lp = tail_logprob(lm(corruption.prompts.tokens), clean).cpu().numpy()
         acts = replacement_acts(lm, clean, corrupt, corruption.prompts if corruption else None)
@@ -220,10 +207,7 @@ def analyse_set(
         },
         "unit_mean": {
             "density": {"heads": dens_h, "mlp": dens_m},
-            **{
-                m: {"heads": s["mean"][: L * H].reshape(L, H), "mlp": s["mean"][L * H :]}
-                for m, s in summaries.items()
-            },
+            **{m: {"heads": s["mean"][: L * H].reshape(L, H), "mlp": s["mean"][L * H :]} for m, s in summaries.items()},
         },
         "unit_summary": {m: {k: v for k, v in s.items()} for m, s in summaries.items()},
         "agreement": agreement,
@@ -267,11 +251,21 @@ def views(lm: LensModel, sub: Subnetwork, clean: Prompts, heads: list[tuple[int,
         nxt = clean.tokens[i, 1:n_tok]
         delta = (lp_r[i, : n_tok - 1].gather(-1, nxt[:, None]) - lp_o[i, : n_tok - 1].gather(-1, nxt[:, None]))[:, 0]
         if i < n_tokens:
-            tokens.append({"prompt": i, "tokens": toks, "delta_logprob": [0.0] + delta.cpu().tolist(), "tail_from": int(clean.pos[i]) + 1})
+            tokens.append(
+                {"prompt": i, "tokens": toks, "delta_logprob": [0.0] + delta.cpu().tolist(), "tail_from": int(clean.pos[i]) + 1}
+            )
         if i < n_attention:
-            grab = lambda pat: [pat[f"blocks.{l}.attn.hook_pattern"][i, h, :n_tok, :n_tok].cpu().tolist() for l, h in heads]
+            grab = lambda pat, i=i, n_tok=n_tok: [
+                pat[f"blocks.{l}.attn.hook_pattern"][i, h, :n_tok, :n_tok].cpu().tolist() for l, h in heads
+            ]
             attention.append(
-                {"prompt": i, "tokens": toks, "heads": [f"L{l}H{h}" for l, h in heads], "original": grab(pat_o), "remaining": grab(pat_r)}
+                {
+                    "prompt": i,
+                    "tokens": toks,
+                    "heads": [f"L{l}H{h}" for l, h in heads],
+                    "original": grab(pat_o),
+                    "remaining": grab(pat_r),
+                }
             )
     return attention, tokens
 
@@ -309,28 +303,38 @@ def compare_circuits(
     from kcs_lens.analyses.report import write_report
 
     if corrupt not in CORRUPT_MODES:
-        raise ValueError(f"--corrupt {corrupt!r}: expected one of {', '.join(CORRUPT_MODES)}")
+        raise ConfigError(f"--corrupt {corrupt!r}: expected one of {', '.join(CORRUPT_MODES)}")
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    cfg, lm, sub = load_run(run_dir, backend=backend, lens_model=lens_model, device=device)
+    info = load_run(run_dir)
+    cfg, sub = info.config, info.subnetwork
+    lm = lens_model or load_model(cfg.model, backend=backend or cfg.backend, device=device or cfg.device)
+    check_model(info, lm)
     out_dir = Path(out) if out else run_dir / f"compare-{kg_key(kg)}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    sets = kg_sets(cfg, lm, kg)
+    sets = kg_sets(info, lm, kg, log)
     if not control:
         sets = dict(list(sets.items())[:1])
     st = structure(sub)
-    prepend_bos = bool(cfg.get("prepend_bos", True))
-    if threads == "auto":
-        threads = 1 if lm.shape.d_model <= 256 else None
+    prepend_bos = cfg.prepend_bos
+    n_threads = (1 if lm.shape.d_model <= 256 else None) if threads == "auto" else threads
     timing = {"load": time.perf_counter() - t_start}
 
     results: dict[str, dict[str, Any]] = {}
-    with torch_threads(threads):
+    with torch_threads(n_threads):  # type: ignore[arg-type]
         for name, ts in sets.items():
             log(f"{name}: {min(len(ts), max_prompts or len(ts))} prompts ({ts.name})")
             results[name] = analyse_set(
-                lm, sub, ts, st, corrupt=corrupt, prepend_bos=prepend_bos, n_bootstrap=n_bootstrap, seed=seed,
-                max_prompts=max_prompts, log=log,
+                lm,
+                sub,
+                ts,
+                st,
+                corrupt=corrupt,
+                prepend_bos=prepend_bos,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                max_prompts=max_prompts,
+                log=log,
             )
         primary = next(iter(results))
         t0 = time.perf_counter()
@@ -343,15 +347,21 @@ def compare_circuits(
     L, H = lm.shape.n_layers, lm.shape.n_heads
     data: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "model_spec": cfg["model"],
+        "model_spec": cfg.model,
         "backend": lm.backend,
         "model_shape": {"n_layers": L, "n_heads": H, "d_model": lm.shape.d_model, "d_mlp": lm.shape.d_mlp},
-        "target_kg": cfg["target_kg"],
+        "target_kg": cfg.target_kg,
         "primary": primary,
         "settings": {
-            "kg": kg, "corrupt": corrupt, "n_bootstrap": n_bootstrap, "seed": seed, "max_prompts": max_prompts,
-            "top_k_heads": top_k_heads, "attention_prompts": attention_prompts, "prepend_bos": prepend_bos,
-            "torch_threads": threads or torch.get_num_threads(),
+            "kg": kg,
+            "corrupt": corrupt,
+            "n_bootstrap": n_bootstrap,
+            "seed": seed,
+            "max_prompts": max_prompts,
+            "top_k_heads": top_k_heads,
+            "attention_prompts": attention_prompts,
+            "prepend_bos": prepend_bos,
+            "torch_threads": n_threads or torch.get_num_threads(),
             "scores_compared_by": "magnitude |effect|",
             "effect_sign": "original/clean tail log-prob minus intervened (positive = supports the tail)",
             "tail_logprob": "log-prob of the first tail token at the last prefix position",
@@ -368,7 +378,7 @@ def compare_circuits(
     timing["figures_and_report"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
     data["timing_s"] = timing
-    (out_dir / "comparison.json").write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n")
+    atomic_write_bytes(out_dir / "comparison.json", (json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n").encode())
     return data
 
 
@@ -388,7 +398,11 @@ def torch_threads(n: int | None):
 
 def write_figures(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """PNG heatmaps per prompt set: one per method and one row with all of them."""
-    files: dict[str, Any] = {"heatmaps": {}, "heatmap_rows": {}, "structure": str(structure_png(data["structure"], out_dir / "structure.png"))}
+    files: dict[str, Any] = {
+        "heatmaps": {},
+        "heatmap_rows": {},
+        "structure": str(structure_png(data["structure"], out_dir / "structure.png")),
+    }
     for name, res in data["sets"].items():
         grids = [unit_grid(res["unit_mean"][m]["heads"], res["unit_mean"][m]["mlp"]) for m in METHODS]
         signed = [m != "density" for m in METHODS]
@@ -397,8 +411,13 @@ def write_figures(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             p = heatmap_png(g, f"{name}: {METHOD_TITLES[m]}", out_dir / f"heatmap_{name}_{m}.png", signed=s)
             files["heatmaps"][name][m] = str(p)
         files["heatmap_rows"][name] = str(
-            heatmap_row_png(grids, [METHOD_TITLES[m] for m in METHODS], signed, out_dir / f"heatmaps_{name}.png",
-                            suptitle=f"{name} prompts (n={res['n_prompts']}); last column: MLP layer")
+            heatmap_row_png(
+                grids,
+                [METHOD_TITLES[m] for m in METHODS],
+                signed,
+                out_dir / f"heatmaps_{name}.png",
+                suptitle=f"{name} prompts (n={res['n_prompts']}); last column: MLP layer",
+            )
         )
     return files
 

@@ -9,7 +9,7 @@ import numpy as np
 from jaxtyping import Float
 
 
-def unit_grid(heads: Float[np.ndarray, "L H"], mlp: Float[np.ndarray, "L"]) -> Float[np.ndarray, "L Hp1"]:
+def unit_grid(heads: Float[np.ndarray, "L H"], mlp: Float[np.ndarray, " L"]) -> Float[np.ndarray, "L Hp1"]:
     return np.concatenate([np.asarray(heads, float), np.asarray(mlp, float)[:, None]], axis=1)
 
 
@@ -91,8 +91,9 @@ def structure_png(st: dict, path: str | Path) -> Path:
     neurons = st.get("mlp_neuron") or {}
     n_panels = 5 + bool(neurons)
     widths = [1.0 + 0.5 * H] * 4 + [1.0 + 0.5 * 2] + ([4.0] if neurons else [])
-    fig, axes = plt.subplots(1, n_panels, figsize=(sum(widths) + 1.5 * n_panels, 1.6 + 0.42 * L), dpi=110,
-                             gridspec_kw={"width_ratios": widths})
+    fig, axes = plt.subplots(
+        1, n_panels, figsize=(sum(widths) + 1.5 * n_panels, 1.6 + 0.42 * L), dpi=110, gridspec_kw={"width_ratios": widths}
+    )
     finite = np.concatenate([g[np.isfinite(g)] for g in heads + [mlp]] + [np.zeros(1)])
     vmax = float(finite.max()) or 1.0
     cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")

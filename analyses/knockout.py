@@ -11,15 +11,16 @@ the subnetwork lowers the tail's log-probability (where the subnetwork acts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.analyses.structure import HEAD_MATRICES, MLP_MATRICES, full_binary
-from kcs_lens.models import LensModel, weight_name
+from kcs_lens.backends import LensModel
+from kcs_lens.canonical import ATTN_MATRICES as HEAD_MATRICES
+from kcs_lens.canonical import MLP_MATRICES, weight_name
 from kcs_lens.subnetwork import Subnetwork
 
 
@@ -27,28 +28,21 @@ from kcs_lens.subnetwork import Subnetwork
 class KnockoutResult:
     heads: Float[np.ndarray, "prompt layer head"]  # NaN in layers without masked head matrices
     mlp: Float[np.ndarray, "prompt layer"]
-    original_logprob: Float[np.ndarray, "prompt"]
-    remaining_logprob: Float[np.ndarray, "prompt"]  # the whole subnetwork removed
-
-
-def weight_level(sub: Subnetwork) -> Subnetwork:
-    """The same subnetwork as a weight-granularity Subnetwork (neuron masks broadcast)."""
-    full = full_binary(sub)
-    logits = {n: torch.where(b, 1.0, -1.0) for n, b in full.items()}
-    return Subnetwork(logits, replace(sub.mask_config, granularity="weight"), sub.shape, dict(sub.meta))
+    original_logprob: Float[np.ndarray, " prompt"]
+    remaining_logprob: Float[np.ndarray, " prompt"]  # the whole subnetwork removed
 
 
 @torch.no_grad()
 def knockout(lm: LensModel, sub: Subnetwork, prompts: Prompts, *, strict_fingerprint: bool = True) -> KnockoutResult:
     L, H = lm.shape.n_layers, lm.shape.n_heads
     sub.check_model(lm, strict_fingerprint=strict_fingerprint)
-    full = full_binary(sub)
+    full = sub.full_binary()
     heads = np.full((len(prompts), L, H), np.nan)
     mlp = np.full((len(prompts), L), np.nan)
     orig = tail_logprob(lm(prompts.tokens), prompts).cpu()
-    wm = weight_level(sub).to_mask(device=lm.device)
+    wm = sub.at_weight_granularity().to_mask(device=lm.device)
 
-    def set_units(keep: dict[str, torch.Tensor | None]) -> None:
+    def set_units(keep: dict[str, torch.Tensor]) -> None:
         for n, p in wm.items():
             sel = keep.get(n)
             p.copy_(torch.where(sel.to(p.device), 1.0, -1.0) if sel is not None else torch.full_like(p, -1.0))

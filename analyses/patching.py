@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.models import LensModel
+from kcs_lens.backends import LensModel
 
 CorruptMode = Literal["swap", "zero", "mean"]
 CORRUPT_MODES = ("swap", "zero", "mean")
@@ -44,9 +44,7 @@ def run_cache(lm: LensModel, prompts: Prompts, names: list[str]) -> tuple[Tensor
     return logits, {n: cache[n].detach() for n in names}
 
 
-def replacement_acts(
-    lm: LensModel, clean: Prompts, mode: CorruptMode, corrupted: Prompts | None = None
-) -> dict[str, Tensor]:
+def replacement_acts(lm: LensModel, clean: Prompts, mode: CorruptMode, corrupted: Prompts | None = None) -> dict[str, Tensor]:
     """The activations patched into the clean run: corrupted-run values, zeros, or the
     per-position mean over prompts (positions past a prompt's end excluded from the mean)."""
     names = hook_names(lm.shape.n_layers)
@@ -89,7 +87,7 @@ class PatchingResult:
 
     heads: Float[np.ndarray, "prompt layer head"]
     mlp: Float[np.ndarray, "prompt layer"]
-    clean_logprob: Float[np.ndarray, "prompt"]
+    clean_logprob: Float[np.ndarray, " prompt"]
 
 
 def _cache_like(lm: LensModel, acts: dict[str, Tensor]):
@@ -123,7 +121,7 @@ def activation_patching(lm: LensModel, clean: Prompts, acts: dict[str, Tensor], 
             clean.tokens,
             cache,
             metric,
-            patch_setter=lambda corrupted_act, index, new_act: new_act.clone(),
+            patch_setter=lambda corrupted_act, index, new_act: new_act.clone(),  # type: ignore[attr-defined]
             activation_name="mlp_out",
             index_axis_names=("layer",),
         )

@@ -33,9 +33,9 @@ class Prompts:
 
     triplets: list[Triplet]
     tokens: Int[Tensor, "batch seq"]  # BOS + prefix + tail, right-padded
-    pos: Int[Tensor, "batch"]  # last prefix position (its logits predict the first tail token)
-    target: Int[Tensor, "batch"]  # first tail token
-    lengths: Int[Tensor, "batch"]
+    pos: Int[Tensor, " batch"]  # last prefix position (its logits predict the first tail token)
+    target: Int[Tensor, " batch"]  # first tail token
+    lengths: Int[Tensor, " batch"]
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -55,9 +55,7 @@ def build_prompts(
     return Prompts(list(triplets), batch.tokens, pos, batch.targets[rows, pos], batch.lengths)
 
 
-def tail_logprob(
-    logits: Float[Tensor, "batch seq vocab"], prompts: Prompts
-) -> Float[Tensor, "batch"]:
+def tail_logprob(logits: Float[Tensor, "batch seq vocab"], prompts: Prompts) -> Float[Tensor, " batch"]:
     """log p(first tail token | BOS + prefix) for each prompt."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     lp = torch.log_softmax(logits[rows, prompts.pos.to(logits.device)].float(), dim=-1)

@@ -26,7 +26,7 @@ RENDER_CALL = "CircuitsVis.render("
 # ------------------------------------------------------------------------------------------
 def split_view(local_src: str) -> tuple[str, str]:
     """(library JavaScript, per-view HTML) of one circuitsvis ``local_src``."""
-    head, sep, rest = local_src.partition("<script crossorigin type=\"module\">")
+    head, sep, rest = local_src.partition('<script crossorigin type="module">')
     m = re.search(r'id="([^"]+)"', head)
     i = rest.rfind(RENDER_CALL)
     j = rest.rfind("</script>")
@@ -67,8 +67,9 @@ def token_view(views: Views, tokens: list[str], values: list[float], bound: floa
     import circuitsvis as cv
 
     return views.add(
-        cv.tokens.colored_tokens(tokens=tokens, values=values, min_value=-bound, max_value=bound,
-                                 negative_color="red", positive_color="blue")
+        cv.tokens.colored_tokens(
+            tokens=tokens, values=values, min_value=-bound, max_value=bound, negative_color="red", positive_color="blue"
+        )
     )
 
 
@@ -76,7 +77,9 @@ def views_fragment(data: dict[str, Any], set_name: str | None = None) -> str:
     """The attention and token views of one set as an HTML fragment with the library inlined once
     (for notebooks: ``IPython.display.HTML(views_fragment(data))``)."""
     v = Views()
-    body = _attention_section(v, data["sets"][set_name or data["primary"]]) + _token_section(v, data["sets"][set_name or data["primary"]])
+    body = _attention_section(v, data["sets"][set_name or data["primary"]]) + _token_section(
+        v, data["sets"][set_name or data["primary"]]
+    )
     return v.script_tag() + body
 
 
@@ -121,8 +124,10 @@ def agreement_table(res: dict[str, Any]) -> str:
         parts.append(
             _table(
                 ["methods", "Spearman", "Kendall", "Jaccard top-5", "Jaccard top-10"],
-                [[_e(pair), _stat(s["spearman"]), _stat(s["kendall"]), _stat(s.get("jaccard@5")), _stat(s.get("jaccard@10"))]
-                 for pair, s in rows.items()],
+                [
+                    [_e(pair), _stat(s["spearman"]), _stat(s["kendall"]), _stat(s.get("jaccard@5")), _stat(s.get("jaccard@10"))]
+                    for pair, s in rows.items()
+                ],
                 "agree",
             )
         )
@@ -131,7 +136,6 @@ def agreement_table(res: dict[str, Any]) -> str:
 
 def _units_table(data: dict[str, Any], res: dict[str, Any], n: int = 12) -> str:
     units = data["units"]
-    L, H = data["model_shape"]["n_layers"], data["model_shape"]["n_heads"]
     dens = np.concatenate([np.asarray(data["structure"]["head"], float).ravel(), np.asarray(data["structure"]["mlp"], float)])
     summ = res["unit_summary"]
     ko = np.nan_to_num(np.abs(np.asarray(summ["knockout"]["mean"], float)), nan=0.0)
@@ -139,12 +143,14 @@ def _units_table(data: dict[str, Any], res: dict[str, Any], n: int = 12) -> str:
     masked = np.isfinite(dens)  # units outside the masked layers cannot hold the subnetwork
     order = [u for u in np.argsort(-(ko + 1e-6 * pa), kind="stable") if masked[u]][:n]
 
-    def cell(m: str, u: int) -> str:
+    def cell(m: str, u: int | np.integer) -> str:
         s = summ[m]
-        return f"{_num(s['mean'][u])} <span class=\"ci\">[{_num(s['ci95_low'][u], '{:+.2f}')}, {_num(s['ci95_high'][u], '{:+.2f}')}]</span>"
+        return f'{_num(s["mean"][u])} <span class="ci">[{_num(s["ci95_low"][u], "{:+.2f}")}, {_num(s["ci95_high"][u], "{:+.2f}")}]</span>'
 
-    rows = [[units[u], _num(dens[u], "{:.4f}"), cell("knockout", u), cell("patching", u), cell("attribution", u), cell("dla", u)]
-            for u in order]
+    rows = [
+        [units[u], _num(dens[u], "{:.4f}"), cell("knockout", u), cell("patching", u), cell("attribution", u), cell("dla", u)]
+        for u in order
+    ]
     return _table(["unit", "density", "knock-out", "patching", "attribution patching", "DLA"], rows, "units")
 
 
@@ -152,7 +158,7 @@ def _heatmaps(data: dict[str, Any], name: str) -> str:
     from kcs_lens.analyses.compare import METHOD_TITLES
 
     imgs = data["files"]["heatmaps"][name]
-    return '<div class="row">' + "".join(f'<figure>{_img(p, METHOD_TITLES[m])}</figure>' for m, p in imgs.items()) + "</div>"
+    return '<div class="row">' + "".join(f"<figure>{_img(p, METHOD_TITLES[m])}</figure>" for m, p in imgs.items()) + "</div>"
 
 
 def _attention_section(v: Views, res: dict[str, Any]) -> str:
@@ -190,17 +196,34 @@ def _prompt_table(res: dict[str, Any], n: int = 40) -> str:
     rows = []
     for p in res["prompts"][:n]:
         d = p["logprob_remaining"] - p["logprob_original"]
-        corr = "&ndash;" if p["corrupted"] is None else ("<i>no aligned swap</i>" if p["corrupted"] == p["text"] else _e(p["corrupted"]))
-        rows.append([_e(p["text"]), corr,
-                     _num(p["logprob_original"]), _num(p["logprob_remaining"]), _num(d), _num(p["logprob_corrupted"])])
-    return _table(["prompt", "corrupted (head swap)", "log p tail: original", "remaining", "change", "corrupted"], rows, "prompts")
+        corr = (
+            "&ndash;"
+            if p["corrupted"] is None
+            else ("<i>no aligned swap</i>" if p["corrupted"] == p["text"] else _e(p["corrupted"]))
+        )
+        rows.append(
+            [
+                _e(p["text"]),
+                corr,
+                _num(p["logprob_original"]),
+                _num(p["logprob_remaining"]),
+                _num(d),
+                _num(p["logprob_corrupted"]),
+            ]
+        )
+    return _table(
+        ["prompt", "corrupted (head swap)", "log p tail: original", "remaining", "change", "corrupted"], rows, "prompts"
+    )
 
 
 def _set_section(v: Views, data: dict[str, Any], name: str, primary: bool) -> str:
     res = data["sets"][name]
     lp = res["logprob"]
-    title = f"TargetKG prompts ({_e(res['name'])})" if name == "target" else (
-        f"ControlKG prompts ({_e(res['name'])}): specificity check" if name == "control" else f"Prompts: {_e(name)}")
+    title = (
+        f"TargetKG prompts ({_e(res['name'])})"
+        if name == "target"
+        else (f"ControlKG prompts ({_e(res['name'])}): specificity check" if name == "control" else f"Prompts: {_e(name)}")
+    )
     c = res["corruption"]
     corr = c["mode"] + (f"; {c['n_fallback']} prompt(s) without a length-aligned swap left out" if c.get("n_fallback") else "")
     out = [
@@ -229,9 +252,11 @@ def _structure_section(data: dict[str, Any]) -> str:
         hb = {m: np.asarray(st["head_by_matrix"][m], float)[l] for m in ("W_Q", "W_K", "W_V", "W_O")}
         mb = {m: float(np.asarray(st["mlp_by_matrix"][m], float)[l]) for m in ("W_in", "W_out")}
         f = lambda x: "&ndash;" if not np.isfinite(x) else f"{x:.4f}"
-        rows.append([f"L{l}", f(float(np.asarray(st["layer"], float)[l]))]
-                    + [f(float(np.nanmean(hb[m])) if np.isfinite(hb[m]).any() else np.nan) for m in hb]
-                    + [f(mb[m]) for m in mb])
+        rows.append(
+            [f"L{l}", f(float(np.asarray(st["layer"], float)[l]))]
+            + [f(float(np.nanmean(hb[m])) if np.isfinite(hb[m]).any() else np.nan) for m in hb]
+            + [f(mb[m]) for m in mb]
+        )
     img = data["files"].get("structure")
     return (
         "<h2>Subnetwork structure</h2>"
@@ -255,7 +280,7 @@ figure{margin:0;flex:1 1 300px;max-width:440px}figure img{width:100%}.prompt{fon
 
 def page(title: str, body: str, views: Views) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_e(title)}</title><style>{CSS}</style>\n{views.script_tag()}\n</head>\n<body>\n{body}\n</body></html>\n"
     )
 

@@ -13,19 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
-from torch import Tensor
+from jaxtyping import Float
 
-from kcs_lens.models import ModelShape, canonical_shape, parse_weight_name, weight_name
+from kcs_lens.canonical import ATTN_MATRICES as HEAD_MATRICES
+from kcs_lens.canonical import MLP_MATRICES, ModelShape, weight_name
 from kcs_lens.subnetwork import Subnetwork
-
-HEAD_MATRICES = ("W_Q", "W_K", "W_V", "W_O")
-MLP_MATRICES = ("W_in", "W_out")
-
-
-def full_binary(sub: Subnetwork) -> dict[str, Bool[Tensor, "..."]]:
-    """The subnetwork's binary mask at canonical weight shape (neuron masks broadcast)."""
-    return {n: b.expand(canonical_shape(sub.shape, parse_weight_name(n)[1])).clone() for n, b in sub.binary().items()}
 
 
 def _ratio(a: float, b: float) -> float:
@@ -37,7 +29,7 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
     nothing was masked."""
     s: ModelShape = sub.shape
     L, H = s.n_layers, s.n_heads
-    full = full_binary(sub)
+    full = sub.full_binary()
     head = {m: np.full((L, H), np.nan) for m in HEAD_MATRICES}
     head_num, head_den = np.zeros((L, H)), np.zeros((L, H))
     mlp = {m: np.full(L, np.nan) for m in MLP_MATRICES}
@@ -95,6 +87,6 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
     }
 
 
-def unit_density(st: dict[str, Any]) -> tuple[Float[np.ndarray, "L H"], Float[np.ndarray, "L"]]:
+def unit_density(st: dict[str, Any]) -> tuple[Float[np.ndarray, "L H"], Float[np.ndarray, " L"]]:
     """Head and MLP densities for ranking, unmasked components set to 0."""
     return np.nan_to_num(st["head"], nan=0.0), np.nan_to_num(st["mlp"], nan=0.0)

@@ -10,7 +10,7 @@ prints one JSON line per configuration with ``shape``, ``batch``, ``kcs_s``, ``d
   each its own forward and backward pass, then ``opt.step()``. The model is the HF
   ``GPT2LMHeadModel`` (SDPA attention, dropout off).
 - ``kcs``: one discovery step: all loss terms, mask sampling, backward, Adam on the mask logits
-  (``--impl reference`` = :class:`kcs_lens.objective.Objective`, ``fast`` =
+  (``--impl reference`` = :class:`kcs_lens.objective.ReferenceObjective`, ``fast`` =
   :class:`kcs_lens.fast_objective.FastObjective`, or a named variant, see ``--impl list``).
 
 Both run in ONE process on the same batches, interleaved round by round (dense, then each kcs
@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -72,8 +71,7 @@ DEFAULT_BATCH = {
 
 # kcs variants: name -> (objective, FastObjective switches). The cumulative chain adds one
 # optimization at a time to the all-off fast path; "fast-no-X" leaves one out of the default.
-_OFF = dict(prefix_cache=False, p_cache=False, scored_only=False, scored_last_block=False, fused_noise=False,
-            chunked_kl=False)
+_OFF = dict(prefix_cache=False, p_cache=False, scored_only=False, scored_last_block=False, fused_noise=False, chunked_kl=False)
 _CHAIN = ["prefix_cache", "p_cache", "scored_only", "scored_last_block", "fused_noise", "chunked_kl"]
 
 
@@ -107,10 +105,16 @@ def _tokenizer():
 
     d = tempfile.mkdtemp(prefix="kcs-bench-tok-")
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["a car is a vehicle; a house is a building"] * 20, vocab_size=270, min_frequency=1,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        ["a car is a vehicle; a house is a building"] * 20,
+        vocab_size=270,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     tok.save_pretrained(d)
     return AutoTokenizer.from_pretrained(d)
 
@@ -186,12 +190,12 @@ class Kcs:
     def __init__(self, lm, impl: str, switches: dict[str, Any], layers, device, autocast_dtype, seed: int = 84):
         from kcs_lens.fast_objective import FastObjective
         from kcs_lens.masks import MaskConfig, WeightMask
-        from kcs_lens.objective import LossConfig, Objective
+        from kcs_lens.objective import LossConfig, Objective, ReferenceObjective
 
         self.lm = lm
         self.masks = WeightMask(lm.shape, MaskConfig(tuple(layers)), seed=seed, device=device)
         if impl == "reference":
-            self.obj = Objective(lm, self.masks, LossConfig())
+            self.obj: Objective = ReferenceObjective(lm, self.masks, LossConfig())
             self.ac = autocast_dtype
         else:
             sw = dict(switches)
@@ -314,7 +318,7 @@ def run(a: argparse.Namespace) -> Iterator[dict[str, Any]]:
     dense_flops = None
     for n in names:
         k = Kcs(lm, *table[n], layers, a.device, ac)
-        steps = {"dense": lambda: dense.step(t, c, b), n: lambda: k.step(t, c, b)}
+        steps = {"dense": lambda: dense.step(t, c, b), n: lambda k=k: k.step(t, c, b)}
         times: dict[str, list[float]] = {"dense": [], n: []}
         cpu: dict[str, list[float]] = {"dense": [], n: []}
         first: dict[str, float] = {}
@@ -378,7 +382,7 @@ def run(a: argparse.Namespace) -> Iterator[dict[str, Any]]:
             "kcs_times": [round(x, 3) for x in times[n]],
             "dense_times": [round(x, 3) for x in times["dense"]],
             "switches": table[n][1] if table[n][0] == "fast" else None,
-            "cache_mb": {key: round(v, 1) for key, v in k.obj.cache_mb().items()} if hasattr(k.obj, "cache_mb") else None,
+            "cache_mb": {key: round(v, 1) for key, v in k.obj.cache_mb().items()} or None,
             "device": a.device,
             "dtype": a.dtype,
             "threads": a.threads,
@@ -401,16 +405,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lm-len", type=int, help="tokens per ControlLM block")
     p.add_argument("--layers", default="top-half", help="masked blocks (default: top half)")
     p.add_argument("--backend", choices=["bridge", "hooked"], default=None, help="TL backend (default: the installed one)")
-    p.add_argument("--impl", default="reference,fast",
-                   help="comma list of kcs variants, 'cumulative', 'leave-one-out', or 'list' to print them")
+    p.add_argument(
+        "--impl",
+        default="reference,fast",
+        help="comma list of kcs variants, 'cumulative', 'leave-one-out', or 'list' to print them",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (0: no timing, e.g. with --flops)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
-    p.add_argument("--flops", action="store_true",
-                   help="also count matmul FLOPs of one step of each (torch.utils.flop_counter; load-independent)")
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="also count matmul FLOPs of one step of each (torch.utils.flop_counter; load-independent)",
+    )
     p.add_argument("--extrapolate-steps", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--_memory-child", default=None, help=argparse.SUPPRESS)

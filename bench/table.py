@@ -11,7 +11,9 @@ def fmt(x, nd=2):
 
 
 def main(paths: list[str]) -> None:
-    print("| shape | backend | batch (T / C / LM) | threads | impl | kcs s | dense s | ratio | paired | cpu ratio | GFLOP ratio | kcs peak MB | dense peak MB | load |")
+    print(
+        "| shape | backend | batch (T / C / LM) | threads | impl | kcs s | dense s | ratio | paired | cpu ratio | GFLOP ratio | kcs peak MB | dense peak MB | load |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in paths:
         for line in open(p):

@@ -1,13 +1,9 @@
 """``kcs-lens compare-circuits RUN``: thin wrapper over :func:`kcs_lens.analyses.compare.compare_circuits`."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-
-from kcs_lens.cli.errors import EXPECTED_ERRORS, fail
 
 
 def print_agreement(data: dict[str, Any]) -> None:
@@ -41,28 +37,40 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="output directory (default RUN/compare-<kg>)"),
         corrupt: str = typer.Option("swap", "--corrupt", help="swap (head entity swapped within the KG), zero or mean"),
         n_bootstrap: int = typer.Option(200, "--n-bootstrap", help="bootstrap resamples over prompts"),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="seed of the bootstrap intervals and of the head-swap corruption"),
         max_prompts: int = typer.Option(64, "--max-prompts", help="first N prompts of each set (0 = all)"),
         top_heads: int = typer.Option(3, "--top-heads", help="heads shown in the attention views"),
         attention_prompts: int = typer.Option(2, "--attention-prompts", help="prompts with attention views"),
         control: bool = typer.Option(True, "--control/--no-control", help="also analyse the ControlKG (specificity)"),
         backend: Optional[str] = typer.Option(None, help="bridge (TransformerLens 4.x) or hooked (3.x)"),
-        device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: the run's --device)"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: 1 for small models, else torch's)"),
+        device: Optional[str] = typer.Option(
+            None, "--device", help="torch device, e.g. cpu or cuda (default: the run's --device)"
+        ),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", help="torch CPU threads (default: 1 for small models, else torch's)"
+        ),
     ) -> None:
         """Compare a subnetwork with activation patching, attribution and knock-out; write an offline HTML report."""
         from kcs_lens.analyses.compare import compare_circuits
 
-        try:
-            data = compare_circuits(
-                run, kg=kg, out=out, corrupt=corrupt, n_bootstrap=n_bootstrap, seed=seed,
-                max_prompts=max_prompts or None, top_k_heads=top_heads, attention_prompts=attention_prompts,
-                control=control, backend=backend, device=device, threads=threads or "auto", log=typer.echo,
-            )
-        except EXPECTED_ERRORS as e:
-            fail(str(e))
-        except ValueError as e:  # bad option values (e.g. --corrupt)
-            fail(str(e))
+        data = compare_circuits(
+            run,
+            kg=kg,
+            out=out,
+            corrupt=corrupt,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            max_prompts=max_prompts or None,
+            top_k_heads=top_heads,
+            attention_prompts=attention_prompts,
+            control=control,
+            backend=backend,
+            device=device,
+            threads=threads or "auto",
+            log=typer.echo,
+        )
         print_agreement(data)
-        typer.echo(f"wrote {data['files']['report']} and comparison.json, PNG heatmaps in {Path(data['files']['report']).parent} "
-                   f"({data['timing_s']['total']:.1f} s)")
+        typer.echo(
+            f"wrote {data['files']['report']} and comparison.json, PNG heatmaps in {Path(data['files']['report']).parent} "
+            f"({data['timing_s']['total']:.1f} s)"
+        )

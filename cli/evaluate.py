@@ -1,22 +1,21 @@
 """``kcs-lens evaluate | baseline | overlap | report | export``: thin wrappers over
-:mod:`kcs_lens.evaluation` and :mod:`kcs_lens.export` (mounted by cli/main.py through ``register``)."""
-
-from __future__ import annotations
+:mod:`kcs_lens.evaluation`, :mod:`kcs_lens.overlap`, :mod:`kcs_lens.report` and
+:mod:`kcs_lens.export` (mounted by cli/main.py through ``register``)."""
 
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from kcs_lens.cli.errors import EXPECTED_ERRORS, fail
-from kcs_lens.export import ExportError
-
-ERRORS = EXPECTED_ERRORS + (ExportError,)
 SET_LABELS = {"target": "TargetKG", "control": "ControlKG (val)", "lm": "ControlLM (held-out)", "paraphrases": "paraphrases"}
 
 RUN_ARG = typer.Argument(..., help="run directory of kcs-lens discover")
 KG_OPT = typer.Option(None, "--kg", help="another KG spec to evaluate against the same subnetwork (repeatable)")
-PARA_OPT = typer.Option(None, "--paraphrases", help="KG spec of other verbalizations of the TargetKG (repeatable; default: <target>-paraphrases when bundled)")
+PARA_OPT = typer.Option(
+    None,
+    "--paraphrases",
+    help="KG spec of other verbalizations of the TargetKG (repeatable; default: <target>-paraphrases when bundled)",
+)
 MODEL_OPT = typer.Option(None, "--model", help="model spec to use instead of the run's (must have the same weights)")
 SUB_OPT = typer.Option(None, "--subnetwork", help="a subnetwork file to use instead of RUN/subnetwork.safetensors")
 BACKEND_OPT = typer.Option(None, "--backend", help="bridge (TransformerLens 4.x) or hooked (3.x)")
@@ -47,7 +46,9 @@ def metrics_table(res: dict[str, Any], title: str):
     for s in m["original"]:
         for v in m:
             x = m[v][s]
-            rng = lambda k, f, g: "" if f"{k}_mean" not in x else f"{x[k + '_mean']:+.{f}f} [{x[k + '_min']:+.{g}f},{x[k + '_max']:+.{g}f}]"
+            rng = lambda k, f, g, x=x: (
+                "" if f"{k}_mean" not in x else f"{x[k + '_mean']:+.{f}f} [{x[k + '_min']:+.{g}f},{x[k + '_max']:+.{g}f}]"
+            )
             t.add_row(
                 _label(s) if v == "original" else "",
                 v,
@@ -75,7 +76,10 @@ def print_subnetwork(c, st: dict[str, Any]) -> None:
     t.add_row("all", *[f"{100 * d['per_matrix'][m]:.2f}" for m in mats], f"{100 * (1 - st['sparsity']):.2f}")
     c.print(t)
     for l, heads in d["per_head"].items():
-        c.print(f"layer {l} per-head density (Q,K,V,O) %: " + " ".join(f"{100 * x:.2f}" for x in heads["all"]))
+        c.print(
+            f"layer {l} density per head (heads 0-{len(heads['all']) - 1}, Q,K,V,O together) %: "
+            + " ".join(f"{100 * x:.2f}" for x in heads["all"])
+        )
     lg = st["logits"]
     c.print(
         f"sparsity {100 * st['sparsity']:.3f}% of masked weights, {100 * st['sparsity_all_linear']:.3f}% of all linear weights "
@@ -97,10 +101,17 @@ def evaluate(
     """Original vs remaining model vs the subnetwork alone: tail PPL, ranks, log-probs, top-k; sparsity and density."""
     from kcs_lens.evaluation import evaluate_run
 
-    try:
-        res = evaluate_run(run, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, device=device, save=json_out or True, log=typer.echo)
-    except ERRORS as e:
-        fail(str(e))
+    res = evaluate_run(
+        run,
+        kgs=kg or (),
+        paraphrases=paraphrases or None,
+        subnetwork=subnetwork,
+        model=model,
+        backend=backend,
+        device=device,
+        save=json_out or True,
+        log=typer.echo,
+    )
     c = _console()
     c.print(metrics_table(res, f"{res['model']} / TargetKG {res['target_kg']} / seed {res['seed']} ({run})"))
     print_subnetwork(c, res["subnetwork"])
@@ -124,21 +135,51 @@ def baseline(
 
     from kcs_lens.evaluation import baseline_run
 
-    try:
-        res = baseline_run(run, draws=draws, seed=seed, kgs=kg or (), paraphrases=paraphrases or None, subnetwork=subnetwork, model=model, backend=backend, device=device, save=json_out or True, log=typer.echo)
-    except ERRORS as e:
-        fail(str(e))
+    res = baseline_run(
+        run,
+        draws=draws,
+        seed=seed,
+        kgs=kg or (),
+        paraphrases=paraphrases or None,
+        subnetwork=subnetwork,
+        model=model,
+        backend=backend,
+        device=device,
+        save=json_out or True,
+        log=typer.echo,
+    )
     mean, std, own = res["baseline"]["mean"]["metrics"], res["baseline"]["std"]["metrics"], res["run_metrics"]
-    t = Table(title=f"random baseline ({draws} draws, same per-matrix sizes, sparsity {100 * res['subnetwork']['sparsity']:.3f}%) vs the run")
-    for col in ("set", "model", "run dPPL", "random dPPL", "run ratio", "random ratio", "run dlogp", "random dlogp", "run top1", "random top1"):
+    t = Table(
+        title=f"random baseline ({draws} draws, same per-matrix sizes, sparsity {100 * res['subnetwork']['sparsity']:.3f}%) vs the run"
+    )
+    for col in (
+        "set",
+        "model",
+        "run dPPL",
+        "random dPPL",
+        "run ratio",
+        "random ratio",
+        "run dlogp",
+        "random dlogp",
+        "run top1",
+        "random top1",
+    ):
         t.add_column(col, justify="left" if col in ("set", "model") else "right")
     pm = lambda v, s, k: f"{mean[v][s][k]:{'+' if k[0] == 'd' else ''}.4g} ± {std[v][s][k]:.2g}" if k in mean[v][s] else ""
     for s in own["original"]:
         for v in ("remaining", "subnetwork"):
             o = own[v][s]
             t.add_row(
-                _label(s) if v == "remaining" else "", v, f"{o['dppl']:+.4g}", pm(v, s, "dppl"), f"{o['ppl_ratio']:.4g}", pm(v, s, "ppl_ratio"),
-                _f(o.get("dlogprob_mean"), "+.3g"), pm(v, s, "dlogprob_mean"), _f(o.get("top1"), ".2f"), pm(v, s, "top1"),
+                _label(s) if v == "remaining" else "",
+                v,
+                f"{o['dppl']:+.4g}",
+                pm(v, s, "dppl"),
+                f"{o['ppl_ratio']:.4g}",
+                pm(v, s, "ppl_ratio"),
+                _f(o.get("dlogprob_mean"), "+.3g"),
+                pm(v, s, "dlogprob_mean"),
+                _f(o.get("top1"), ".2f"),
+                pm(v, s, "top1"),
             )
     c = _console()
     c.print(t)
@@ -147,7 +188,9 @@ def baseline(
 
 def overlap(
     runs: List[Path] = typer.Argument(..., help="run directories (seeds) of the same model and layer range"),
-    out: Optional[Path] = typer.Option(None, "--out", help="new directory for the combinations (one run directory each) and overlap.json"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="new directory for the combinations (one run directory each) and overlap.json"
+    ),
     do_eval: bool = typer.Option(False, "--evaluate", help="evaluate every run and combination on the first run's sets"),
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
@@ -156,14 +199,11 @@ def overlap(
     """Union, intersection and at-least-k-of-n of several seeds' subnetworks; Jaccard; shared share per layer / matrix."""
     from rich.table import Table
 
-    from kcs_lens.evaluation import overlap_runs
+    from kcs_lens.overlap import overlap_runs
 
-    try:
-        res = overlap_runs(runs, out=out, evaluate=do_eval, model=model, backend=backend, device=device, log=typer.echo)
-    except ERRORS as e:
-        fail(str(e))
+    res = overlap_runs(runs, out=out, evaluate=do_eval, model=model, backend=backend, device=device, log=typer.echo)
     c = _console()
-    names = [f"{i}: {Path(str(r['target_kg'])).stem}/s{r['seed']}" for i, r in enumerate(res["runs"])]
+    names = [f"{i}: {Path(r['run']).name} ({Path(str(r['target_kg'])).stem}/s{r['seed']})" for i, r in enumerate(res["runs"])]
     t = Table(title=f"pairwise Jaccard (mean {res['overlap']['jaccard_mean']:.3f})")
     t.add_column("run")
     for n in names:
@@ -172,10 +212,14 @@ def overlap(
         t.add_row(n, *[f"{x:.3f}" for x in row])
     c.print(t)
     t = Table(title="combinations")
-    cols = ["combination", "k", "sparsity %", "weights"] + (["dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM"] if do_eval else [])
+    cols = ["combination", "k", "sparsity %", "weights"] + (
+        ["dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM"] if do_eval else []
+    )
     for col in cols:
         t.add_column(col, justify="left" if col == "combination" else "right")
-    rows = [(n, r, r.get("metrics")) for n, r in zip(names, res["runs"])] + [(k, v, v.get("metrics")) for k, v in res["combinations"].items()]
+    rows = [(n, r, r.get("metrics")) for n, r in zip(names, res["runs"])] + [
+        (k, v, v.get("metrics")) for k, v in res["combinations"].items()
+    ]
     for name, r, m in rows:
         cells = [name, str(r.get("k", "")), f"{100 * r['sparsity']:.3f}", str(r["n_in_subnetwork"])]
         if do_eval:
@@ -186,7 +230,9 @@ def overlap(
     for col in ("part", "Jaccard", "shared share", "intersection", "union"):
         t.add_column(col, justify="left" if col == "part" else "right")
     ov = res["overlap"]
-    for label, d in [("all", ov["all"])] + [(f"layer {k}", v) for k, v in ov["per_layer"].items()] + list(ov["per_matrix"].items()):
+    for label, d in (
+        [("all", ov["all"])] + [(f"layer {k}", v) for k, v in ov["per_layer"].items()] + list(ov["per_matrix"].items())
+    ):
         t.add_row(label, f"{d['jaccard_all']:.3f}", f"{d['shared_frac']:.3f}", str(d["n_intersection"]), str(d["n_union"]))
     c.print(t)
     if out:
@@ -202,12 +248,9 @@ def report(
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot."""
-    from kcs_lens.evaluation import report_runs
+    from kcs_lens.report import report_runs
 
-    try:
-        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
-    except ERRORS as e:
-        fail(str(e))
+    res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
     typer.echo(Path(res["files"][0]).read_text())
     typer.echo("wrote " + ", ".join(res["files"]))
 
@@ -215,7 +258,9 @@ def report(
 def export(
     run: Path = RUN_ARG,
     out: Path = typer.Option(..., "--out", help="new HF checkpoint directory"),
-    remove: str = typer.Option("subnetwork", "--remove", help="subnetwork (the remaining model) or complement (keep only the subnetwork)"),
+    remove: str = typer.Option(
+        "subnetwork", "--remove", help="subnetwork (the remaining model) or complement (keep only the subnetwork)"
+    ),
     subnetwork: Optional[Path] = SUB_OPT,
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
@@ -224,13 +269,16 @@ def export(
     """Write an HF checkpoint (AutoModelForCausalLM.from_pretrained) with the chosen weights zeroed."""
     from kcs_lens.export import export_run
 
-    try:
-        path = export_run(run, out, remove=remove, subnetwork=subnetwork, model=model, backend=backend, device=device)  # type: ignore[arg-type]
-    except ERRORS as e:
-        fail(str(e))
+    path = export_run(run, out, remove=remove, subnetwork=subnetwork, model=model, backend=backend, device=device)  # type: ignore[arg-type]
     typer.echo(f"wrote {path} (removed: {remove}); load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 
 
 def register(app: typer.Typer) -> None:
-    for name, fn in (("evaluate", evaluate), ("baseline", baseline), ("overlap", overlap), ("report", report), ("export", export)):
+    for name, fn in (
+        ("evaluate", evaluate),
+        ("baseline", baseline),
+        ("overlap", overlap),
+        ("report", report),
+        ("export", export),
+    ):
         app.command(name)(fn)

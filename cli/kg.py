@@ -1,11 +1,7 @@
 """``kcs-lens kg ...``: knowledge-graph commands (mounted by cli/main.py as ``app.add_typer(kg_app, name="kg")``).
 
-Commands: ``show`` (this file). ``wordnet`` (building TargetKGs/ControlKGs from WordNet) is added
-to this same ``kg_app`` by the WordNet work: add it below the marked section, keep the error
-convention (KGError/ValueError -> one line on stderr, exit code 2).
+Commands: ``show`` (summary of a KG) and ``wordnet`` (building TargetKGs/ControlKGs from WordNet).
 """
-
-from __future__ import annotations
 
 import json
 import warnings
@@ -14,19 +10,12 @@ from typing import Any, Optional
 
 import typer
 
+from kcs_lens.cli.errors import App
 from kcs_lens.data.loaders import bundled_dir, load_kg
 from kcs_lens.data.summary import format_summary, kg_summary
-from kcs_lens.data.triplets import KGError
+from kcs_lens.errors import KGError
 
-kg_app = typer.Typer(help="Inspect and build knowledge graphs (TargetKG, ControlKG).", no_args_is_help=True)
-
-EXIT_BAD_INPUT = 2
-
-
-def fail(message: str) -> None:
-    """Print one line to stderr and exit with code 2 (bad input)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(EXIT_BAD_INPUT)
+kg_app = App(help="Inspect and build knowledge graphs (TargetKG, ControlKG).", no_args_is_help=True)
 
 
 def _load_tokenizer(path: Optional[Path]) -> Any:
@@ -47,40 +36,39 @@ def _load_model(spec: str) -> Any:
 
 @kg_app.command("show")
 def show(
-    spec: str = typer.Argument(..., help="KG spec: a .jsonl/.json/.csv file or folder, hf:NAME[:SPLIT], builtin:NAME, wordnet:ROOT."),
+    spec: str = typer.Argument(
+        ..., help="KG spec: a .jsonl/.json/.csv file or folder, hf:NAME[:SPLIT], builtin:NAME, wordnet:ROOT."
+    ),
     control: Optional[str] = typer.Option(None, "--control", help="A ControlKG spec: report its overlap with SPEC."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model spec (e.g. bundled, gpt2-medium, a local HF dir): adds tail PPL and accuracy."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Which paper field best_<NAME>_input to read (default: the --model spec)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model spec (e.g. bundled, gpt2-medium, a local HF dir): adds tail PPL and accuracy."
+    ),
+    model_name: Optional[str] = typer.Option(
+        None, "--model-name", help="Which paper field best_<NAME>_input to read (default: the --model spec)."
+    ),
     templates: Optional[Path] = typer.Option(None, "--templates", help="Templates file (JSON/TOML/YAML: relation -> templates)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Local tokenizer dir for tail token lengths (default: the model's, else the bundled one)."),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="Local tokenizer dir for tail token lengths (default: the model's, else the bundled one)."
+    ),
     split: Optional[str] = typer.Option(None, "--split", help="Split of an hf: dataset."),
     tail_scoring: str = typer.Option("all", "--tail-scoring", help="'all' tail tokens or only the 'last'."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="triplets scored per forward pass"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Counts per relation, tail token lengths, templates, overlap with a control set, model fit."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            name_for_fields = model_name or model
-            kg = load_kg(spec, model_name=name_for_fields, templates=templates, split=split)
-            ctrl = load_kg(control, model_name=name_for_fields, templates=templates) if control else None
-        for w in caught:
-            typer.echo(f"note: {w.message}", err=True)
-        lm = _load_model(model) if model else None
-        tok = lm.tokenizer if lm is not None else _load_tokenizer(tokenizer)
-        if tail_scoring not in ("all", "last"):
-            raise KGError(f"--tail-scoring must be 'all' or 'last', got {tail_scoring!r}")
-        summary = kg_summary(kg, tokenizer=tok, control=ctrl, model=lm, tail_scoring=tail_scoring, batch_size=batch_size)
-    except (KGError, ValueError, OSError) as e:  # ModelLoadError is a ValueError
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return
+    if tail_scoring not in ("all", "last"):
+        raise KGError(f"--tail-scoring must be 'all' or 'last', got {tail_scoring!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        name_for_fields = model_name or model
+        kg = load_kg(spec, model_name=name_for_fields, templates=templates, split=split)
+        ctrl = load_kg(control, model_name=name_for_fields, templates=templates) if control else None
+    for w in caught:
+        typer.echo(f"note: {w.message}", err=True)
+    lm = _load_model(model) if model else None
+    tok = lm.tokenizer if lm is not None else _load_tokenizer(tokenizer)
+    summary = kg_summary(kg, tokenizer=tok, control=ctrl, model=lm, tail_scoring=tail_scoring, batch_size=batch_size)  # type: ignore[arg-type]
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
-
-
-# --------------------------------------------------------------------------------------------
-# `kg wordnet` (WordNet TargetKG/ControlKG builder) goes here: added later by the WordNet work.
-# --------------------------------------------------------------------------------------------
 
 
 @kg_app.command("wordnet")
@@ -89,25 +77,27 @@ def wordnet_cmd(
     out: Path = typer.Option(Path("kg"), "--out", help="Output folder for target_<root>.jsonl (and control.jsonl)"),
     up: int = typer.Option(1, "--up", min=0, help="Hypernym levels above the root"),
     down: int = typer.Option(2, "--down", min=0, help="Hyponym levels below the root"),
-    min_triplets: int = typer.Option(10, "--min-triplets", min=1),
-    max_triplets: int = typer.Option(40, "--max-triplets", min=1),
-    control: int = typer.Option(0, "--control", min=0, help="Also build a ControlKG of this many IsA triplets sharing no synset with the TargetKG"),
-    seed: int = typer.Option(0, "--seed"),
-    wordnet_dir: Optional[Path] = typer.Option(None, "--wordnet", help="Local WordNet directory (default: NLTK data, else /usr/share/wordnet)"),
+    min_triplets: int = typer.Option(10, "--min-triplets", min=1, help="refuse a TargetKG with fewer triplets than this"),
+    max_triplets: int = typer.Option(
+        40, "--max-triplets", min=1, help="keep at most this many TargetKG triplets (sampled with --seed)"
+    ),
+    control: int = typer.Option(
+        0, "--control", min=0, help="Also build a ControlKG of this many IsA triplets sharing no synset with the TargetKG"
+    ),
+    seed: int = typer.Option(0, "--seed", help="seed of the triplet and ControlKG sampling"),
+    wordnet_dir: Optional[Path] = typer.Option(
+        None, "--wordnet", help="Local WordNet directory (default: NLTK data, else /usr/share/wordnet)"
+    ),
 ) -> None:
     """Build a TargetKG like the paper's: a connected IsA neighbourhood of a WordNet synset."""
     from kcs_lens.data.wordnet import build_control_kg, build_target_kg, kg_synsets, open_wordnet
-    from kcs_lens.subnetwork import atomic_write_bytes
+    from kcs_lens.files import atomic_write_bytes
 
-    try:
-        wn = open_wordnet(wordnet_dir)
-        target = build_target_kg(wn, root, up=up, down=down, min_triplets=min_triplets, max_triplets=max_triplets, seed=seed)
-        files = {out / f"target_{root.split('.')[0]}.jsonl": target}
-        if control:
-            files[out / "control.jsonl"] = build_control_kg(wn, kg_synsets(target), control, seed)
-    except ValueError as e:  # WordNetError, unknown synset, too few triplets
-        fail(str(e))
-        return
+    wn = open_wordnet(wordnet_dir)
+    target = build_target_kg(wn, root, up=up, down=down, min_triplets=min_triplets, max_triplets=max_triplets, seed=seed)
+    files = {out / f"target_{root.split('.')[0]}.jsonl": target}
+    if control:
+        files[out / "control.jsonl"] = build_control_kg(wn, kg_synsets(target), control, seed)
     for path, rows in files.items():
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
         typer.echo(f"wrote {len(rows)} IsA triplets to {path}")

@@ -2,25 +2,29 @@
 
 Defaults are the authors' released ones (method.md, "Optimization") for GPT-2 models. The
 bundled model has its own shortened recipe (``recipe="bundled"``), documented in docs/method.md.
-A TOML or YAML file can set any field; CLI flags win over the file.
+A TOML, YAML or JSON file can set any field; CLI flags win over the file.
+
+Every field carries its help text and its constraint (metadata), so this file is the one place
+where an option is described and checked: ``kcs-lens discover`` builds its flags from the fields
+(cli/discover.py) and :meth:`DiscoveryConfig.validate` checks every value, naming the option,
+before any work starts.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Union, get_args, get_origin
 
-from kcs_lens.masks import GRANULARITIES, MaskError
-from kcs_lens.models import BUNDLED_NAMES, MATRICES
+from kcs_lens.canonical import MATRICES
+from kcs_lens.errors import ConfigError
+from kcs_lens.files import read_mapping
+from kcs_lens.masks import GRANULARITIES
+from kcs_lens.models import BUNDLED_NAMES
 from kcs_lens.objective import ABLATIONS, LossConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value or file that cannot be used; the message names it."""
-
 
 Recipe = Literal["auto", "paper", "bundled"]
 
@@ -41,70 +45,151 @@ BUNDLED_RECIPE: dict[str, Any] = {
     "lm_eval_blocks": 16,
 }
 
+# --- constraints: each returns None when the value is fine, else what it must be ------------
+Check = Callable[[Any], "str | None"]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def positive(x: Any) -> str | None:
+    return None if _finite(x) and x > 0 else "a finite number > 0"
+
+
+def non_negative(x: Any) -> str | None:
+    return None if _finite(x) and x >= 0 else "a finite number >= 0"
+
+
+def in_range(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Check:
+    lb, rb = "(" if open_lo else "[", ")" if open_hi else "]"
+
+    def check(x: Any) -> str | None:
+        ok = _finite(x) and (x > lo if open_lo else x >= lo) and (x < hi if open_hi else x <= hi)
+        return None if ok else f"a number in {lb}{lo}, {hi}{rb}"
+
+    return check
+
+
+def at_least(lo: int) -> Check:
+    return lambda x: None if _finite(x) and x >= lo else f"an integer >= {lo}"
+
+
+def seed_range(x: Any) -> str | None:
+    return None if isinstance(x, int) and 0 <= x < 2**63 else "an integer in [0, 2^63)"
+
+
+def non_empty(x: Any) -> str | None:
+    return None if isinstance(x, str) and x.strip() else "a non-empty string"
+
+
+def opt(default: Any, help: str, *, check: Check | None = None, flag: str | None = None, factory: Any = None) -> Any:
+    """A config field with its help text, its constraint and (for booleans) its CLI flag pair."""
+    meta = {"help": help, "check": check, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class DiscoveryConfig:
     # what
-    model: str = "bundled"
-    backend: str | None = None
-    target_kg: str = "building"
-    control_kg: str = "control"
-    control_val_kg: str | None = "control-val"
-    control_val_size: int = 50
-    control_lm: str | None = None  # None: 'bundled' for the bundled model, 'wikitext-2' otherwise
-    lm_block_len: int = 512
-    templates: str | None = None  # relation templates file (JSON/TOML/YAML) for rows without text
-    prepend_bos: bool = True
-    tail_scoring: Literal["all", "last"] = "all"
+    model: str = opt("bundled", "bundled (default), an HF GPT-2 name (gpt2-medium) or a local HF directory", check=non_empty)
+    backend: str | None = opt(
+        None,
+        "bridge (TransformerLens 4.x TransformerBridge) or hooked (3.x HookedTransformer); default: hooked where TL 3.x is installed, else bridge",
+    )
+    target_kg: str = opt(
+        "building", "TargetKG spec: a bundled name (building), a file or folder, hf:..., wordnet:ROOT", check=non_empty
+    )
+    control_kg: str = opt("control", "ControlKG spec (its training part)", check=non_empty)
+    control_val_kg: str | None = opt(
+        None,
+        "ControlKG validation spec; '' or unset: the first --control-val-size items of --control-kg (unset with the bundled 'control': the bundled 'control-val')",
+    )
+    control_val_size: int = opt(
+        50, "validation items split off --control-kg when there is no --control-val-kg (paper: 50)", check=at_least(1)
+    )
+    control_lm: str | None = opt(
+        None,
+        "ControlLM text: wikitext-2, bundled, or a .txt file/folder (default: bundled for the bundled model, else wikitext-2)",
+    )
+    lm_block_len: int = opt(
+        512, "ControlLM block length in tokens (capped at the model's context; paper: 512)", check=at_least(2)
+    )
+    templates: str | None = opt(None, "relation templates file (JSON/TOML/YAML) for KG rows without text")
+    prepend_bos: bool = opt(True, "prepend BOS to every triplet prompt", flag="--prepend-bos/--no-prepend-bos")
+    tail_scoring: Literal["all", "last"] = opt(
+        "all", "score all tail tokens (teacher forcing) or only the last (the paper's data has one-token tails)"
+    )
     # mask
-    granularity: str = "weight"
-    layers: str = "top-half"
-    matrices: list[str] = field(default_factory=lambda: list(MATRICES))
-    init_prob: float = 0.45
-    tau: float = 1.0
-    share_sample: bool = False  # one mask sample per step for all passes (NOT the paper's default)
+    granularity: str = opt("weight", f"mask granularity: {', '.join(GRANULARITIES)}")
+    layers: str = opt("top-half", "masked blocks: top-half (paper), all, a range 6-11, or a list 6,7,8", check=non_empty)
+    matrices: list[str] = opt(None, f"masked matrices, a comma list of {','.join(MATRICES)}", factory=lambda: list(MATRICES))
+    init_prob: float = opt(
+        0.45,
+        "initial probability of a weight in the sampled subnetwork (paper: 0.45)",
+        check=in_range(0, 1, open_lo=True, open_hi=True),
+    )
+    tau: float = opt(1.0, "Gumbel-sigmoid temperature (paper: 1.0)", check=positive)
+    share_sample: bool = opt(
+        False,
+        "one mask sample per step for all three passes (NOT the paper's default: fresh noise per pass)",
+        flag="--share-sample/--fresh-sample",
+    )
     # loss
-    ablation: str = "full"
-    suppression_weight: float = 1.5
-    control_kg_weight: float = 1.0
-    control_lm_weight: float = 1.0
-    sparsity_start: float = 2.0
-    sparsity_end: float = 3.0
-    tail_position: Literal["correct", "released"] = "correct"
+    ablation: str = opt("full", f"loss ablation: {', '.join(ABLATIONS)}")
+    suppression_weight: float = opt(1.5, "weight of KL(U||q) on TargetKG (paper: 1.5)", check=non_negative)
+    control_kg_weight: float = opt(1.0, "weight of KL(p||q) on ControlKG (paper: 1.0)", check=non_negative)
+    control_lm_weight: float = opt(1.0, "weight of KL(p||q) on ControlLM (paper: 1.0)", check=non_negative)
+    sparsity_start: float = opt(2.0, "sparsity weight until mid-training (paper: 2.0)", check=non_negative)
+    sparsity_end: float = opt(3.0, "sparsity weight at the last step, linear from mid-training (paper: 3.0)", check=non_negative)
+    tail_position: Literal["correct", "released"] = opt(
+        "correct", "correct (logits at the last prefix token) or released (the authors' off-by-one, for fidelity)"
+    )
     # optimization
-    recipe: Recipe = "auto"
-    steps: int = 40_000
-    lr: float = 0.2
-    warmup_frac: float = 0.1
-    target_batch: int = 250
-    control_batch: int = 250
-    lm_batch: int = 10
-    seed: int = 84
-    device: str = "cpu"
+    recipe: Recipe = opt("auto", "auto (bundled recipe for the bundled model, paper otherwise), paper or bundled")
+    steps: int = opt(40_000, "training steps (paper: 40000)", check=at_least(1))
+    lr: float = opt(0.2, "Adam learning rate on the mask logits (paper: 0.2)", check=positive)
+    warmup_frac: float = opt(0.1, "linear warm-up share of the steps (paper: 0.1)", check=in_range(0, 1))
+    target_batch: int = opt(250, "TargetKG triplets per step (paper: the whole TargetKG, <= 250)", check=at_least(1))
+    control_batch: int = opt(250, "ControlKG triplets per step, cycling (paper: 250)", check=at_least(1))
+    lm_batch: int = opt(10, "ControlLM blocks per step (paper: 10)", check=at_least(1))
+    seed: int = opt(84, "seed of the mask noise and data order (paper: 84, 1318, 735)", check=seed_range)
+    device: str = opt("cpu", "torch device, e.g. cpu, cuda, cuda:1", check=non_empty)
     # speed (docs/performance.md): none of these changes the method except autocast's rounding
-    objective: Literal["fast", "reference"] = "fast"
-    autocast: Literal["none", "bf16"] = "none"  # CUDA only; losses stay fp32
-    lm_cache_mb: float = 0.0  # cache frozen ControlLM activations per block, up to this many MB
+    objective: Literal["fast", "reference"] = opt(
+        "fast", "fast (default: the same losses and gradients, cheaper) or reference (the straightforward implementation)"
+    )
+    autocast: Literal["none", "bf16"] = opt("none", "none or bf16 (CUDA and the fast objective only; losses stay fp32)")
+    lm_cache_mb: float = opt(0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=non_negative)
     # bookkeeping
-    eval_every: int = 100
-    checkpoint_every: int = 200
-    lm_eval_blocks: int = 64
-    keep_all_checkpoints: bool = False  # default: keep the latest and the best qualifying one
+    eval_every: int = opt(100, "evaluate the deterministic mask every N steps (paper: 100)", check=at_least(1))
+    checkpoint_every: int = opt(
+        200, "save a mask checkpoint every N steps, a multiple of --eval-every (paper: 200)", check=at_least(1)
+    )
+    lm_eval_blocks: int = opt(64, "held-out ControlLM blocks per evaluation", check=at_least(1))
+    keep_all_checkpoints: bool = opt(
+        False,
+        "keep every mask checkpoint (default: only the latest and the best qualifying)",
+        flag="--keep-all-checkpoints/--prune-checkpoints",
+    )
     # checkpoint selection (method.md: our rule, stated in every report)
-    select_min_target_ratio: float = 10.0
-    select_max_control_ratio: float = 1.15
-    select_max_lm_ratio: float = 1.05
+    select_min_target_ratio: float = opt(
+        10.0, "checkpoint selection: minimum TargetKG PPL ratio, remaining / original", check=non_negative
+    )
+    select_max_control_ratio: float = opt(1.15, "checkpoint selection: maximum ControlKG PPL ratio", check=non_negative)
+    select_max_lm_ratio: float = opt(1.05, "checkpoint selection: maximum held-out LM PPL ratio", check=non_negative)
 
     def loss_config(self) -> LossConfig:
-        lc = LossConfig(
+        return LossConfig(
             suppression=self.suppression_weight,
             control_kg=self.control_kg_weight,
             control_lm=self.control_lm_weight,
             sparsity_start=self.sparsity_start,
             sparsity_end=self.sparsity_end,
             tail_position=self.tail_position,
-        )
-        return replace(lc, **ABLATIONS[self.ablation])
+        ).ablated(self.ablation)
 
     @property
     def is_bundled(self) -> bool:
@@ -116,39 +201,44 @@ class DiscoveryConfig:
             return self.control_lm
         return "bundled" if self.is_bundled else "wikitext-2"
 
+    @property
+    def control_val_source(self) -> str | None:
+        """The ControlKG validation spec, or None: split the first ``control_val_size`` off the ControlKG."""
+        if self.control_val_kg is None:
+            return "control-val" if self.control_kg == "control" else None
+        return self.control_val_kg or None
+
     def validate(self) -> "DiscoveryConfig":
-        if self.granularity not in GRANULARITIES:
-            raise MaskError(f"--granularity {self.granularity!r}: expected one of {', '.join(GRANULARITIES)}")
-        if self.ablation not in ABLATIONS:
-            raise ConfigError(f"--ablation {self.ablation!r}: expected one of {', '.join(ABLATIONS)}")
+        """Check every value against its type and constraint (naming the option), then the relations."""
+        for f in fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name], where=_flag(f.name)))
+            check = f.metadata.get("check")
+            v = getattr(self, f.name)
+            bad = check(v) if check is not None and v is not None else None
+            if bad:
+                raise ConfigError(f"{_flag(f.name)} {_show(v)}: must be {bad}")
+        choices = {
+            "granularity": GRANULARITIES,
+            "ablation": tuple(ABLATIONS),
+            "backend": ("bridge", "hooked"),
+        }
+        for name, allowed in choices.items():
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise ConfigError(f"{_flag(name)} {v!r}: expected one of {', '.join(allowed)}")
         bad = [m for m in self.matrices if m not in MATRICES]
-        if bad:
-            raise ConfigError(f"--matrices: unknown {bad}; expected a subset of {', '.join(MATRICES)}")
-        for name in ("steps", "eval_every", "checkpoint_every", "target_batch", "control_batch", "lm_batch", "lm_block_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if bad or not self.matrices:
+            raise ConfigError(f"--matrices {','.join(self.matrices)!r}: expected a non-empty subset of {','.join(MATRICES)}")
         if self.checkpoint_every % self.eval_every:
             raise ConfigError(
                 f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every ({self.eval_every}) "
                 "so that every checkpoint has an evaluation to select on"
             )
-        if self.tail_position not in ("correct", "released"):
-            raise ConfigError(f"--tail-position {self.tail_position!r}: expected 'correct' or 'released'")
-        if self.tail_scoring not in ("all", "last"):
-            raise ConfigError(f"--tail-scoring {self.tail_scoring!r}: expected 'all' or 'last'")
-        if self.objective not in ("fast", "reference"):
-            raise ConfigError(f"--objective {self.objective!r}: expected 'fast' or 'reference'")
-        if self.autocast not in ("none", "bf16"):
-            raise ConfigError(f"--autocast {self.autocast!r}: expected 'none' or 'bf16'")
         if self.autocast != "none" and (self.objective != "fast" or not str(self.device).startswith("cuda")):
             raise ConfigError(
                 f"--autocast {self.autocast} needs --objective fast and a CUDA --device (got --objective "
                 f"{self.objective}, --device {self.device})"
             )
-        if self.lm_cache_mb < 0:
-            raise ConfigError(f"--lm-cache-mb must be >= 0, got {self.lm_cache_mb}")
-        if self.recipe not in ("auto", "paper", "bundled"):
-            raise ConfigError(f"--recipe {self.recipe!r}: expected auto, paper or bundled")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,41 +246,81 @@ class DiscoveryConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(DiscoveryConfig)}
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(DiscoveryConfig)
+
+
+def field_default(name: str) -> Any:
+    f = next(f for f in fields(DiscoveryConfig) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc,operator]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None)) + " or null"
+    if get_origin(tp) is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(name: str, value: Any, tp: Any, *, where: str) -> Any:
+    """``value`` as the field's type (ints for floats, a comma string for a list), or a ConfigError
+    naming ``where`` (the option or the config file key) and the expected type."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return coerce(name, value, inner[0], where=where)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{where} {_show(value)}: expected {_type_name(tp)}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+            return list(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where} {_show(value)}: expected {_type_name(tp)}, got {type(value).__name__}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) file of DiscoveryConfig fields (a [discover]
-    table is also accepted). Unknown keys are an error naming the file and the key."""
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) file of DiscoveryConfig fields (a
+    [discover] table is also accepted). Unknown keys and wrongly typed values are errors naming
+    the file and the key."""
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {p}: no such file")
-    text = p.read_text()
-    try:
-        if p.suffix == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {p}: expected .toml, .yaml/.yml or .json")
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"config file {p}: cannot parse ({e})") from e
+    data = read_mapping(p, what="--config", error=ConfigError)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p}: the top level must be a table/mapping of options, not a {type(data).__name__}")
     if isinstance(data.get("discover"), dict):
         data = data["discover"]
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - FIELD_NAMES)
     if unknown:
-        raise ConfigError(f"config file {p}: unknown keys {unknown}; valid keys are {sorted(FIELD_NAMES)}")
-    return data
+        raise ConfigError(f"--config {p}: unknown keys {unknown}; valid keys are {sorted(FIELD_NAMES)}")
+    return {k: coerce(k, v, FIELD_TYPES[k], where=f"--config {p}: key {k!r} =") for k, v in data.items()}
 
 
 def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
@@ -199,16 +329,26 @@ def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
     unknown = sorted(set(given) - FIELD_NAMES)
     if unknown:
         raise ConfigError(f"unknown options {unknown}")
-    from_file = read_config_file(file) if file else {}
-    merged = {**from_file, **given}
-    base = DiscoveryConfig(**{k: v for k, v in merged.items() if k in ("model", "recipe")})
-    recipe = base.recipe
+    merged = {**(read_config_file(file) if file else {}), **given}
+    recipe = merged.get("recipe", "auto")
+    if recipe not in ("auto", "paper", "bundled"):
+        raise ConfigError(f"--recipe {_show(recipe)}: expected auto, paper or bundled")
     if recipe == "auto":
-        recipe = "bundled" if base.is_bundled else "paper"
+        recipe = "bundled" if merged.get("model", field_default("model")) in BUNDLED_NAMES else "paper"
     values = {**(BUNDLED_RECIPE if recipe == "bundled" else {}), **merged}
-    try:
-        cfg = DiscoveryConfig(**values)
-    except TypeError as e:
-        raise ConfigError(str(e)) from e
+    cfg = DiscoveryConfig(**{k: coerce(k, v, FIELD_TYPES[k], where=_flag(k)) for k, v in values.items()})
     cfg.recipe = recipe
     return cfg.validate()
+
+
+def config_from_saved(saved: dict[str, Any], where: str) -> DiscoveryConfig:
+    """The DiscoveryConfig of a run's config.json (``where`` names the file in errors)."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{where}: 'config' is not a mapping")
+    unknown = sorted(set(saved) - FIELD_NAMES)
+    if unknown:
+        raise ConfigError(f"{where}: unknown config keys {unknown} (written by another kcs-lens version?)")
+    try:
+        return DiscoveryConfig(**{k: coerce(k, v, FIELD_TYPES[k], where=f"key {k!r} =") for k, v in saved.items()}).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -26,16 +26,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kcs_lens.models import LensModel, canonical_shape, load_model, parse_weight_name
+from kcs_lens.backends import LensModel
+from kcs_lens.canonical import canonical_shape, parse_weight_name
+from kcs_lens.errors import ExportError
+from kcs_lens.evaluation import check_model
+from kcs_lens.models import load_model
+from kcs_lens.runs import load_run
 from kcs_lens.subnetwork import Subnetwork
 
 Remove = Literal["subnetwork", "complement"]
 HF_NAMES = {"W_O": "attn.c_proj.weight", "W_in": "mlp.c_fc.weight", "W_out": "mlp.c_proj.weight"}
 QKV = ("W_Q", "W_K", "W_V")
-
-
-class ExportError(ValueError):
-    """An export that cannot be written (existing target, bad --remove); nothing is left behind."""
 
 
 def hf_keep_multipliers(sub: Subnetwork, remove: Remove = "subnetwork") -> dict[str, Float[Tensor, "..."]]:
@@ -90,7 +91,7 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        hf = GPT2LMHeadModel(GPT2Config(**cfg)).to(sd["transformer.wte.weight"].dtype)
+        hf = GPT2LMHeadModel(GPT2Config(**cfg)).to(sd["transformer.wte.weight"].dtype)  # type: ignore[arg-type]
         missing, unexpected = hf.load_state_dict({k: v.cpu() for k, v in sd.items()}, strict=False)
         if unexpected or [k for k in missing if not k.endswith(".attn.bias") and k != "lm_head.weight"]:
             raise ExportError(f"internal: HF state dict mismatch (missing {missing}, unexpected {unexpected})")
@@ -120,7 +121,7 @@ def export_run(
     run: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    remove: Remove = "subnetwork",
+    remove: str = "subnetwork",  # validated below: it comes from the command line
     subnetwork: str | os.PathLike | None = None,
     model: str | None = None,
     backend: str | None = None,
@@ -128,14 +129,15 @@ def export_run(
     device: str | None = None,
 ) -> Path:
     """``kcs-lens export RUN --out DIR``: load the run's model (or ``model``) and export it."""
-    from kcs_lens.evaluation import check_model, load_run
-
     if Path(out).exists():  # fail before loading anything
         raise ExportError(f"{out} exists; export writes a new directory (remove it or choose another --out)")
     if remove not in ("subnetwork", "complement"):
         raise ExportError(f"--remove {remove!r}: expected 'subnetwork' or 'complement'")
+    remove_kind: Literal["subnetwork", "complement"] = "subnetwork" if remove == "subnetwork" else "complement"
     info = load_run(run, subnetwork)
     c = info.config
     lm = lens_model or load_model(model or c.model, backend=backend or c.backend, device=device or c.device)
     check_model(info, lm)
-    return export_model(lm, info.subnetwork, out, remove=remove, provenance={"run": str(info.dir), "target_kg": c.target_kg, "seed": c.seed})
+    return export_model(
+        lm, info.subnetwork, out, remove=remove_kind, provenance={"run": str(info.dir), "target_kg": c.target_kg, "seed": c.seed}
+    )

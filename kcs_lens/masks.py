@@ -27,16 +27,14 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from kcs_lens.models import MATRICES, LensModel, ModelShape, canonical_shape, parse_weight_name, weight_name
+from kcs_lens.backends import LensModel
+from kcs_lens.canonical import MATRICES, ModelShape, canonical_shape, parse_weight_name, weight_name
+from kcs_lens.errors import MaskError
 
 Granularity = Literal["weight", "neuron", "head"]
 Mode = Literal["off", "sample", "eval"]
 Keep = Literal["remaining", "subnetwork"]
 GRANULARITIES = ("weight", "neuron")
-
-
-class MaskError(ValueError):
-    """A mask configuration that does not fit the model."""
 
 
 def resolve_layers(layers: "str | list[int] | tuple[int, ...] | None", n_layers: int) -> tuple[int, ...]:
@@ -67,11 +65,13 @@ def resolve_layers(layers: "str | list[int] | tuple[int, ...] | None", n_layers:
         raise MaskError(f"--layers {layers!r} selects no block")
     bad = [l for l in out if not 0 <= l < n_layers]
     if bad:
-        raise MaskError(f"--layers {layers!r}: blocks {bad} are out of range for a model with {n_layers} blocks (0-{n_layers - 1})")
+        raise MaskError(
+            f"--layers {layers!r}: blocks {bad} are out of range for a model with {n_layers} blocks (0-{n_layers - 1})"
+        )
     return tuple(sorted(set(out)))
 
 
-def mask_shape(shape: ModelShape, matrix: str, granularity: Granularity) -> tuple[int, ...]:
+def mask_shape(shape: ModelShape, matrix: str, granularity: str) -> tuple[int, ...]:
     """Shape of one matrix's logits: canonical shape, or 1 along the output dims for neurons."""
     full = canonical_shape(shape, matrix)
     if granularity == "weight":
@@ -94,7 +94,7 @@ def mask_shape(shape: ModelShape, matrix: str, granularity: Granularity) -> tupl
 class MaskConfig:
     layers: tuple[int, ...]
     matrices: tuple[str, ...] = MATRICES
-    granularity: Granularity = "weight"
+    granularity: str = "weight"  # validated below: it comes from configs and files
     init_prob: float = 0.45
     tau: float = 1.0
 
@@ -132,6 +132,8 @@ def _key(name: str) -> str:
 class _MaskParametrization(nn.Module):
     """``W -> W * mask`` in the weight's native layout; the mask comes from the owning WeightMask."""
 
+    _owner: "WeightMask"
+
     def __init__(self, owner: "WeightMask", name: str, to_native) -> None:
         super().__init__()
         object.__setattr__(self, "_owner", owner)  # not a submodule: keeps logits out of model.parameters()
@@ -143,10 +145,9 @@ class _MaskParametrization(nn.Module):
         return W if m is None else W * self.to_native(m).to(W.dtype)
 
 
-def hard_concrete_sample(
-    logits: Tensor, tau: float, keep: Keep, generator: torch.Generator | None = None
-) -> Tensor:
-    """Straight-through Gumbel-sigmoid sample: forward is binary, backward is d sigmoid.
+def gumbel_sigmoid_ste(logits: Tensor, tau: float, keep: Keep, generator: torch.Generator | None = None) -> Tensor:
+    """Straight-through Gumbel-sigmoid (hard concrete, no stretch) sample: forward is binary,
+    backward is d sigmoid.
 
     s = sigmoid((l + g) / tau), g = log u - log(1 - u) (logistic noise). ``keep="subnetwork"``
     returns 1[s > 0.5]; ``keep="remaining"`` the complement taken before thresholding,
@@ -170,7 +171,9 @@ class WeightMask(nn.Module):
         init = math.log(config.init_prob / (1.0 - config.init_prob))
         self.logits = nn.ParameterDict(
             {
-                _key(n): nn.Parameter(torch.full(mask_shape(shape, parse_weight_name(n)[1], config.granularity), init, device=device))
+                _key(n): nn.Parameter(
+                    torch.full(mask_shape(shape, parse_weight_name(n)[1], config.granularity), init, device=device)
+                )
                 for n in config.names
             }
         )
@@ -178,7 +181,7 @@ class WeightMask(nn.Module):
         self.generator.manual_seed(seed)
         self.mode: Mode = "eval"
         self.keep: Keep = "remaining"
-        self.hold_sample = False  # share one sample across passes (documented option; not the paper's default)
+        self.hold_sample = False  # set by using(..., hold=True): one sample for every pass inside
         self._current: dict[str, Tensor | None] = {}
         self._attached: list[tuple[nn.Module, str]] = []
         self._hook = None
@@ -195,7 +198,7 @@ class WeightMask(nn.Module):
         for n in self.names:
             yield n, self.logits[_key(n)]
 
-    def all_logits(self) -> Float[Tensor, "n_logits"]:
+    def all_logits(self) -> Float[Tensor, " n_logits"]:
         return torch.cat([p.flatten() for _, p in self.items()])
 
     def expected_density(self) -> Tensor:
@@ -205,9 +208,6 @@ class WeightMask(nn.Module):
     def binary(self) -> dict[str, Tensor]:
         """The deterministic subnetwork {l > 0} per matrix, at logit shape (bool)."""
         return {n: (p.detach() > 0) for n, p in self.items()}
-
-    def n_weights(self, name: str) -> int:
-        return math.prod(canonical_shape(self.shape, parse_weight_name(name)[1]))
 
     # --- what the model sees ---------------------------------------------------------------
     def current(self, name: str) -> Tensor | None:
@@ -227,22 +227,25 @@ class WeightMask(nn.Module):
         out: dict[str, Tensor | None] = {}
         for n, l in self.items():
             if self.mode == "sample":
-                out[n] = hard_concrete_sample(l, self.config.tau, self.keep, self.generator)
+                out[n] = gumbel_sigmoid_ste(l, self.config.tau, self.keep, self.generator)
             else:
                 sub = (l > 0).to(l.dtype)
                 out[n] = sub if self.keep == "subnetwork" else 1.0 - sub
         self._current = out
 
     @contextlib.contextmanager
-    def using(self, mode: Mode, keep: Keep | None = None):
-        """Temporarily run the attached model in another mode (e.g. ``off`` for the original p)."""
-        old = (self.mode, self.keep, self._current)
-        self.mode, self.keep = mode, keep or self.keep
+    def using(self, mode: Mode, keep: Keep | None = None, *, hold: bool = False):
+        """Temporarily run the attached model in another mode (e.g. ``off`` for the original p).
+
+        ``hold=True`` (sample mode): the first forward pass inside draws a sample and every later
+        pass reuses it (the ``share_sample`` option; the paper draws fresh noise per pass)."""
+        old = (self.mode, self.keep, self._current, self.hold_sample)
+        self.mode, self.keep, self.hold_sample = mode, keep or self.keep, hold
         self._current = {}
         try:
             yield self
         finally:
-            self.mode, self.keep, self._current = old
+            self.mode, self.keep, self._current, self.hold_sample = old
 
     @contextlib.contextmanager
     def using_sample(self, sample: dict[str, Tensor], keep: Keep = "remaining"):
@@ -298,11 +301,6 @@ class WeightMask(nn.Module):
             self.detach()
 
 
-def expand_mask(mask: Tensor, full_shape: tuple[int, ...]) -> Tensor:
-    """A logit-shaped mask broadcast to the canonical weight shape."""
-    return mask.expand(full_shape)
-
-
 @dataclass
 class MaskStats:
     """Counts of one binary mask: how many of the masked weights are in the subnetwork."""
@@ -329,8 +327,3 @@ def mask_stats(binary: dict[str, Tensor], shape: ModelShape) -> MaskStats:
         full = canonical_shape(shape, parse_weight_name(n)[1])
         st.per_matrix[n] = (int(m.expand(full).sum()), math.prod(full))
     return st
-
-
-def total_linear_weights(shape: ModelShape) -> int:
-    """Number of weights in all blocks' Q, K, V, O, W_in, W_out (the 'all linear weights' base)."""
-    return shape.n_layers * sum(math.prod(canonical_shape(shape, m)) for m in MATRICES)

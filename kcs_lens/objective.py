@@ -8,25 +8,27 @@ next-token distribution and q the remaining model's:
 3. ControlLM maintenance:  mean over all token positions of KL(p || q);
 4. sparsity:               mean sigmoid(logits), weighted by lambda(t) (2 -> 3 schedule).
 
-This file is the straightforward reference: every pass is a full forward of the masked model,
-p is recomputed with the masks switched off (the same weights: no second model copy), and each
-masked pass draws its own mask sample.
+:class:`Objective` is the interface and the step loop; :class:`ReferenceObjective` is the
+straightforward implementation (every pass a full forward of the masked model, p recomputed with
+the masks switched off: the same weights, no second model copy, a fresh mask sample per pass).
+The fast implementation is :class:`kcs_lens.fast_objective.FastObjective`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
+from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.masks import WeightMask
-from kcs_lens.models import LensModel
 from kcs_lens.scoring import per_triplet_mean
 
 TailPosition = Literal["correct", "released"]
@@ -59,6 +61,10 @@ class LossConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def ablated(self, ablation: str) -> "LossConfig":
+        """This config with one term switched off, as in the paper's ablations (``full``: none)."""
+        return replace(self, **ABLATIONS[ablation])
+
     def enabled_terms(self, **losses: Callable[[], Tensor]) -> list[tuple[str, float, Callable[[], Tensor]]]:
         """(name, weight, loss function) of the enabled KL terms, in method.md's order; ``losses``
         maps each of ``suppression``, ``control_kg``, ``control_lm`` to a function computing it."""
@@ -66,7 +72,7 @@ class LossConfig:
         return [(t, getattr(self, t), losses[t]) for t in TERMS[:3] if on[t]]
 
 
-ABLATIONS: dict[str, dict[str, bool]] = {
+ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
     "no-suppression": {"use_suppression": False},
     "no-control-kg": {"use_control_kg": False},
@@ -75,52 +81,115 @@ ABLATIONS: dict[str, dict[str, bool]] = {
 }
 
 
-def kl_uniform_to_q(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, "n"]:
+def kl_uniform_to_q(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
     """KL(U || q) = -log V - mean_v log q_v, per row."""
     logq = torch.log_softmax(logits.float(), dim=-1)
     return -math.log(logits.shape[-1]) - logq.mean(-1)
 
 
-def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]) -> Float[Tensor, "n"]:
+def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
     """KL(p || q) = sum_v p_v (log p_v - log q_v), per row, p given as log-probabilities."""
     logq = torch.log_softmax(logits_q.float(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def sparsity_and_total(
-    c: LossConfig, density: Tensor, step: int, total_steps: int, out: dict[str, float], total: float
-) -> dict[str, float]:
-    """Back-propagate the weighted sparsity term (when enabled); complete ``out`` with the expected
-    density, lambda(t) and the weighted total."""
-    lam = c.sparsity_weight(step, total_steps)
-    if c.use_sparsity:
-        with record_function("kcs.sparsity.backward"):
-            (lam * density).backward()
-        total += lam * float(density.detach())
-    out["sparsity"] = float(density.detach())
-    out["lambda"] = lam
-    out["total"] = total
-    return out
-
-
-def _scored(batch: TripletBatch, tail_position: TailPosition) -> TripletBatch:
-    return batch.shifted_to_tail_token() if tail_position == "released" else batch
-
-
 class Objective:
-    """Computes the loss terms for one step and back-propagates them into the mask logits."""
+    """The loss of one discovery step, back-propagated into the mask logits.
 
-    def __init__(self, lm: LensModel, masks: WeightMask, config: LossConfig):
+    Two implementations share this interface and its :meth:`step` loop: :class:`ReferenceObjective`
+    (every pass a full forward of the masked model) and
+    :class:`~kcs_lens.fast_objective.FastObjective` (same losses and gradients, cheaper). Each
+    implements the three masked terms (one forward pass of the remaining model under its own mask
+    sample each, unless ``share_sample``) and :meth:`sampling`, the context those passes run in.
+    """
+
+    def __init__(self, lm: LensModel, masks: WeightMask, config: LossConfig, *, share_sample: bool = False):
         self.lm = lm
         self.masks = masks
         self.config = config
+        self.share_sample = share_sample  # one sample for the step's passes (NOT the paper's default)
 
     def prepare(self, target: TripletBatch | None = None, control: TripletBatch | None = None) -> None:
-        """Nothing to precompute: the reference recomputes everything each step (see FastObjective)."""
+        """Precompute what stays fixed for the run (nothing here; see FastObjective)."""
+
+    def suppression(self, target: TripletBatch) -> Tensor:
+        """Term 1: mean over triplets of KL(U || q) at the tail positions."""
+        raise NotImplementedError
+
+    def control_kg(self, control: TripletBatch) -> Tensor:
+        """Term 2: mean over triplets of KL(p || q) at the tail positions."""
+        raise NotImplementedError
+
+    def control_lm(self, blocks: Int[Tensor, "n seq"]) -> Tensor:
+        """Term 3: mean over all positions of KL(p || q) on ControlLM blocks."""
+        raise NotImplementedError
+
+    def density(self) -> Tensor:
+        """Term 4 (unweighted): the expected density, mean sigmoid(logits)."""
+        return self.masks.expected_density()
+
+    def cache_mb(self) -> dict[str, float]:
+        """Memory held by per-run caches, per cache (none here)."""
+        return {}
+
+    def sampling(self) -> contextlib.AbstractContextManager[Any]:
+        """The context in which one step's masked passes run."""
+        raise NotImplementedError
+
+    def step(
+        self, target: TripletBatch, control: TripletBatch, blocks: Int[Tensor, "n seq"], step: int, total_steps: int
+    ) -> dict[str, float]:
+        """Forward and backward of every enabled term; gradients accumulate in the mask logits (the
+        caller steps the optimizer). Returns the unweighted terms, the sparsity weight and the
+        weighted total. With ``share_sample`` the passes share one sample and one backward."""
+        c = self.config
+        out: dict[str, float] = {}
+        total = 0.0
+        pending: list[Tensor] = []
+        with self.sampling():
+            for term, w, fn in c.enabled_terms(
+                suppression=lambda: self.suppression(target),
+                control_kg=lambda: self.control_kg(control),
+                control_lm=lambda: self.control_lm(blocks),
+            ):
+                with record_function(f"kcs.{term}.forward"):  # labels for bench/profile_step.py
+                    loss = fn()
+                if self.share_sample:
+                    pending.append(w * loss)
+                else:
+                    with record_function(f"kcs.{term}.backward"):
+                        (w * loss).backward()
+                out[term] = float(loss.detach())
+                total += w * out[term]
+            if pending:
+                torch.stack(pending).sum().backward()
+        lam = c.sparsity_weight(step, total_steps)
+        density = self.density()
+        if c.use_sparsity:
+            with record_function("kcs.sparsity.backward"):
+                (lam * density).backward()
+            total += lam * float(density.detach())
+        out["sparsity"] = float(density.detach())
+        out["lambda"] = lam
+        out["total"] = total
+        return out
+
+
+def scored(batch: TripletBatch, tail_position: TailPosition) -> TripletBatch:
+    """The batch whose score mask the losses use (``released``: the authors' off-by-one)."""
+    return batch.shifted_to_tail_token() if tail_position == "released" else batch
+
+
+class ReferenceObjective(Objective):
+    """The straightforward implementation: every pass a full forward of the masked model, p
+    recomputed each time with the masks switched off, a fresh sample per pass."""
+
+    def sampling(self) -> contextlib.AbstractContextManager[Any]:
+        return self.masks.using("sample", "remaining", hold=self.share_sample)
 
     @torch.no_grad()
     def original_tail_logprobs(self, batch: TripletBatch) -> Float[Tensor, "n_scored vocab"]:
-        b = _scored(batch, self.config.tail_position)
+        b = scored(batch, self.config.tail_position)
         with self.masks.using("off"), record_function("kcs.original"):
             logits = self.lm(b.tokens)
         return torch.log_softmax(logits[b.score_mask].float(), dim=-1)
@@ -131,42 +200,17 @@ class Objective:
             return torch.log_softmax(self.lm(blocks).float(), dim=-1)
 
     def suppression(self, target: TripletBatch) -> Tensor:
-        b = _scored(target, self.config.tail_position)
+        b = scored(target, self.config.tail_position)
         logits = self.lm(b.tokens)
         return per_triplet_mean(kl_uniform_to_q(logits[b.score_mask]), b).mean()
 
-    def control_kg(self, control: TripletBatch, logp: Tensor | None = None) -> Tensor:
-        b = _scored(control, self.config.tail_position)
-        logp = self.original_tail_logprobs(control) if logp is None else logp
+    def control_kg(self, control: TripletBatch) -> Tensor:
+        b = scored(control, self.config.tail_position)
+        logp = self.original_tail_logprobs(control)
         logits = self.lm(b.tokens)
         return per_triplet_mean(kl_p_to_q(logp, logits[b.score_mask]), b).mean()
 
-    def control_lm(self, blocks: Int[Tensor, "n seq"], logp: Tensor | None = None) -> Tensor:
-        logp = self.original_lm_logprobs(blocks) if logp is None else logp
+    def control_lm(self, blocks: Int[Tensor, "n seq"]) -> Tensor:
+        logp = self.original_lm_logprobs(blocks)
         logits = self.lm(blocks)
         return kl_p_to_q(logp.flatten(0, 1), logits.flatten(0, 1)).mean()
-
-    def step(
-        self, target: TripletBatch, control: TripletBatch, blocks: Int[Tensor, "n seq"], step: int, total_steps: int
-    ) -> dict[str, float]:
-        """Forward and backward of every enabled term (one masked pass each, fresh sample each).
-
-        Gradients accumulate in the mask logits; the caller steps the optimizer. Returns the
-        unweighted terms, the sparsity weight and the weighted total.
-        """
-        c = self.config
-        out: dict[str, float] = {}
-        total = 0.0
-        with self.masks.using("sample", "remaining"):
-            for term, w, fn in c.enabled_terms(
-                suppression=lambda: self.suppression(target),
-                control_kg=lambda: self.control_kg(control),
-                control_lm=lambda: self.control_lm(blocks),
-            ):
-                with record_function(f"kcs.{term}.forward"):  # labels for bench/profile_step.py
-                    loss = fn()
-                with record_function(f"kcs.{term}.backward"):
-                    (w * loss).backward()
-                out[term] = float(loss.detach())
-                total += w * out[term]
-        return sparsity_and_total(c, self.masks.expected_density(), step, total_steps, out, total)

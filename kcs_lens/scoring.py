@@ -2,6 +2,10 @@
 
 All functions take logits or a callable model; they never touch masks, so the same code scores
 the original, the remaining model and the subnetwork alone (set the mask's mode around the call).
+
+One definition of a triplet set's perplexity, used everywhere (``discover``, ``evaluate``, ``kg
+show``; docs/method.md): PPL = exp(mean over triplets of each triplet's mean NLL over its scored
+tail tokens). For one-token tails this is exp(mean NLL of the tails).
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from kcs_lens.data.triplets import TripletBatch
 ModelFn = Callable[[Int[Tensor, "batch seq"]], Float[Tensor, "batch seq vocab"]]
 
 
-def scored_rows(batch: TripletBatch) -> Int[Tensor, "n_scored"]:
+def scored_rows(batch: TripletBatch) -> Int[Tensor, " n_scored"]:
     """For each scored position (row-major order of ``score_mask``), the index of its triplet."""
     return batch.score_mask.nonzero()[:, 0]
 
 
-def per_triplet_mean(values: Float[Tensor, "n_scored"], batch: TripletBatch) -> Float[Tensor, "batch"]:
+def per_triplet_mean(values: Float[Tensor, " n_scored"], batch: TripletBatch) -> Float[Tensor, " batch"]:
     """Average per-position values over each triplet's scored tail positions."""
     rows = scored_rows(batch).to(values.device)
     sums = torch.zeros(len(batch), dtype=values.dtype, device=values.device).index_add_(0, rows, values)
@@ -36,22 +40,31 @@ def per_triplet_mean(values: Float[Tensor, "n_scored"], batch: TripletBatch) -> 
 class TailScores:
     """Per-triplet tail statistics under one model."""
 
-    nll: Float[Tensor, "batch"]  # mean NLL over scored tail tokens
-    first_logprob: Float[Tensor, "batch"]  # log-prob of the first scored tail token
-    first_rank: Int[Tensor, "batch"]  # rank of the first scored tail token (0 = top)
+    nll: Float[Tensor, " batch"]  # mean NLL over the scored tail tokens
+    n_scored: Int[Tensor, " batch"]  # number of scored tail tokens
+    first_logprob: Float[Tensor, " batch"]  # log-prob of the first scored tail token
+    first_rank: Int[Tensor, " batch"]  # rank of the first scored tail token (0 = the model's top prediction)
 
     @property
     def ppl(self) -> float:
-        """exp(mean NLL) over the set (method.md, Evaluation)."""
+        """The set's perplexity: exp(mean over triplets of the per-triplet mean NLL)."""
         return math.exp(float(self.nll.mean()))
 
     def topk(self, k: int) -> float:
+        """Share of triplets whose first scored tail token is among the model's top k."""
         return float((self.first_rank < k).float().mean())
+
+    @property
+    def rank_mean(self) -> float:
+        return float(self.first_rank.float().mean())
+
+    def summary(self) -> dict[str, float]:
+        return {"n": int(self.nll.numel()), "tail_ppl": self.ppl, "top1_acc": self.topk(1), "mean_rank": self.rank_mean}
 
 
 @torch.no_grad()
 def tail_scores(model: ModelFn, batch: TripletBatch, batch_size: int = 64) -> TailScores:
-    nll, first_lp, first_rank = [], [], []
+    nll, n, first_lp, first_rank = [], [], [], []
     for i in range(0, len(batch), batch_size):
         sub = batch.select(range(i, min(i + batch_size, len(batch))))
         logits = model(sub.tokens)
@@ -59,13 +72,15 @@ def tail_scores(model: ModelFn, batch: TripletBatch, batch_size: int = 64) -> Ta
         tgt = sub.targets[sub.score_mask].to(logp.device)
         tok_lp = logp.gather(-1, tgt[:, None])[:, 0]
         nll.append(per_triplet_mean(-tok_lp, sub))
+        n.append(sub.score_mask.sum(1))
         # first scored position of each triplet
         rows = scored_rows(sub).to(logp.device)
         first = torch.ones_like(rows, dtype=torch.bool)
         first[1:] = rows[1:] != rows[:-1]
         first_lp.append(tok_lp[first])
         first_rank.append((logp[first] > tok_lp[first][:, None]).sum(-1))
-    return TailScores(torch.cat(nll).cpu(), torch.cat(first_lp).cpu(), torch.cat(first_rank).cpu())
+    cat = lambda xs: torch.cat(xs).cpu()
+    return TailScores(cat(nll), cat(n), cat(first_lp), cat(first_rank))
 
 
 @torch.no_grad()
@@ -81,7 +96,3 @@ def lm_nll(model: ModelFn, blocks: Int[Tensor, "n block"], batch_size: int = 8) 
         total += float(nll)
         count += toks[:, 1:].numel()
     return total / max(count, 1)
-
-
-def lm_ppl(model: ModelFn, blocks: Int[Tensor, "n block"], batch_size: int = 8) -> float:
-    return math.exp(lm_nll(model, blocks, batch_size))

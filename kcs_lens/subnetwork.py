@@ -9,55 +9,27 @@ subnetwork found on one TransformerLens backend applies on the other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from jaxtyping import Bool
+from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
-from kcs_lens.masks import Keep, MaskConfig, WeightMask, mask_stats, total_linear_weights
-from kcs_lens.models import LensModel, ModelShape
+from kcs_lens.backends import LensModel
+from kcs_lens.canonical import ATTN_MATRICES, ModelShape, canonical_shape, parse_weight_name, total_linear_weights
+from kcs_lens.errors import SubnetworkError
+from kcs_lens.files import atomic_save_safetensors, canonical_json
+from kcs_lens.masks import Keep, MaskConfig, MaskStats, WeightMask, mask_stats
 
-
-class SubnetworkError(ValueError):
-    """A subnetwork file that is missing, malformed, or does not fit the model given."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+BINARY_LOGIT = 20.0  # logits of a purely binary subnetwork (a combination, a random draw): sigmoid = 1 - 2e-9
+NEAR = 0.05  # a mask probability sigmoid(l) <= NEAR is "near 0", >= 1 - NEAR "near 1"
 
 
 @dataclass
@@ -88,11 +60,33 @@ class Subnetwork:
 
     # --- the subnetwork itself -------------------------------------------------------------
     def binary(self) -> dict[str, Tensor]:
-        """{logit > 0}: True where the weight (or row) belongs to the subnetwork."""
+        """{logit > 0}: True where the weight (or row) belongs to the subnetwork, at logit shape."""
         return {n: l > 0 for n, l in self.logits.items()}
 
+    def full_binary(self) -> dict[str, Bool[Tensor, "..."]]:
+        """Membership per weight at canonical shape (neuron masks broadcast over their rows)."""
+        return {n: b.expand(canonical_shape(self.shape, parse_weight_name(n)[1])) for n, b in self.binary().items()}
+
+    def at_weight_granularity(self) -> "Subnetwork":
+        """The same membership as a weight-granularity subnetwork (neuron masks broadcast)."""
+        full = {n: b.clone() for n, b in self.full_binary().items()}
+        return Subnetwork(
+            {n: _binary_logits(b) for n, b in full.items()},
+            replace(self.mask_config, granularity="weight"),
+            self.shape,
+            dict(self.meta),
+        )
+
+    def membership_sha(self) -> str:
+        """Identity of the membership (binary mask), independent of logits and file metadata."""
+        h = hashlib.sha256()
+        for n, b in sorted(self.binary().items()):
+            h.update(n.encode())
+            h.update(b.to(torch.uint8).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     @property
-    def stats(self):
+    def stats(self) -> MaskStats:
         return mask_stats(self.binary(), self.shape)
 
     @property
@@ -106,9 +100,50 @@ class Subnetwork:
         return 1.0 - self.stats.n_sub / total_linear_weights(self.shape)
 
     def with_binary(self, binary: dict[str, Tensor], **meta: Any) -> "Subnetwork":
-        """A subnetwork with the given membership (logits +1 inside, -1 outside)."""
-        logits = {n: torch.where(b.bool(), 1.0, -1.0) for n, b in binary.items()}
+        """A subnetwork with the given membership (logits +-BINARY_LOGIT: probabilities ~1 and ~0)."""
+        logits = {n: _binary_logits(b) for n, b in binary.items()}
         return Subnetwork(logits, self.mask_config, self.shape, {**self.meta, **meta})
+
+    def density_stats(self) -> dict[str, Any]:
+        """Sparsity, density per layer / matrix / attention head, and the share of mask
+        probabilities near 0 and 1."""
+        per_layer: dict[int, list[int]] = {}
+        per_matrix: dict[str, list[int]] = {}
+        per_lm: dict[int, dict[str, float]] = {}
+        per_head: dict[int, dict[str, list[float]]] = {}
+        for n, b in self.full_binary().items():
+            layer, matrix = parse_weight_name(n)
+            k, tot = int(b.sum()), b.numel()
+            for a in (per_layer.setdefault(layer, [0, 0]), per_matrix.setdefault(matrix, [0, 0])):
+                a[0] += k
+                a[1] += tot
+            per_lm.setdefault(layer, {})[matrix] = k / tot
+            if matrix in ATTN_MATRICES:  # [h, m, d] or [h, d, m]: head first
+                per_head.setdefault(layer, {})[matrix] = b.flatten(1).float().mean(1).tolist()
+        for heads in per_head.values():
+            heads["all"] = torch.tensor([heads[m] for m in ATTN_MATRICES if m in heads]).mean(0).tolist()
+        probs = torch.sigmoid(torch.cat([l.flatten().float() for l in self.logits.values()]))
+        st = self.stats
+        return {
+            "sparsity": st.sparsity,
+            "sparsity_all_linear": self.sparsity_all_linear,
+            "n_in_subnetwork": st.n_sub,
+            "n_masked": st.n_total,
+            "n_linear": total_linear_weights(self.shape),
+            "granularity": self.mask_config.granularity,
+            "layers": list(self.mask_config.layers),
+            "density": {
+                "per_layer": {str(l): a / t for l, (a, t) in sorted(per_layer.items())},
+                "per_matrix": {m: a / t for m, (a, t) in per_matrix.items()},
+                "per_layer_matrix": {str(l): v for l, v in sorted(per_lm.items())},
+                "per_head": {str(l): v for l, v in sorted(per_head.items())},
+            },
+            "logits": {
+                "near_threshold": NEAR,
+                "near_0": float((probs <= NEAR).float().mean()),
+                "near_1": float((probs >= 1 - NEAR).float().mean()),
+            },
+        }
 
     # --- applying --------------------------------------------------------------------------
     def check_model(self, lm: LensModel, *, strict_fingerprint: bool = True) -> None:
@@ -142,7 +177,7 @@ class Subnetwork:
     def metadata(self) -> dict[str, str]:
         st = self.stats
         meta = {
-            **{k: v for k, v in self.meta.items()},
+            **self.meta,
             "mask_config": self.mask_config.to_dict(),
             "model_shape": asdict(self.shape),
             "sparsity": st.sparsity,
@@ -153,7 +188,7 @@ class Subnetwork:
         from kcs_lens import __version__
 
         meta.setdefault("kcs_lens_version", __version__)
-        return {k: json.dumps(v, default=str) for k, v in meta.items()}
+        return {k: canonical_json(v) for k, v in meta.items()}
 
     def save(self, path: str | os.PathLike) -> Path:
         tensors: dict[str, Tensor] = {}
@@ -188,3 +223,7 @@ class Subnetwork:
         if missing:
             raise SubnetworkError(f"{path}: logits missing for {missing[:3]}{'...' if len(missing) > 3 else ''}")
         return cls(logits, mc, shape, meta)
+
+
+def _binary_logits(b: Tensor) -> Tensor:
+    return torch.where(b.bool(), BINARY_LOGIT, -BINARY_LOGIT)

@@ -15,7 +15,11 @@ for line in ${KCS_TL_LINES:-4 3}; do
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$cons" -e ".[test]"
   echo "== TransformerLens line $line: installed in $(( $(date +%s) - t0 )) s ($("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformer-lens"))'))"
   # The slow tests (full bundled discovery, GPT-2-small shape) do not depend on the TL line: 4.x only.
-  if [ "$line" = 4 ]; then sel=(); else sel=(-m "not slow"); fi
+  if [ "$line" = 4 ]; then
+    sel=()
+    # lint, format and type checks (same tools on both lines: once)
+    "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . && "$venv/bin/mypy" kcs_lens cli analyses || status=1
+  else sel=(-m "not slow"); fi
   "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}" "$@" || status=$?
 done
 exit $status

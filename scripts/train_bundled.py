@@ -152,15 +152,31 @@ def build_kgs(wn, args) -> dict[str, list[dict]]:
     used_names: set[str] = set()
     for name, root, up in TARGET_ROOTS:
         kg = build_target_kg(
-            wn, root, up=up, down=2, max_triplets=args.max_target, min_triplets=10, seed=args.seed,
-            exclude_synsets=used_synsets, exclude_heads=used_names, single_parent=True, head_filter=_COMMON_NOUN.match,
+            wn,
+            root,
+            up=up,
+            down=2,
+            max_triplets=args.max_target,
+            min_triplets=10,
+            seed=args.seed,
+            exclude_synsets=used_synsets,
+            exclude_heads=used_names,
+            single_parent=True,
+            head_filter=_COMMON_NOUN.match,
         )
         kgs[f"target_{name}"] = kg
         used_synsets |= kg_synsets(kg)
         used_names |= {t["head"] for t in kg} | {t["tail"] for t in kg}
     control = build_control_kg(
-        wn, used_synsets, args.n_control, args.seed, exclude_names=True, single_parent=True,
-        min_tail_heads=args.min_tail_heads, exclude_heads=used_names, head_filter=_COMMON_NOUN.match,
+        wn,
+        used_synsets,
+        args.n_control,
+        args.seed,
+        exclude_names=True,
+        single_parent=True,
+        min_tail_heads=args.min_tail_heads,
+        exclude_heads=used_names,
+        head_filter=_COMMON_NOUN.match,
     )
     kgs["control_val"] = control[: args.n_control_val]
     kgs["control_train"] = control[args.n_control_val :]
@@ -210,7 +226,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tk.train_from_iterator(texts, trainer=trainer)
@@ -377,16 +395,26 @@ def run(args, tmp: Path, t_start: float) -> dict:
     facts = encode_facts(tok, all_facts, repeat_canonical=args.repeat_canonical)
     train_blocks = text_blocks(tok, text_train, args.block_size)
     held_blocks = text_blocks(tok, text_heldout, args.block_size)
-    print(f"tokenizer: {len(tok)} tokens; {len(facts)} fact sequences/epoch; "
-          f"text blocks train {len(train_blocks)} heldout {len(held_blocks)}")
+    print(
+        f"tokenizer: {len(tok)} tokens; {len(facts)} fact sequences/epoch; "
+        f"text blocks train {len(train_blocks)} heldout {len(held_blocks)}"
+    )
 
     # ---- model ----
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=args.n_positions, n_embd=args.d_model, n_layer=args.n_layer,
-        n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
-        bos_token_id=bos, eos_token_id=bos, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        n_positions=args.n_positions,
+        n_embd=args.d_model,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=bos,
+        eos_token_id=bos,
+        tie_word_embeddings=True,
     )
     model = GPT2LMHeadModel(cfg)
     n_params = sum(p.numel() for p in model.parameters())
@@ -394,7 +422,8 @@ def run(args, tmp: Path, t_start: float) -> dict:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95),
+        lr=args.lr,
+        betas=(0.9, 0.95),
     )
 
     def lr_at(step: int) -> float:
@@ -429,15 +458,24 @@ def run(args, tmp: Path, t_start: float) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:5d} lr {lr_at(step):.2e} loss facts {loss_facts.item():.3f} text {loss_text.item():.3f} "
-                  f"({time.time() - t_train:.0f}s)", flush=True)
+            print(
+                f"step {step:5d} lr {lr_at(step):.2e} loss facts {loss_facts.item():.3f} text {loss_text.item():.3f} "
+                f"({time.time() - t_train:.0f}s)",
+                flush=True,
+            )
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             model.eval()
             acc = first_tail_accuracy(model, tok, all_facts)
             ppl = perplexity(model, held_blocks)
             model.train()
-            history.append({"step": step + 1, "accuracy_all": round(acc, 4), "heldout_ppl": round(ppl, 2),
-                            "seconds": round(time.time() - t_train, 1)})
+            history.append(
+                {
+                    "step": step + 1,
+                    "accuracy_all": round(acc, 4),
+                    "heldout_ppl": round(ppl, 2),
+                    "seconds": round(time.time() - t_train, 1),
+                }
+            )
             print(f"  eval step {step + 1}: first-tail top-1 (all KG) {acc:.4f}, held-out ppl {ppl:.2f}", flush=True)
     train_seconds = time.time() - t_train
 
@@ -468,15 +506,25 @@ def run(args, tmp: Path, t_start: float) -> dict:
         "target_roots": [{"name": n, "root": r, "up": u, "down": 2} for n, r, u in TARGET_ROOTS],
         "templates": ISA_TEMPLATES,
         "wordnet_version": wordnet_version(wn),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__,
-                     "tokenizers": __import__("tokenizers").__version__, "nltk": __import__("nltk").__version__},
-        "model": {"n_layer": args.n_layer, "d_model": args.d_model, "n_head": args.n_head,
-                  "n_positions": args.n_positions, "tied_embeddings": True, "dtype": "float32"},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "tokenizers": __import__("tokenizers").__version__,
+            "nltk": __import__("nltk").__version__,
+        },
+        "model": {
+            "n_layer": args.n_layer,
+            "d_model": args.d_model,
+            "n_head": args.n_head,
+            "n_positions": args.n_positions,
+            "tied_embeddings": True,
+            "dtype": "float32",
+        },
         "accuracy_definition": "top-1 of the first tail token after <|endoftext|> + prefix; "
-                               "prefix = text[:len(text)-len(tail)].rstrip(' '), tail token from ' ' + tail",
+        "prefix = text[:len(text)-len(tail)].rstrip(' '), tail token from ' ' + tail",
         "heldout_ppl_definition": f"exp(mean NLL per token) over text/heldout.txt joined by newlines, "
-                                  f"cut into <|endoftext|> + {args.block_size - 1}-token blocks (remainder dropped)",
+        f"cut into <|endoftext|> + {args.block_size - 1}-token blocks (remainder dropped)",
         "accuracy": accuracy,
         "heldout_ppl": round(held_ppl, 3),
         "train_text_ppl_first_100_blocks": round(train_ppl, 3),

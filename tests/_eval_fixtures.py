@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_run_kwargs
 
 
-def write_run(path: Path, lm, tiny_kg, model_dir, *, seed=0, density=0.05, layers="top-half", granularity="weight", base=None, **cfg_kw) -> Path:
+def write_run(
+    path: Path, lm, tiny_kg, model_dir, *, seed=0, density=0.05, layers="top-half", granularity="weight", base=None, **cfg_kw
+) -> Path:
     """A finished-looking run directory whose subnetwork holds about ``density`` of the masked logits.
 
     ``base``: a subnetwork dict to start from (for overlapping seeds); each logit is redrawn with
@@ -25,7 +26,9 @@ def write_run(path: Path, lm, tiny_kg, model_dir, *, seed=0, density=0.05, layer
     from kcs_lens.masks import MaskConfig, mask_shape, resolve_layers
     from kcs_lens.subnetwork import Subnetwork
 
-    cfg = build_config(**{**tiny_run_kwargs(tiny_kg, model_dir), "seed": seed, "layers": layers, "granularity": granularity, **cfg_kw})
+    cfg = build_config(
+        **{**tiny_run_kwargs(tiny_kg, model_dir), "seed": seed, "layers": layers, "granularity": granularity, **cfg_kw}
+    )
     mc = MaskConfig(resolve_layers(cfg.layers, lm.shape.n_layers), tuple(cfg.matrices), cfg.granularity)
     g = torch.Generator().manual_seed(seed)
     logits = {}
@@ -35,9 +38,13 @@ def write_run(path: Path, lm, tiny_kg, model_dir, *, seed=0, density=0.05, layer
         if base is not None:
             new = torch.where(torch.rand(shp, generator=g) < 0.5, base[n], new)
         logits[n] = new
-    sub = Subnetwork(logits, mc, lm.shape, {"model_spec": str(model_dir), "model_fingerprint": lm.fingerprint(), "seed": seed, "step": 12})
+    sub = Subnetwork(
+        logits, mc, lm.shape, {"model_spec": str(model_dir), "model_fingerprint": lm.fingerprint(), "seed": seed, "step": 12}
+    )
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "model_fingerprint": lm.fingerprint(), "mask": mc.to_dict()}))
+    (path / "config.json").write_text(
+        json.dumps({"config": cfg.to_dict(), "model_fingerprint": lm.fingerprint(), "mask": mc.to_dict()})
+    )
     sub.save(path / "subnetwork.safetensors")
     (path / "summary.json").write_text(json.dumps({"selected_step": 12, "meets_criteria": False}))
     return path

@@ -52,8 +52,13 @@ def tiny_hf_model(tokenizer, n_layers: int = 4, seed: int = 0, d_model: int = 64
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        n_layer=n_layers, n_head=n_heads, n_embd=d_model, vocab_size=len(tokenizer), n_positions=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        n_layer=n_layers,
+        n_head=n_heads,
+        n_embd=d_model,
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     m = GPT2LMHeadModel(cfg).eval()

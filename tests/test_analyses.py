@@ -8,14 +8,13 @@ needed; every model-level test runs on each TransformerLens backend the environm
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_run_kwargs
+
 from kcs_lens.models import available_backends
 
 BACKENDS = available_backends()
@@ -31,11 +30,15 @@ def make_run_dir(path: Path, lm, cfg_kwargs: dict, *, density: float = 0.1, gran
     cfg = build_config(**{**cfg_kwargs, "granularity": granularity, "seed": seed})
     mc = MaskConfig(resolve_layers(cfg.layers, lm.shape.n_layers), tuple(cfg.matrices), granularity)
     g = torch.Generator().manual_seed(seed)
-    logits = {n: torch.where(torch.rand(mask_shape(lm.shape, n.split(".")[-1], granularity), generator=g) < density, 2.0, -2.0)
-              for n in mc.names}
+    logits = {
+        n: torch.where(torch.rand(mask_shape(lm.shape, n.split(".")[-1], granularity), generator=g) < density, 2.0, -2.0)
+        for n in mc.names
+    }
     sub = Subnetwork(logits, mc, lm.shape, {"model_spec": cfg.model, "model_fingerprint": lm.fingerprint()})
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "model_fingerprint": lm.fingerprint(), "mask": mc.to_dict()}))
+    (path / "config.json").write_text(
+        json.dumps({"config": cfg.to_dict(), "model_fingerprint": lm.fingerprint(), "mask": mc.to_dict()})
+    )
     sub.save(path / "subnetwork.safetensors")
     return path
 
@@ -93,7 +96,8 @@ def test_patching_matches_a_manual_hook(make_tiny_lm, tiny_kg, backend):
     acts = replacement_acts(lm, clean, "zero")
     res = activation_patching(lm, clean, acts)
     for l, h in [(0, 3), (2, 1)]:
-        def hook(z, hook):
+
+        def hook(z, hook, h=h):
             z = z.clone()
             z[:, :, h] = 0
             return z
@@ -104,7 +108,8 @@ def test_patching_matches_a_manual_hook(make_tiny_lm, tiny_kg, backend):
         np.testing.assert_allclose(res.heads[:, l, h], (base - patched).numpy(), atol=1e-5)
     with torch.no_grad():
         patched = tail_logprob(
-            lm.model.run_with_hooks(clean.tokens, fwd_hooks=[("blocks.1.hook_mlp_out", lambda a, hook: torch.zeros_like(a))]), clean
+            lm.model.run_with_hooks(clean.tokens, fwd_hooks=[("blocks.1.hook_mlp_out", lambda a, hook: torch.zeros_like(a))]),
+            clean,
         )
     np.testing.assert_allclose(res.mlp[:, 1], (base - patched).numpy(), atol=1e-5)
     assert np.abs(res.heads).max() > 1e-3  # zero ablation does something on a random model
@@ -129,7 +134,7 @@ def test_attribution_patching_approximates_small_patches(make_tiny_lm, tiny_kg, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dla_components_sum_to_the_logit_difference(make_tiny_lm, tiny_kg, backend):
-    from kcs_lens.analyses.attribution import _ln_final, direct_logit_attribution, dla_projector
+    from kcs_lens.analyses.attribution import direct_logit_attribution, dla_projector
     from kcs_lens.analyses.patching import run_cache
 
     lm = make_tiny_lm(backend)
@@ -144,7 +149,6 @@ def test_dla_components_sum_to_the_logit_difference(make_tiny_lm, tiny_kg, backe
     rest = project(cache["hook_embed"][rows, p.pos] + cache["hook_pos_embed"][rows, p.pos])
     for l in range(L):  # attention output biases are not attributed to any head
         rest += project(sd[f"transformer.h.{l}.attn.c_proj.bias"].expand(len(p), -1))
-    w_ln, _ = _ln_final(lm)
     W_U = sd["lm_head.weight"].T
     direction = W_U[:, p.target].T - W_U.mean(1)[None]
     rest += (sd["transformer.ln_f.bias"][None] * direction).sum(-1)
@@ -290,8 +294,10 @@ def test_backends_agree_on_the_numbers(run_dir, tmp_path):
         pytest.skip("only one TransformerLens backend installed (HookedTransformer needs transformer-lens 3.x)")
     from kcs_lens.analyses.compare import compare_circuits
 
-    res = {b: compare_circuits(run_dir, out=tmp_path / b, backend=b, n_bootstrap=10, control=False, log=lambda m: None)
-           for b in BACKENDS}
+    res = {
+        b: compare_circuits(run_dir, out=tmp_path / b, backend=b, n_bootstrap=10, control=False, log=lambda m: None)
+        for b in BACKENDS
+    }
     a, b = (res[x]["sets"]["target"]["unit_mean"] for x in BACKENDS)
     for m in ("knockout", "patching", "attribution", "dla"):
         np.testing.assert_allclose(np.nan_to_num(a[m]["heads"]), np.nan_to_num(b[m]["heads"]), atol=1e-4)
@@ -302,8 +308,20 @@ def test_cli_compare_circuits(run_dir, tmp_path):
 
     from kcs_lens.cli.main import app
 
-    r = CliRunner().invoke(app, ["compare-circuits", str(run_dir), "--out", str(tmp_path / "o"), "--corrupt", "mean",
-                                 "--n-bootstrap", "20", "--no-control"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "compare-circuits",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--corrupt",
+            "mean",
+            "--n-bootstrap",
+            "20",
+            "--no-control",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "density vs patching" in r.output and (tmp_path / "o" / "report.html").exists()
     bad = CliRunner().invoke(app, ["compare-circuits", str(tmp_path / "missing")])

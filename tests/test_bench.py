@@ -21,8 +21,20 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_step_bench_prints_one_json_line_per_configuration():
-    r = _bench("--shape", "tiny", "--impl", "reference,fast", "--warmup", "1", "--repeats", "1", "--threads", "1",
-               "--extrapolate-steps", "40000")
+    r = _bench(
+        "--shape",
+        "tiny",
+        "--impl",
+        "reference,fast",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--extrapolate-steps",
+        "40000",
+    )
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.strip()]
     rows = [json.loads(l) for l in lines]  # stdout holds nothing but the JSON lines

@@ -9,14 +9,14 @@ import os
 
 import pytest
 import torch
-
 from _eval_fixtures import cli, write_run
 from conftest import requires_bundled, tiny_hf_model
 
-from kcs_lens.discovery import RunError
-from kcs_lens.evaluation import baseline_run, evaluate_run, load_run, random_like, subnetwork_stats
+from kcs_lens.errors import RunError, SubnetworkError
+from kcs_lens.evaluation import baseline_run, evaluate_run, random_like
 from kcs_lens.models import available_backends
-from kcs_lens.subnetwork import Subnetwork, SubnetworkError
+from kcs_lens.runs import load_run
+from kcs_lens.subnetwork import Subnetwork
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -55,7 +55,7 @@ def test_subnetwork_stats_density_per_layer_matrix_head(tiny_lm):
     logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "weight"), -10.0) for n in mc.names}
     logits["blocks.2.attn.W_Q"][1] = 10.0  # all of head 1's query weights
     logits["blocks.3.mlp.W_in"][0, 0] = 0.5  # one weight, mask probability 0.62 (neither near 0 nor 1)
-    st = subnetwork_stats(Subnetwork(logits, mc, s))
+    st = Subnetwork(logits, mc, s).density_stats()
     d = st["density"]
     n_attn = s.n_heads * s.d_model * s.d_head
     assert d["per_head"]["2"]["W_Q"] == [0.0, 1.0, 0.0, 0.0]
@@ -80,7 +80,7 @@ def test_neuron_granularity_counts_rows(tiny_lm):
     logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "neuron"), -1.0) for n in mc.names}
     logits["blocks.3.mlp.W_out"][5] = 1.0  # one MLP hidden unit: a row of d_model weights
     sub = Subnetwork(logits, mc, s)
-    st = subnetwork_stats(sub)
+    st = sub.density_stats()
     assert st["n_in_subnetwork"] == s.d_model
     assert st["density"]["per_layer_matrix"]["3"]["W_out"] == pytest.approx(1 / s.d_mlp)
     rnd = random_like(sub, torch.Generator().manual_seed(0))
@@ -112,7 +112,12 @@ def test_baseline_spread_and_near_zero_for_a_small_subnetwork(tmp_path, tiny_lm,
 def test_extra_kgs_and_paraphrases(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
     run = write_run(tmp_path / "r", tiny_lm, tiny_kg, tiny_model_dir, density=0.05)
     para = tmp_path / "para.jsonl"
-    para.write_text("".join(json.dumps({"head": f"h{i}", "relation": "IsA", "tail": "animal", "text": f"The h{i} is an animal"}) + "\n" for i in range(3)))
+    para.write_text(
+        "".join(
+            json.dumps({"head": f"h{i}", "relation": "IsA", "tail": "animal", "text": f"The h{i} is an animal"}) + "\n"
+            for i in range(3)
+        )
+    )
     res = evaluate_run(run, kgs=[str(tiny_kg["control"])], paraphrases=[str(para)], lens_model=tiny_lm, save=False)
     assert res["sets"]["paraphrases"]["n"] == 3 and res["sets"][str(tiny_kg["control"])]["n"] == 40
     for v in ("original", "remaining", "subnetwork"):

@@ -7,16 +7,17 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _eval_fixtures import cli
 from conftest import requires_bundled, tiny_hf_model
+from safetensors.torch import load_file
 
-from kcs_lens.evaluation import Evaluator, evaluate_run, load_run
-from kcs_lens.export import ExportError, export_model, export_run, hf_keep_multipliers
+from kcs_lens.errors import ExportError, SubnetworkError
+from kcs_lens.evaluation import Evaluator, evaluate_run
+from kcs_lens.export import export_model, export_run, hf_keep_multipliers
 from kcs_lens.masks import MaskConfig, mask_shape
 from kcs_lens.models import available_backends
-from kcs_lens.subnetwork import Subnetwork, SubnetworkError
+from kcs_lens.runs import load_run
+from kcs_lens.subnetwork import Subnetwork
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -63,7 +64,11 @@ def test_export_weights_and_tail_ppl_match_evaluate(tmp_path, real_run, tiny_lm,
         for k, v in orig.items():
             if k in got:
                 torch.testing.assert_close(got[k], v * mult[k] if k in mult else v, rtol=0, atol=0)
-        assert set(mult) == {f"transformer.h.{l}.{m}" for l in (2, 3) for m in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")}
+        assert set(mult) == {
+            f"transformer.h.{l}.{m}"
+            for l in (2, 3)
+            for m in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        }
         model = hf_model(out)
         with torch.no_grad():
             for name, batch in ev.batches.items():  # tail PPL with plain torch on the HF model

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from kcs_lens.data.triplets import Triplet, tokenize_triplets
-from kcs_lens.fast_objective import FastObjective, FastSwitches, _Noise
-from kcs_lens.masks import MaskConfig, WeightMask, hard_concrete_sample
+from kcs_lens.fast_objective import FastObjective, FastSwitches
+from kcs_lens.fast_ops import FusedNoise, final_at
+from kcs_lens.masks import MaskConfig, WeightMask, gumbel_sigmoid_ste
 from kcs_lens.models import available_backends
-from kcs_lens.objective import LossConfig, Objective
+from kcs_lens.objective import LossConfig, ReferenceObjective
 
 BACKENDS = available_backends()
 LOSS_RTOL = 1e-5
@@ -47,10 +48,9 @@ def _masks(lm, layers=(2, 3), seed=7, granularity="weight"):
     return m
 
 
-def _run(lm, objective_cls, batches, steps=2, loss=None, masks_kw=None, hold=False, **switches):
+def _run(lm, objective_cls, batches, steps=2, loss=None, masks_kw=None, **switches):
     """Run ``steps`` steps (no optimizer update in between); returns [(losses, grads)] per step."""
     masks = _masks(lm, **(masks_kw or {}))
-    masks.hold_sample = hold
     masks.attach(lm)
     try:
         obj = objective_cls(lm, masks, loss or LossConfig(), **switches)
@@ -90,7 +90,7 @@ def _batches(data, control_batch=8):
 def test_fast_matches_reference_default(make_tiny_lm, data, backend):
     lm = make_tiny_lm(backend)
     get = _batches(data)
-    ref = _run(lm, Objective, get, steps=3)
+    ref = _run(lm, ReferenceObjective, get, steps=3)
     fast = _run(lm, FastObjective, get, steps=3)
     _compare(ref, fast)
     # the terms are real: non-zero, and the gradients are not all zero
@@ -119,7 +119,7 @@ def test_each_switch_matches_reference(make_tiny_lm, data, backend, name):
     get = _batches(data)
     if name == "lm-cache":  # the same blocks twice: the second step hits the cache
         get = lambda s, g=_batches(data): (g(s)[0], g(s)[1], data["blocks"][:2])
-    _compare(_run(lm, Objective, get), _run(lm, FastObjective, get, **SWITCH_SETS[name]))
+    _compare(_run(lm, ReferenceObjective, get), _run(lm, FastObjective, get, **SWITCH_SETS[name]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -138,7 +138,7 @@ def test_each_switch_matches_reference(make_tiny_lm, data, backend, name):
 def test_loss_options_match_reference(make_tiny_lm, data, backend, loss):
     lm = make_tiny_lm(backend)
     get = _batches(data)
-    _compare(_run(lm, Objective, get, loss=loss), _run(lm, FastObjective, get, loss=loss))
+    _compare(_run(lm, ReferenceObjective, get, loss=loss), _run(lm, FastObjective, get, loss=loss))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,10 +149,14 @@ def test_multi_token_tails_last_token_and_other_layers(make_tiny_lm, data, tiny_
     for scoring in ("all", "last"):
         target = data["tok"](multi, tail_scoring=scoring)
         control = data["tok"](trips[6:20], tail_scoring=scoring)
-        get = lambda s: (target, control.select(torch.arange(s * 5, s * 5 + 7) % len(control)), data["blocks"][:2])
+        get = lambda s, target=target, control=control: (
+            target,
+            control.select(torch.arange(s * 5, s * 5 + 7) % len(control)),
+            data["blocks"][:2],
+        )
         for layers in ((1, 3), (0, 1, 2, 3, 4)):
             kw = {"masks_kw": {"layers": layers}}
-            _compare(_run(lm, Objective, get, **kw), _run(lm, FastObjective, get, **kw))
+            _compare(_run(lm, ReferenceObjective, get, **kw), _run(lm, FastObjective, get, **kw))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -160,17 +164,17 @@ def test_neuron_granularity(make_tiny_lm, data, backend):
     lm = make_tiny_lm(backend)
     get = _batches(data)
     kw = {"masks_kw": {"granularity": "neuron"}}
-    _compare(_run(lm, Objective, get, **kw), _run(lm, FastObjective, get, **kw))
+    _compare(_run(lm, ReferenceObjective, get, **kw), _run(lm, FastObjective, get, **kw))
 
 
-class _HeldSampleReference(Objective):
-    """method.md's shared-sample option written out: one sample for the step (masks.hold_sample),
-    the three passes summed and back-propagated once."""
+class _HeldSampleReference(ReferenceObjective):
+    """method.md's shared-sample option written out: one sample for the step (the mask's held
+    sample), the three passes summed and back-propagated once."""
 
     def step(self, target, control, blocks, step, total_steps):
         c = self.config
         out, total, losses = {}, 0.0, []
-        with self.masks.using("sample", "remaining"):
+        with self.masks.using("sample", "remaining", hold=True):
             for term, w, fn in (
                 ("suppression", c.suppression, lambda: self.suppression(target)),
                 ("control_kg", c.control_kg, lambda: self.control_kg(control)),
@@ -179,7 +183,7 @@ class _HeldSampleReference(Objective):
                 loss = fn()
                 losses.append(w * loss)
                 out[term] = float(loss.detach())
-                total += w * float(loss)
+                total += w * float(loss.detach())
             torch.stack(losses).sum().backward()
         lam = c.sparsity_weight(step, total_steps)
         density = self.masks.expected_density()
@@ -193,9 +197,9 @@ def test_shared_sample_option(make_tiny_lm, data, backend):
     """share_sample (opt-in, changes the method): one sample per step for the three passes."""
     lm = make_tiny_lm(backend)
     get = _batches(data)
-    ref = _run(lm, _HeldSampleReference, get, hold=True)
+    ref = _run(lm, _HeldSampleReference, get)
     _compare(ref, _run(lm, FastObjective, get, share_sample=True))
-    _compare(ref, _run(lm, FastObjective, get, hold=True))  # masks.hold_sample switches it on too
+    _compare(ref, _run(lm, ReferenceObjective, get, share_sample=True))  # the reference implements it too
     fresh = _run(lm, FastObjective, get)
     assert fresh[0][0]["control_lm"] != pytest.approx(ref[0][0]["control_lm"], rel=1e-3)
 
@@ -209,7 +213,7 @@ def _ste_truth(l, u, w, tau):
 
 def test_fused_noise_draws_the_reference_samples():
     """One flat uniform_ = the reference's per-matrix torch.rand; thresholds and STE gradients agree."""
-    from kcs_lens.models import ModelShape
+    from kcs_lens.canonical import ModelShape
 
     shape = ModelShape(4, 4, 64, 16, 256, 300, 64)
     for tau in (1.0, 0.7):
@@ -221,14 +225,14 @@ def test_fused_noise_draws_the_reference_samples():
                 p.copy_(torch.randn(p.shape, generator=g) * 4)
                 p.view(-1)[:3] = torch.tensor([-40.0, 40.0, 14.0])  # beyond the clamp of u
                 q.copy_(p)
-        noise = _Noise(b)
+        noise = FusedNoise(b)
         for _ in range(2):
             noise.prepare()
             fast = noise.sample()
             state = a.generator.get_state()
             a.generator_u = {n: torch.rand(l.shape, generator=a.generator).clamp_(1e-6, 1 - 1e-6) for n, l in a.items()}
             a.generator.set_state(state)
-            ref = {n: hard_concrete_sample(l, tau, "remaining", a.generator) for n, l in a.items()}
+            ref = {n: gumbel_sigmoid_ste(l, tau, "remaining", a.generator) for n, l in a.items()}
             for n in ref:
                 assert torch.equal(fast[n], ref[n].detach()), n
                 w = torch.randn(ref[n].shape, generator=g)
@@ -243,23 +247,24 @@ def test_fused_noise_draws_the_reference_samples():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefix_and_blocks_equal_full_forward(make_tiny_lm, data, backend):
     """The fast path's own block loop from the cached residual = the model's forward."""
-    from kcs_lens.fast_objective import _Parts
 
     lm = make_tiny_lm(backend)
-    parts = _Parts(lm)
     toks = data["control"].tokens[:5]
     with torch.no_grad():
         full = lm(toks)
         for L in (0, 2, 3):
-            x = parts.prefix(toks, L)
-            logits = parts.unembed(parts.norm(parts.top(x, L)))
+            x = lm.resid_pre(toks, L)
+            logits = lm.unembed(lm.final_norm(lm.run_blocks(x, L)))
             torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(parts.logits_w(parts.norm(parts.top(x, L))), full, rtol=1e-5, atol=1e-5)
+            W, b = lm.unembed_params()
+            torch.testing.assert_close(
+                torch.nn.functional.linear(lm.final_norm(lm.run_blocks(x, L)), W, b), full, rtol=1e-5, atol=1e-5
+            )
             sm = torch.rand(toks.shape, generator=torch.Generator().manual_seed(L)) < 0.3
             sm[0, 0] = sm[-1, -1] = True
-            assert parts.can_select_last
+            assert lm.plain_attention
             for select in (True, False):
-                torch.testing.assert_close(parts.top_at(x, L, sm, select), parts.top(x, L)[sm], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(final_at(lm, x, L, sm, select), lm.run_blocks(x, L)[sm], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -268,7 +273,7 @@ def test_bf16_autocast_stays_close(make_tiny_lm, data, backend):
     rounding of fp32, mask gradients pointing the same way."""
     lm = make_tiny_lm(backend)
     get = _batches(data)
-    ref, bf = _run(lm, Objective, get), _run(lm, FastObjective, get, autocast="bf16")
+    ref, bf = _run(lm, ReferenceObjective, get), _run(lm, FastObjective, get, autocast="bf16")
     for (lr, gr), (lb, gb) in zip(ref, bf):
         for k in ("suppression", "control_kg", "control_lm", "sparsity"):
             assert lb[k] == pytest.approx(lr[k], rel=0.05, abs=1e-3), k

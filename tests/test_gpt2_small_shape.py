@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import requires_bundled
 from typer.testing import CliRunner
 
-from conftest import requires_bundled
+from kcs_lens.canonical import MATRICES, weight_name
+from kcs_lens.subnetwork import Subnetwork
 
 
 @pytest.mark.slow
@@ -24,12 +26,41 @@ def test_discover_runs_on_gpt2_small_shape(tmp_path):
     GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)  # GPT-2 small's default shape
     AutoTokenizer.from_pretrained(str(BUNDLED_DIR)).save_pretrained(model_dir)
     out = tmp_path / "run"
-    args = ["discover", "--model", str(model_dir), "--steps", "2", "--eval-every", "2", "--checkpoint-every", "2",
-            "--target-batch", "8", "--control-batch", "8", "--lm-batch", "1", "--lm-block-len", "32",
-            "--lm-eval-blocks", "2", "--control-lm", "bundled", "--out", str(out), "--no-progress"]
+    args = [
+        "discover",
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--target-batch",
+        "8",
+        "--control-batch",
+        "8",
+        "--lm-batch",
+        "1",
+        "--lm-block-len",
+        "32",
+        "--lm-eval-blocks",
+        "2",
+        "--control-lm",
+        "bundled",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mask"]["layers"] == list(range(6, 12)) and cfg["config"]["recipe"] == "paper"
     s = json.loads((out / "summary.json").read_text())
-    assert s["selected_step"] == 2 and 0.0 <= s["sparsity"] <= 1.0
+    assert s["selected_step"] == 2
+    sub = Subnetwork.load(out)
+    assert sorted(sub.logits) == sorted(weight_name(l, m) for l in range(6, 12) for m in MATRICES)
+    assert sub.logits["blocks.6.attn.W_Q"].shape == (12, 768, 64) and sub.logits["blocks.11.mlp.W_out"].shape == (3072, 768)
+    assert s["sparsity"] == pytest.approx(sub.sparsity) and s["sparsity_all_linear"] == pytest.approx(
+        1 - sub.stats.n_sub / (12 * 12 * 768 * 768)
+    )

@@ -8,13 +8,14 @@ import time
 
 import pytest
 import typer
+from _kg_fixtures import load_kg_app, need_paper_data, tiny_tokenizer  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
-from _kg_fixtures import load_kg_app, need_paper_data, tiny_tokenizer  # noqa: F401 (fixture)
-from kcs_lens.data.loaders import load_kg, split_control
+from kcs_lens.data.loaders import load_kg
 from kcs_lens.data.templates import load_templates
 from kcs_lens.data.text import load_text_blocks
-from kcs_lens.data.triplets import KGError, TripletSet
+from kcs_lens.data.triplets import TripletSet, split_control
+from kcs_lens.errors import KGError
 
 GOOD = '{"head": "car", "relation": "IsA", "tail": "vehicle"}'
 
@@ -24,88 +25,119 @@ def write(path, text):
     return path
 
 
-def test_malformed_json_line(tmp_path):
-    f = write(tmp_path / "bad.jsonl", GOOD + "\n" + '{"head": "apple", "relation": "IsA", "tail": \n')
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:2: malformed JSON line"):
-        load_kg(f)
+PAPER_ROWS = [
+    {"head": "a.n.01", "tail": "b.n.01", "best_gpt2_input": "An a is a b"},
+    {"head": "c.n.01", "best_gpt2_input": "A c is a d"},
+]
+
+# (case, {file name: content}, how to load (kg, hf, templates), the file to load, the message; {f} is that file's path)
+CASES = [
+    (
+        "malformed JSON line",
+        {"bad.jsonl": GOOD + "\n" + '{"head": "apple", "relation": "IsA", "tail": \n'},
+        "kg",
+        "bad.jsonl",
+        "{f}:2: malformed JSON line",
+    ),
+    ("malformed JSON array", {"bad.json": "[\n" + GOOD + ",\n  {oops}\n]"}, "kg", "bad.json", "{f}:3: malformed JSON"),
+    (
+        "missing field",
+        {"m.jsonl": GOOD + "\n\n" + '{"head": "apple", "relation": "IsA"}\n'},
+        "kg",
+        "m.jsonl",
+        "{f}:3: missing field 'tail'",
+    ),
+    (
+        "missing relation",
+        {"m.jsonl": '{"head": "apple", "tail": "fruit"}\n'},
+        "kg",
+        "m.jsonl",
+        "{f}:1: missing field 'relation' or 'rel'",
+    ),
+    (
+        "non-string field",
+        {"m.jsonl": '{"head": 3, "relation": "IsA", "tail": "fruit"}\n'},
+        "kg",
+        "m.jsonl",
+        "{f}:1: field 'head' must be a non-empty string",
+    ),
+    (
+        "paper JSON item",
+        {"x_best_format.json": json.dumps(PAPER_ROWS)},
+        "kg",
+        "x_best_format.json",
+        "{f}: item 1: missing field 'tail'",
+    ),
+    (
+        "tail not a suffix",
+        {"s.jsonl": GOOD + "\n" + '{"head": "car", "relation": "IsA", "tail": "vehicle", "text": "A car is a vehicle."}\n'},
+        "kg",
+        "s.jsonl",
+        "{f}:2: field 'text' .* does not end with the tail 'vehicle'",
+    ),
+    ("CSV missing column", {"a.csv": "head,relation\ncar,IsA\n"}, "kg", "a.csv", r"{f}:1: missing column\(s\) \['tail'\]"),
+    (
+        "CSV bad row",
+        {"b.csv": "head,relation,tail,text\ncar,IsA,vehicle,\napple,IsA,fruit,An apple is red\n"},
+        "kg",
+        "b.csv",
+        "{f}:3: field 'text'",
+    ),
+    (
+        "unknown relation",
+        {"u.jsonl": GOOD + "\n" + '{"head": "rose", "relation": "SmellsLike", "tail": "apple"}\n'},
+        "kg",
+        "u.jsonl",
+        "{f}:2: unknown relation 'SmellsLike' has no template",
+    ),
+    ("empty set", {"empty.jsonl": "\n\n"}, "kg", "empty.jsonl", "{f}: no triplets"),
+    ("missing file", {}, "kg", "nope.jsonl", "{f}: no such file or directory"),
+    ("hf local path missing", {}, "hf", "none.jsonl", "local dataset path .* does not exist"),
+    (
+        "hf row",
+        {"d.jsonl": GOOD + "\n" + '{"head": "apple", "relation": "IsA", "tail": "fruit", "text": "Apples are red"}\n'},
+        "hf",
+        "d.jsonl",
+        "hf:{f} row 1: field 'text'",
+    ),
+    (
+        "template without tail at end",
+        {"t.json": json.dumps({"IsA": ["{tail} is what {head} is"]})},
+        "templates",
+        "t.json",
+        "{f}: relation 'IsA': template .* must end with",
+    ),
+    ("templates YAML", {"t.yaml": "IsA: [\n"}, "templates", "t.yaml", "{f}:2:1: cannot parse \\(expected the node content"),
+    (
+        "template field",
+        {"t.toml": 'IsA = ["{A_head} is {bogus} {tail}"]\n'},
+        "templates",
+        "t.toml",
+        r"{f}: .*unknown field\(s\) \['bogus'\]",
+    ),
+]
 
 
-def test_malformed_json_array(tmp_path):
-    f = write(tmp_path / "bad.json", "[\n" + GOOD + ",\n  {oops}\n]")
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:3: malformed JSON"):
-        load_kg(f)
+@pytest.mark.parametrize("case, files, how, target, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_kg_input_names_the_source(tmp_path, case, files, how, target, message):
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    f = tmp_path / target
+    load = {"kg": lambda: load_kg(f), "hf": lambda: load_kg(f"hf:{f}"), "templates": lambda: load_templates(f)}[how]
+    with pytest.raises(KGError, match=message.replace("{f}", re.escape(str(f)))) as e:
+        load()
+    assert "\n" not in str(e.value)  # one line
 
 
-def test_missing_field_names_line_and_field(tmp_path):
-    f = write(tmp_path / "m.jsonl", GOOD + "\n\n" + '{"head": "apple", "relation": "IsA"}\n')
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:3: missing field 'tail'"):
-        load_kg(f)
-
-
-def test_missing_relation_field(tmp_path):
-    f = write(tmp_path / "m.jsonl", '{"head": "apple", "tail": "fruit"}\n')
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:1: missing field 'relation' or 'rel'"):
-        load_kg(f)
-
-
-def test_non_string_field(tmp_path):
-    f = write(tmp_path / "m.jsonl", '{"head": 3, "relation": "IsA", "tail": "fruit"}\n')
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:1: field 'head' must be a non-empty string"):
-        load_kg(f)
-
-
-def test_missing_field_in_paper_json_names_item(tmp_path):
-    rows = [{"head": "a.n.01", "tail": "b.n.01", "best_gpt2_input": "An a is a b"}, {"head": "c.n.01", "best_gpt2_input": "A c is a d"}]
-    f = write(tmp_path / "x_best_format.json", json.dumps(rows))
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}: item 1: missing field 'tail'"):
-        load_kg(f)
-
-
-def test_tail_not_suffix_of_text(tmp_path):
-    f = write(tmp_path / "s.jsonl", GOOD + "\n" + '{"head": "car", "relation": "IsA", "tail": "vehicle", "text": "A car is a vehicle."}\n')
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:2: field 'text' .* does not end with the tail 'vehicle'"):
-        load_kg(f)
-
-
-def test_csv_missing_column_and_bad_row(tmp_path):
-    f = write(tmp_path / "a.csv", "head,relation\ncar,IsA\n")
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:1: missing column\(s\) \['tail'\]"):
-        load_kg(f)
-    g = write(tmp_path / "b.csv", "head,relation,tail,text\ncar,IsA,vehicle,\napple,IsA,fruit,An apple is red\n")
-    with pytest.raises(KGError, match=rf"{re.escape(str(g))}:3: field 'text'"):
-        load_kg(g)
-
-
-def test_unknown_relation_without_template(tmp_path):
-    f = write(tmp_path / "u.jsonl", GOOD + "\n" + '{"head": "rose", "relation": "SmellsLike", "tail": "apple"}\n')
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}:2: unknown relation 'SmellsLike' has no template"):
-        load_kg(f)
-    # with a text it needs no template
-    g = write(tmp_path / "v.jsonl", '{"head": "rose", "relation": "SmellsLike", "tail": "apple", "text": "A rose smells like an apple"}\n')
+def test_relation_with_text_needs_no_template(tmp_path):
+    g = write(
+        tmp_path / "v.jsonl",
+        '{"head": "rose", "relation": "SmellsLike", "tail": "apple", "text": "A rose smells like an apple"}\n',
+    )
     assert load_kg(g)[0].relation == "SmellsLike"
 
 
-def test_bad_templates_file(tmp_path):
-    f = write(tmp_path / "t.json", json.dumps({"IsA": ["{tail} is what {head} is"]}))
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}: relation 'IsA': template .* must end with"):
-        load_templates(f)
-    g = write(tmp_path / "t.yaml", "IsA: [\n")
-    with pytest.raises(KGError, match=rf"{re.escape(str(g))}: cannot parse"):
-        load_templates(g)
-    h = write(tmp_path / "t.toml", 'IsA = ["{A_head} is {bogus} {tail}"]\n')
-    with pytest.raises(KGError, match=r"unknown field\(s\) \['bogus'\]"):
-        load_templates(h)
-
-
-def test_empty_set(tmp_path):
-    f = write(tmp_path / "empty.jsonl", "\n\n")
-    with pytest.raises(KGError, match=rf"{re.escape(str(f))}: no triplets"):
-        load_kg(f)
-
-
 def test_missing_file_and_unknown_builtin(tmp_path, monkeypatch):
-    with pytest.raises(KGError, match=r"nope\.jsonl: no such file or directory"):
-        load_kg(tmp_path / "nope.jsonl")
     monkeypatch.setenv("KCS_BUNDLED_DIR", str(tmp_path / "nobundle"))
     with pytest.raises(KGError, match=r"unknown built-in KG 'buildingz'; available: none"):
         load_kg("buildingz")
@@ -127,17 +159,6 @@ def test_hf_spec_offline_is_fast(monkeypatch):
     with pytest.raises(KGError, match=r"hf:someone/facts:train: dataset 'someone/facts' needs the Hugging Face Hub"):
         load_kg("hf:someone/facts:train")
     assert time.perf_counter() - t0 < 2.0
-
-
-def test_hf_local_path_missing(tmp_path):
-    with pytest.raises(KGError, match=r"local dataset path .* does not exist"):
-        load_kg(f"hf:{tmp_path / 'none.jsonl'}")
-
-
-def test_hf_row_errors_name_spec_and_row(tmp_path):
-    f = write(tmp_path / "d.jsonl", GOOD + "\n" + '{"head": "apple", "relation": "IsA", "tail": "fruit", "text": "Apples are red"}\n')
-    with pytest.raises(KGError, match=rf"hf:{re.escape(str(f))} row 1: field 'text'"):
-        load_kg(f"hf:{f}")
 
 
 def test_text_source_without_a_full_block(tmp_path, tiny_tokenizer):

@@ -6,17 +6,15 @@ import json
 import warnings
 
 import pytest
-
 from _kg_fixtures import need_paper_data, tiny_tokenizer  # noqa: F401 (fixture)
+
 from kcs_lens.data.loaders import (
     KGFallbackWarning,
     builtin_names,
     bundled_dir,
-    disjoint,
     load_kg,
     model_field_name,
     parse_hf_spec,
-    split_control,
 )
 from kcs_lens.data.templates import (
     ISA_TEMPLATES,
@@ -26,7 +24,7 @@ from kcs_lens.data.templates import (
     load_templates,
     merge_templates,
 )
-from kcs_lens.data.triplets import tokenize_triplets
+from kcs_lens.data.triplets import disjoint, split_control, tokenize_triplets
 
 CONCEPTNET_RELATIONS = {
     "AtLocation", "CapableOf", "Causes", "CausesDesire", "Desires", "HasA", "HasPrerequisite", "HasProperty",
@@ -67,9 +65,7 @@ def test_canonical_accepts_rel_alias_and_json_array(tmp_path):
 
 
 def test_csv_and_tsv(tmp_path):
-    (tmp_path / "kg.csv").write_text(
-        "head,relation,tail,text,note\ncar,IsA,vehicle,A car is a vehicle,x\napple,IsA,fruit,,y\n"
-    )
+    (tmp_path / "kg.csv").write_text("head,relation,tail,text,note\ncar,IsA,vehicle,A car is a vehicle,x\napple,IsA,fruit,,y\n")
     kg = load_kg(tmp_path / "kg.csv")
     assert [t.text for t in kg] == ["A car is a vehicle", "An apple is a fruit"]
     assert kg[1].meta["note"] == "y"
@@ -155,7 +151,9 @@ def test_templates_end_with_tail_and_articles():
 @pytest.mark.parametrize("suffix", [".json", ".toml", ".yaml"])
 def test_user_templates_extend_and_replace(tmp_path, suffix):
     body = {
-        ".json": json.dumps({"SmellsLike": ["{A_head} smells like {a_tail}"], "IsA": {"templates": ["{Head} = {tail}"], "replace": True}}),
+        ".json": json.dumps(
+            {"SmellsLike": ["{A_head} smells like {a_tail}"], "IsA": {"templates": ["{Head} = {tail}"], "replace": True}}
+        ),
         ".toml": 'SmellsLike = ["{A_head} smells like {a_tail}"]\n[IsA]\ntemplates = ["{Head} = {tail}"]\nreplace = true\n',
         ".yaml": "SmellsLike: ['{A_head} smells like {a_tail}']\nIsA: {templates: ['{Head} = {tail}'], replace: true}\n",
     }[suffix]

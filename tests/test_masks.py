@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kcs_lens.masks import MaskConfig, MaskError, WeightMask, hard_concrete_sample, mask_shape, resolve_layers
-from kcs_lens.models import available_backends, canonical_shape, parse_weight_name
+from kcs_lens.canonical import canonical_shape, parse_weight_name
+from kcs_lens.errors import MaskError
+from kcs_lens.masks import MaskConfig, WeightMask, gumbel_sigmoid_ste, mask_shape, resolve_layers
+from kcs_lens.models import available_backends
 from kcs_lens.subnetwork import Subnetwork
 
 BACKENDS = available_backends()
@@ -103,11 +105,11 @@ def test_sampling_and_straight_through():
     torch.manual_seed(0)
     l = torch.full((20000,), -0.2007, requires_grad=True)  # logit(0.45)
     g = torch.Generator().manual_seed(0)
-    sub = hard_concrete_sample(l, 1.0, "subnetwork", g)
+    sub = gumbel_sigmoid_ste(l, 1.0, "subnetwork", g)
     assert set(sub.unique().tolist()) <= {0.0, 1.0}
     assert abs(sub.mean().item() - 0.45) < 0.02, "each weight starts in the sampled subnetwork w.p. 0.45"
     g.manual_seed(0)
-    rem = hard_concrete_sample(l, 1.0, "remaining", g)
+    rem = gumbel_sigmoid_ste(l, 1.0, "remaining", g)
     assert torch.equal(rem, 1 - sub), "remaining = complement of the same sample"
     rem.sum().backward()
     assert torch.all(l.grad < 0), "STE: d(1 - s)/dl = -s(1 - s)"

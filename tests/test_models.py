@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-
 from conftest import requires_bundled, tiny_hf_model
-from kcs_lens.models import MATRICES, ModelLoadError, available_backends, from_hf, load_model, weight_name
+
+from kcs_lens.canonical import MATRICES, weight_name
+from kcs_lens.errors import ModelLoadError
+from kcs_lens.models import available_backends, from_hf, load_model
 
 BACKENDS = available_backends()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import bundled_available, tiny_run_kwargs
 from test_analyses import make_run_dir
 

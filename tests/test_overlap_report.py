@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
-
 from _eval_fixtures import cli, write_run
 
-from kcs_lens.discovery import RunError
-from kcs_lens.evaluation import evaluate_run, full_binary, load_run, overlap_runs, report_runs
-from kcs_lens.subnetwork import SubnetworkError
+from kcs_lens.errors import RunError, SubnetworkError
+from kcs_lens.evaluation import evaluate_run
+from kcs_lens.overlap import overlap_runs
+from kcs_lens.report import report_runs
+from kcs_lens.runs import load_run
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -22,23 +23,36 @@ def seeds(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
     """Three overlapping 'seeds' of one TargetKG."""
     first = write_run(tmp_path / "s0", tiny_lm, tiny_kg, tiny_model_dir, seed=0, density=0.1)
     base = load_run(first).subnetwork.logits
-    return [first] + [write_run(tmp_path / f"s{i}", tiny_lm, tiny_kg, tiny_model_dir, seed=i, density=0.1, base=base) for i in (1, 2)]
+    return [first] + [
+        write_run(tmp_path / f"s{i}", tiny_lm, tiny_kg, tiny_model_dir, seed=i, density=0.1, base=base) for i in (1, 2)
+    ]
 
 
 def test_overlap_combinations_and_statistics(tmp_path, seeds, tiny_lm):
     res = overlap_runs(seeds, out=tmp_path / "combos", evaluate=True, lens_model=tiny_lm, log=lambda m: None)
-    subs = [full_binary(load_run(r).subnetwork) for r in seeds]
+    subs = [load_run(r).subnetwork.full_binary() for r in seeds]
     names = list(subs[0])
     votes = {n: torch.stack([s[n] for s in subs]).sum(0) for n in names}
     count = lambda k: sum(int((v >= k).sum()) for v in votes.values())
-    assert [res["combinations"][c]["n_in_subnetwork"] for c in ("union", "at-least-2-of-3", "intersection")] == [count(1), count(2), count(3)]
+    assert [res["combinations"][c]["n_in_subnetwork"] for c in ("union", "at-least-2-of-3", "intersection")] == [
+        count(1),
+        count(2),
+        count(3),
+    ]
     assert count(1) > count(2) > count(3) > 0
     inter = sum(int((subs[0][n] & subs[1][n]).sum()) for n in names)
     union = sum(int((subs[0][n] | subs[1][n]).sum()) for n in names)
     jac = res["overlap"]["jaccard"]
     assert jac[0][1] == pytest.approx(inter / union) and jac[1][0] == jac[0][1] and jac[2][2] == 1.0
     assert res["overlap"]["all"]["jaccard_all"] == pytest.approx(count(3) / count(1))
-    assert set(res["overlap"]["per_layer"]) == {"2", "3"} and set(res["overlap"]["per_matrix"]) == {"W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"}
+    assert set(res["overlap"]["per_layer"]) == {"2", "3"} and set(res["overlap"]["per_matrix"]) == {
+        "W_Q",
+        "W_K",
+        "W_V",
+        "W_O",
+        "W_in",
+        "W_out",
+    }
     assert sum(d["n_intersection"] for d in res["overlap"]["per_layer"].values()) == count(3)
     m = res["combinations"]
     assert m["union"]["metrics"]["remaining"]["target"]["dppl"] != m["intersection"]["metrics"]["remaining"]["target"]["dppl"]
@@ -47,12 +61,15 @@ def test_overlap_combinations_and_statistics(tmp_path, seeds, tiny_lm):
         info = load_run(tmp_path / "combos" / c)
         assert info.subnetwork.stats.n_sub == m[c]["n_in_subnetwork"]
     ev = evaluate_run(tmp_path / "combos" / "intersection", lens_model=tiny_lm, save=False)
-    assert ev["metrics"]["remaining"]["target"]["ppl"] == pytest.approx(m["intersection"]["metrics"]["remaining"]["target"]["ppl"])
+    assert ev["metrics"]["remaining"]["target"]["ppl"] == pytest.approx(
+        m["intersection"]["metrics"]["remaining"]["target"]["ppl"]
+    )
     assert json.loads((tmp_path / "combos" / "overlap.json").read_text())["combinations"]["union"]["k"] == 1
 
 
 def test_overlap_refuses_incompatible_runs(tmp_path, seeds, tiny_lm, tiny_kg, tiny_model_dir, tiny_tokenizer):
     from conftest import tiny_hf_model
+
     from kcs_lens.models import load_model
 
     layers = write_run(tmp_path / "layers", tiny_lm, tiny_kg, tiny_model_dir, layers="1-3")
@@ -84,10 +101,25 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
     runs = tmp_path / "runs"
     for target, name, seed in ((tiny_kg["target"], "A", 0), (tiny_kg["target"], "A", 1), (t2, "B", 0)):
         write_run(runs / f"{name}-{seed}", tiny_lm, tiny_kg, tiny_model_dir, seed=seed, density=0.02, target_kg=str(target))
-    write_run(runs / "A-0-nokg", tiny_lm, tiny_kg, tiny_model_dir, seed=0, density=0.04, target_kg=str(tiny_kg["target"]), ablation="no-control-kg")
+    write_run(
+        runs / "A-0-nokg",
+        tiny_lm,
+        tiny_kg,
+        tiny_model_dir,
+        seed=0,
+        density=0.04,
+        target_kg=str(tiny_kg["target"]),
+        ablation="no-control-kg",
+    )
     res = report_runs([runs], tmp_path / "out" / "report.md", draws=1, lens_model=tiny_lm, log=lambda m: None)
     table = res["rows"]
-    assert [(r["target_kg"] == str(t2), r["seed"]) for r in table] == [(False, "0"), (False, "1"), (False, "mean"), (True, "0"), (False, "0")]
+    assert [(r["target_kg"] == str(t2), r["seed"]) for r in table] == [
+        (False, "0"),
+        (False, "1"),
+        (False, "mean"),
+        (True, "0"),
+        (False, "0"),
+    ]
     assert table[-1]["ablation"] == "no-control-kg"
     mean, a0, a1 = table[2], table[0], table[1]
     for k in ("sparsity", "dppl_target", "dppl_control", "dppl_lm", "random_dppl_target"):
@@ -97,7 +129,13 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
     base = json.loads((runs / "A-0" / "baseline.json").read_text())
     assert a0["random_dppl_lm"] == pytest.approx(base["baseline"]["mean"]["metrics"]["remaining"]["lm"]["dppl"])
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| full | " in md and "**mean**" in md and "Loss ablations" in md and "random dPPL TargetKG" in md and "Checkpoint selection" not in md
+    assert (
+        "| full | " in md
+        and "**mean**" in md
+        and "Loss ablations" in md
+        and "random dPPL TargetKG" in md
+        and "Checkpoint selection" not in md
+    )
     with open(tmp_path / "out" / "report.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -135,8 +173,10 @@ def test_cli_overlap_and_report(tmp_path, seeds):
 
 
 def test_report_warns_about_mixed_configurations():
-    from kcs_lens.evaluation import config_note
+    from kcs_lens.report import config_note
 
-    rows = [{"config": {"seed": s, "target_kg": "a", "lr": lr, "steps": 250}} for s, lr in ((1, 0.1), (2, 0.2))] + [{"seed": "mean"}]
+    rows = [{"config": {"seed": s, "target_kg": "a", "lr": lr, "steps": 250}} for s, lr in ((1, 0.1), (2, 0.2))] + [
+        {"seed": "mean"}
+    ]
     assert "lr (0.1, 0.2)" in config_note(rows)[-1] and "steps" not in config_note(rows)[-1]
     assert config_note(rows[:1]) == []

@@ -8,8 +8,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
     "import importlib.util, json, kcs_lens, kcs_lens.cli.main, kcs_lens.analyses\n"
@@ -36,7 +34,9 @@ def test_editable_install_maps_cli_and_analyses(tmp_path):
 def test_wheel_contains_only_kcs_lens(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     wheel = next(tmp_path.glob("kcs_lens-*.whl"))
@@ -49,7 +49,9 @@ def test_wheel_contains_only_kcs_lens(tmp_path):
     target = tmp_path / "site"
     r = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     got = _probe({**os.environ, "PYTHONPATH": str(target)}, tmp_path)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_run_kwargs
 from test_analyses import make_run_dir
 
@@ -55,7 +54,7 @@ def test_report_has_no_external_url(report):
     _, path = report
     html = path.read_text()
     m = EXTERNAL.search(html)
-    assert m is None, f"external reference in the report: {html[max(0, m.start() - 80): m.end() + 80]!r}"
+    assert m is None, f"external reference in the report: {html[max(0, m.start() - 80) : m.end() + 80]!r}"
     assert "unpkg.com" not in html and "cdn.jsdelivr" not in html
 
 
@@ -86,11 +85,23 @@ def _chromium(url: str, *extra: str, timeout: int = 120) -> subprocess.Completed
     profile = tempfile.mkdtemp(prefix="kcs-chromium-")
     try:
         return subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
-             "--host-resolver-rules=MAP * ~NOTFOUND",  # no name resolves: nothing can come from the network
-             "--virtual-time-budget=10000", *extra, url],
-            capture_output=True, text=True, timeout=timeout,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--host-resolver-rules=MAP * ~NOTFOUND",  # no name resolves: nothing can come from the network
+                "--virtual-time-budget=10000",
+                *extra,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
@@ -136,7 +147,7 @@ def test_every_circuitsvis_view_is_drawn_offline(report, tmp_path):
 def test_views_alone_draw_pixels(report, tmp_path):
     """A page with only the circuitsvis views (attention heads, coloured tokens) is not blank:
     the pixels come from the inlined JavaScript, not from PNGs."""
-    from kcs_lens.analyses.report import page, views_fragment, Views
+    from kcs_lens.analyses.report import Views, page, views_fragment
 
     data, _ = report
     html = tmp_path / "views.html"

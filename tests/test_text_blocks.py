@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
-
 from _kg_fixtures import tiny_tokenizer  # noqa: F401 (fixture)
+
 from kcs_lens.data import text as text_mod
 from kcs_lens.data.text import load_text_blocks, tokenize_documents, wikitext_articles
-from kcs_lens.data.triplets import KGError
+from kcs_lens.errors import KGError
 
 PARAS = [f"A car is a vehicle number {i}. An apple is a fruit. The church is a building." for i in range(40)]
 

@@ -173,8 +173,10 @@ def test_builder_finds_the_papers_triplets(wn, root):
     paper = {(d["head"], d["tail"]) for d in json.loads((PAPER_TARGETKG / f"{root}_best_format.json").read_text())}
     hood = {(h.name(), t.name()) for _, h, t in target_neighbourhood(wn, root, up=2, down=2)}
     ours = {(t["head_synset"], t["tail_synset"]) for t in build_target_kg(wn, root, up=2, down=2, seed=0)}
-    print(f"{root}: paper {len(paper)} triplets; in our up=2/down=2 neighbourhood {len(paper & hood)}; "
-          f"in our sampled 40-triplet TargetKG (seed 0) {len(paper & ours)}")
+    print(
+        f"{root}: paper {len(paper)} triplets; in our up=2/down=2 neighbourhood {len(paper & hood)}; "
+        f"in our sampled 40-triplet TargetKG (seed 0) {len(paper & ours)}"
+    )
     # Measured (WordNet 3.0): the neighbourhood holds every paper triplet (building 11/11,
     # location 19/19); the seed-0 sample of 40 holds building 5, location 3 of them.
     assert len(paper & hood) == len(paper)

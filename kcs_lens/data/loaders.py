@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from kcs_lens.data.templates import canonical_relation, merge_templates, verbalize
-from kcs_lens.data.triplets import KGError, Triplet, TripletSet
+from kcs_lens.data.triplets import Triplet, TripletSet, concat
+from kcs_lens.errors import KGError
 
 __all__ = [
     "KGFallbackWarning",
@@ -39,9 +40,6 @@ __all__ = [
     "read_rows",
     "rows_to_triplets",
     "detect_format",
-    "disjoint",
-    "split_control",
-    "concat",
     "bundled_dir",
     "builtin_names",
     "model_field_name",
@@ -203,6 +201,7 @@ def rows_to_triplets(
             if fmt == "paper":  # paraphrase files hold one text per row, under the gpt2 field
                 field = _paper_field(row, None if paraphrase else model_name, source)
         if fmt == "paper":
+            assert field is not None  # set with fmt on the first paper row
             t = _paper_row(row, where, field, reg)
         elif fmt == "lama":
             t = _lama_row(row, where, reg)
@@ -479,35 +478,3 @@ def load_kg(
     if name:
         ts.name = name
     return ts
-
-
-def concat(sets: Iterable[TripletSet], *, name: str = "kg", source: str = "") -> TripletSet:
-    """One set with the triplets of all ``sets`` in order."""
-    sets = list(sets)
-    triplets = [t for s in sets for t in s.triplets]
-    return TripletSet(triplets, name, source or " + ".join(s.source for s in sets))
-
-
-def disjoint(target: TripletSet, control: TripletSet) -> tuple[TripletSet, int]:
-    """The ControlKG without any triplet of the TargetKG (same key); returns (control, n_dropped).
-
-    The drop is logged (warning) when it removes anything: the method needs disjoint sets.
-    """
-    kept, n = control.without(target)
-    if n:
-        log.warning(
-            "dropped %d ControlKG triplet(s) of %s that are also in the TargetKG %s", n, control.name, target.name
-        )
-    return kept, n
-
-
-def split_control(control: TripletSet, n_val: int = 50) -> tuple[TripletSet, TripletSet]:
-    """(train, val): the first ``n_val`` triplets are validation (the paper: the first 50 WordNet items)."""
-    if n_val < 0 or n_val >= len(control):
-        raise KGError(
-            f"{control.source or control.name}: cannot take {n_val} validation triplets from a ControlKG "
-            f"of {len(control)} (need 0 <= n_val < {len(control)})"
-        )
-    val = TripletSet(control.triplets[:n_val], f"{control.name}-val", control.source)
-    train = TripletSet(control.triplets[n_val:], f"{control.name}-train", control.source)
-    return train, val

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from kcs_lens.data.triplets import TripletSet, TailScoring
+from kcs_lens.data.triplets import TailScoring, TripletSet
 
 __all__ = ["kg_summary", "format_summary"]
 

@@ -15,12 +15,12 @@ or replace the built-ins.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from kcs_lens.data.triplets import KGError
+from kcs_lens.errors import KGError
+from kcs_lens.files import read_mapping
 
 _VOWEL_SOUND_EXCEPTIONS_AN = ("hour", "honest", "honor", "honour", "heir")
 _VOWEL_LETTER_EXCEPTIONS_A = ("uni", "use", "usu", "uti", "one", "once", "euro", "eu", "ure", "uk")
@@ -192,7 +192,7 @@ def fill(template: str, head: str, tail: str) -> str:
         Head=head[:1].upper() + head[1:],
     )
     if not text.endswith(tail):
-        raise ValueError(f"template {template!r} does not end with the tail {tail!r}")
+        raise KGError(f"template {template!r} does not end with the tail {tail!r}")
     return text
 
 
@@ -233,27 +233,7 @@ def check_template(template: Any, *, where: str) -> str:
 
 
 def _read_mapping(path: Path) -> Any:
-    """Parse a JSON, TOML or YAML file by its extension."""
-    suffix = path.suffix.lower()
-    try:
-        raw = path.read_text(encoding="utf-8")
-        if suffix == ".json":
-            return json.loads(raw)
-        if suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            return tomllib.loads(raw)
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(raw)
-    except OSError as e:
-        raise KGError(f"{path}: cannot read templates file ({e.strerror or e})") from e
-    except Exception as e:  # parse errors of the three formats
-        raise KGError(f"{path}: cannot parse templates file: {e}") from e
-    raise KGError(f"{path}: templates file must be .json, .toml, .yaml or .yml")
+    return read_mapping(path, what="templates file", error=KGError)
 
 
 def load_templates(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -325,7 +305,9 @@ def templates_for(relation: str, templates: Mapping[str, list[str]] | None = Non
     )
 
 
-def verbalize(head: str, relation: str, tail: str, templates: Mapping[str, list[str]] | None = None, *, where: str = "") -> tuple[str, str]:
+def verbalize(
+    head: str, relation: str, tail: str, templates: Mapping[str, list[str]] | None = None, *, where: str = ""
+) -> tuple[str, str]:
     """Canonical verbalization: (text, template) with the relation's first template."""
     template = templates_for(relation, templates, where=where)[0]
     return fill(template, head, tail), template

@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kcs_lens.data.loaders import hub_offline, bundled_dir
-from kcs_lens.data.triplets import KGError
+from kcs_lens.data.loaders import bundled_dir, hub_offline
+from kcs_lens.errors import KGError
 
 __all__ = ["WIKITEXT_NAMES", "load_text_blocks", "text_documents", "tokenize_documents", "make_blocks"]
 
@@ -113,9 +113,7 @@ def text_documents(source: str, split: str = "train", *, heldout_split: str = "v
         return _bundled_documents(split)
     path = Path(source).expanduser()
     if not path.exists():
-        raise KGError(
-            f"{source}: no such file or directory (text sources: 'wikitext-2', 'bundled', a .txt file or folder)"
-        )
+        raise KGError(f"{source}: no such file or directory (text sources: 'wikitext-2', 'bundled', a .txt file or folder)")
     return _local_documents(path, source)
 
 
@@ -149,8 +147,7 @@ def make_blocks(
         n = min(n, max_blocks)
     if n == 0:
         raise KGError(
-            f"{source}: {len(ids)} tokens, fewer than one block of block_len={block_len}; "
-            "use more text or a smaller block_len"
+            f"{source}: {len(ids)} tokens, fewer than one block of block_len={block_len}; use more text or a smaller block_len"
         )
     return torch.tensor(list(ids[: n * block_len]), dtype=torch.long).view(n, block_len)
 

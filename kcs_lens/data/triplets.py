@@ -8,6 +8,7 @@ before the tail belongs to the tail's first token, so the split is
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Sequence
 
@@ -15,11 +16,10 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from kcs_lens.errors import KGError
+
+_log = logging.getLogger("kcs_lens.data")
 TailScoring = Literal["all", "last"]
-
-
-class KGError(ValueError):
-    """Bad knowledge-graph input; the message names the source (file, line, field)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,36 @@ class TripletSet:
         return TripletSet(kept, self.name, self.source), len(self.triplets) - len(kept)
 
 
+def concat(sets: Iterable[TripletSet], *, name: str = "kg", source: str = "") -> TripletSet:
+    """One set with the triplets of all ``sets`` in order."""
+    sets = list(sets)
+    triplets = [t for s in sets for t in s.triplets]
+    return TripletSet(triplets, name, source or " + ".join(s.source for s in sets))
+
+
+def disjoint(target: TripletSet, control: TripletSet) -> tuple[TripletSet, int]:
+    """The ControlKG without any triplet of the TargetKG (same key); returns (control, n_dropped).
+
+    The drop is logged (warning) when it removes anything: the method needs disjoint sets.
+    """
+    kept, n = control.without(target)
+    if n:
+        _log.warning("dropped %d ControlKG triplet(s) of %s that are also in the TargetKG %s", n, control.name, target.name)
+    return kept, n
+
+
+def split_control(control: TripletSet, n_val: int = 50) -> tuple[TripletSet, TripletSet]:
+    """(train, val): the first ``n_val`` triplets are validation (the paper: the first 50 WordNet items)."""
+    if n_val < 0 or n_val >= len(control):
+        raise KGError(
+            f"{control.source or control.name}: cannot take {n_val} validation triplets from a ControlKG "
+            f"of {len(control)} (need 0 <= n_val < {len(control)})"
+        )
+    val = TripletSet(control.triplets[:n_val], f"{control.name}-val", control.source)
+    train = TripletSet(control.triplets[n_val:], f"{control.name}-train", control.source)
+    return train, val
+
+
 @dataclass
 class TripletBatch:
     """Right-padded token ids of BOS + prefix + tail, with the positions that score tail tokens.
@@ -98,7 +128,7 @@ class TripletBatch:
     tokens: Int[Tensor, "batch seq"]
     targets: Int[Tensor, "batch seq"]
     score_mask: Bool[Tensor, "batch seq"]
-    lengths: Int[Tensor, "batch"]
+    lengths: Int[Tensor, " batch"]
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -106,7 +136,7 @@ class TripletBatch:
     def to(self, device: torch.device | str) -> "TripletBatch":
         return TripletBatch(*(getattr(self, f).to(device) for f in ("tokens", "targets", "score_mask", "lengths")))
 
-    def select(self, idx: Int[Tensor, "n"] | Sequence[int]) -> "TripletBatch":
+    def select(self, idx: Int[Tensor, " n"] | Sequence[int]) -> "TripletBatch":
         idx = torch.as_tensor(idx, dtype=torch.long)
         n = int(self.lengths[idx].max())
         return TripletBatch(self.tokens[idx, :n], self.targets[idx, :n], self.score_mask[idx, :n], self.lengths[idx])

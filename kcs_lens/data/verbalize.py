@@ -10,49 +10,20 @@ space belongs to its first token) and the BOS token are handled in one place.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from kcs_lens.data.templates import article_variants, fill, merge_templates, templates_for
-from kcs_lens.data.triplets import KGError, TailScoring, Triplet, TripletSet, tokenize_triplets
+from kcs_lens.data.triplets import TailScoring, Triplet, TripletSet, tokenize_triplets
+from kcs_lens.errors import KGError
+from kcs_lens.scoring import TailScores, tail_scores
 
-__all__ = ["TailScores", "score_tails", "candidate_texts", "choose_templates", "filter_known", "model_logits"]
+__all__ = ["score_tails", "candidate_texts", "choose_templates", "filter_known", "model_logits"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TailScores:
-    """Per-triplet tail statistics under one model (teacher forcing over the tail tokens)."""
-
-    nll: Float[Tensor, "n"]  # mean NLL over the scored tail tokens
-    n_tokens: Int[Tensor, "n"]  # number of scored tail tokens
-    n_tail_tokens: Int[Tensor, "n"]  # number of tail tokens (scored or not)
-    rank: Int[Tensor, "n"]  # rank of the first tail token (0 = the model's top prediction)
-    top1: Bool[Tensor, "n"]  # every scored tail token is the model's argmax
-
-    @property
-    def ppl(self) -> Float[Tensor, "n"]:
-        """Per-triplet tail perplexity exp(mean NLL)."""
-        return self.nll.exp()
-
-    def set_ppl(self) -> float:
-        """PPL of the set: exp(mean NLL over all scored tail tokens)."""
-        total = float((self.nll * self.n_tokens).sum())
-        return math.exp(total / max(int(self.n_tokens.sum()), 1))
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "n": int(self.nll.numel()),
-            "tail_ppl": self.set_ppl(),
-            "top1_acc": float(self.top1.float().mean()),
-            "mean_rank": float(self.rank.float().mean()),
-        }
 
 
 def _device(model: Any) -> torch.device:
@@ -73,13 +44,6 @@ def model_logits(model: Any, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, 
     return getattr(out, "logits", out)
 
 
-def _last_only(mask: Bool[Tensor, "batch seq"]) -> Bool[Tensor, "batch seq"]:
-    """Keep only the last True of each row."""
-    pos = torch.arange(mask.shape[1]).expand_as(mask)
-    last = torch.where(mask, pos, -1).max(dim=1).values
-    return pos == last[:, None]
-
-
 @torch.no_grad()
 def score_tails(
     model: Any,
@@ -89,33 +53,14 @@ def score_tails(
     tail_scoring: TailScoring = "all",
     prepend_bos: bool = True,
 ) -> TailScores:
-    """Tail NLL, first-tail-token rank and top-1 correctness of every triplet under ``model``."""
+    """Tail scores (:class:`kcs_lens.scoring.TailScores`) of every triplet under a duck-typed ``model``."""
     trip = list(triplets)
     if not trip:
         raise KGError("no triplets to score")
-    tok = model.tokenizer
     d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    batch = tokenize_triplets(trip, model.tokenizer, prepend_bos=prepend_bos, tail_scoring=tail_scoring, d_vocab=d_vocab)
     device = _device(model)
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("nll", "n", "k", "rank", "top1")}
-    for start in range(0, len(trip), batch_size):
-        batch = tokenize_triplets(trip[start : start + batch_size], tok, prepend_bos=prepend_bos, d_vocab=d_vocab)
-        all_mask = batch.score_mask
-        mask = all_mask if tail_scoring == "all" else _last_only(all_mask)
-        first = all_mask.float().argmax(1)  # the first scored position predicts the first tail token
-        batch, mask, first = batch.to(device), mask.to(device), first.to(device)
-        logp = model_logits(model, batch.tokens).float().log_softmax(-1)
-        tgt_logp = logp.gather(-1, batch.targets[..., None])[..., 0]
-        nll = -(tgt_logp * mask).sum(1) / mask.sum(1)
-        correct = (logp.argmax(-1) == batch.targets) | ~mask
-        rows = torch.arange(len(batch), device=device)
-        rank = (logp[rows, first] > tgt_logp[rows, first][:, None]).sum(-1)
-        parts["nll"].append(nll.cpu())
-        parts["n"].append(mask.sum(1).cpu())
-        parts["k"].append(all_mask.sum(1))
-        parts["rank"].append(rank.cpu())
-        parts["top1"].append(correct.all(1).cpu())
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    return TailScores(cat["nll"], cat["n"], cat["k"], cat["rank"], cat["top1"])
+    return tail_scores(lambda toks: model_logits(model, toks.to(device)), batch, batch_size=batch_size)
 
 
 def candidate_texts(
@@ -159,7 +104,9 @@ def choose_templates(
     cands: list[tuple[int, str, Triplet]] = []
     for i in todo:
         t = kg[i]
-        for tpl, text in candidate_texts(t, reg, variants=variants, space_variants=space_variants, where=f"{kg.source or kg.name} #{i}"):
+        for tpl, text in candidate_texts(
+            t, reg, variants=variants, space_variants=space_variants, where=f"{kg.source or kg.name} #{i}"
+        ):
             cands.append((i, tpl, Triplet(t.head, t.relation, t.tail, text, t.meta)))
     out = list(kg.triplets)
     if not cands:
@@ -190,7 +137,7 @@ def filter_known(
     if max_rank < 0:
         raise KGError(f"max_rank must be >= 0 (0 = the tail's first token is the top prediction), got {max_rank}")
     scores = score_tails(model, kg, batch_size=batch_size)
-    keep = (scores.rank <= max_rank).tolist()
+    keep = (scores.first_rank <= max_rank).tolist()
     kept = [t for t, k in zip(kg, keep) if k]
     dropped = len(kg) - len(kept)
     if not kept:

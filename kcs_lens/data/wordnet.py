@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from kcs_lens.data.templates import ISA_TEMPLATES, fill
+from kcs_lens.errors import WordNetError
 
 __all__ = [
     "WordNetError",
@@ -57,21 +58,54 @@ _HOW_TO_GET = (
 
 # The 45 standard WordNet lexicographer files (WordNet 3.0 `lexnames`), in index order.
 LEXNAMES: tuple[str, ...] = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
-    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
-    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
-    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
-    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 )
 _SYNTACTIC_CATEGORY = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
 _REQUIRED_FILES = ("data.noun", "index.noun")
-
-
-class WordNetError(ValueError):
-    """WordNet is missing or unusable, or a synset name is unknown."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,9 +114,7 @@ class WordNetError(ValueError):
 
 
 def _lexnames_text() -> str:
-    return "".join(
-        f"{i:02d}\t{name}\t{_SYNTACTIC_CATEGORY[name.split('.')[0]]}\n" for i, name in enumerate(LEXNAMES)
-    )
+    return "".join(f"{i:02d}\t{name}\t{_SYNTACTIC_CATEGORY[name.split('.')[0]]}\n" for i, name in enumerate(LEXNAMES))
 
 
 def _cache_root() -> Path:
@@ -159,9 +191,7 @@ def _open_dir(path: str | os.PathLike) -> Any:
         raise WordNetError(f"WordNet directory {str(src)!r} does not exist. {_HOW_TO_GET}")
     missing = [f for f in _REQUIRED_FILES if not (src / f).is_file()]
     if missing:
-        raise WordNetError(
-            f"{str(src)!r} is not a WordNet database directory (missing {', '.join(missing)}). {_HOW_TO_GET}"
-        )
+        raise WordNetError(f"{str(src)!r} is not a WordNet database directory (missing {', '.join(missing)}). {_HOW_TO_GET}")
     root = _prepare_local_dir(src)
     import nltk
 
@@ -196,8 +226,7 @@ def open_wordnet(path: str | os.PathLike | None = None):
     if Path(DEBIAN_WORDNET_DIR).is_dir():
         return _open_dir(DEBIAN_WORDNET_DIR)
     raise WordNetError(
-        f"WordNet not found: no NLTK 'wordnet' corpus (searched nltk.data.path) and no {DEBIAN_WORDNET_DIR}. "
-        + _HOW_TO_GET
+        f"WordNet not found: no NLTK 'wordnet' corpus (searched nltk.data.path) and no {DEBIAN_WORDNET_DIR}. " + _HOW_TO_GET
     )
 
 
@@ -311,7 +340,7 @@ def build_target_kg(
     excl = set(exclude_synsets)
     excl_heads = set(exclude_heads)
     if root in excl:
-        raise ValueError(f"root synset {root!r} is excluded")
+        raise WordNetError(f"root synset {root!r} is excluded")
     rng = random.Random(f"target:{root}:{seed}")
     in_graph = {rs.name()}
     heads_used: set[str] = set()
@@ -389,7 +418,7 @@ def build_target_kg(
             take(e)
 
     if len(chosen) < min_triplets:
-        raise ValueError(
+        raise WordNetError(
             f"only {len(chosen)} IsA triplets with single-word tails around {root!r} "
             f"(up={up}, down={down}); need at least {min_triplets}"
         )
@@ -461,6 +490,6 @@ def build_control_kg(
         cands = [(s, p) for s, p in cands if tail_count[entity_name(p).lower()] >= min_tail_heads]
     cands.sort(key=lambda e: (e[0].name(), e[1].name()))
     if len(cands) < n:
-        raise ValueError(f"only {len(cands)} control IsA candidates; asked for {n}")
+        raise WordNetError(f"only {len(cands)} control IsA candidates; asked for {n}")
     rng = random.Random(f"control:{seed}")
     return [make_isa_triplet(s, p) for s, p in rng.sample(cands, n)]

@@ -1,0 +1,103 @@
+"""``kcs-lens discover``: one flag per :class:`~kcs_lens.config.DiscoveryConfig` field, generated
+from the fields (name, type, help text), plus the flags of the run itself (``--config``,
+``--out``, ``--resume``, ``--force``, ``--stop-after``, ``--progress``)."""
+
+import inspect
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional, get_args, get_origin
+
+import typer
+
+from kcs_lens.config import FIELD_TYPES, DiscoveryConfig, build_config, field_default
+
+RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "config": (Optional[Path], typer.Option(None, "--config", help="TOML, YAML or JSON file of options (flags win)")),
+    "out": (Optional[Path], typer.Option(None, "--out", help="run directory (default runs/<target>-seed<seed>)")),
+    "resume": (Optional[Path], typer.Option(None, "--resume", help="continue an interrupted run directory")),
+    "force": (bool, typer.Option(False, "--force", help="replace an existing run directory (only a kcs-lens run directory)")),
+    "stop_after": (Optional[int], typer.Option(None, "--stop-after", min=1, help="stop (resumably) after this many steps")),
+    "progress": (bool, typer.Option(True, "--progress/--no-progress", help="show the progress bar")),
+}
+
+
+def _cli_type(tp: Any) -> Any:
+    """The click-level type of a config field: str for lists (comma list) and Literals."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    if get_origin(tp) in (list, typing.Literal):
+        return str
+    return tp
+
+
+def _default_note(name: str) -> str:
+    d = field_default(name)
+    if isinstance(d, list):
+        d = ",".join(d)
+    return "" if d is None or isinstance(d, bool) else f" [default: {d}]"
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter (a Typer option defaulting to None: 'not given') per config field."""
+    params = []
+    for f in fields(DiscoveryConfig):
+        tp = _cli_type(FIELD_TYPES[f.name])
+        decl = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + _default_note(f.name)
+        option = typer.Option(None, decl, help=help_text, show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[tp]))
+    return params
+
+
+def register(app: typer.Typer) -> None:
+    def discover(**kw: Any) -> None:
+        """Find a knowledge-critical subnetwork. With no arguments: the bundled model and its 'building' TargetKG."""
+        from kcs_lens.discovery import discover as run_discover
+
+        run = {k: kw.pop(k) for k in RUN_OPTIONS}
+        if run["resume"] is not None:
+            summary = run_discover(resume=run["resume"], stop_after=run["stop_after"], progress=run["progress"], log=typer.echo)
+        else:
+            cfg = build_config(run["config"], **kw)
+            typer.echo(
+                f"kcs-lens discover: model={cfg.model} target={cfg.target_kg} seed={cfg.seed} steps={cfg.steps} ({cfg.recipe} recipe)"
+            )
+            summary = run_discover(
+                cfg, out=run["out"], force=run["force"], stop_after=run["stop_after"], progress=run["progress"], log=typer.echo
+            )
+        if summary is None:
+            typer.echo("stopped before the last step; continue with --resume")
+            return
+        print_summary(summary)
+
+    run_params = [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in RUN_OPTIONS.items()
+    ]
+    discover.__signature__ = inspect.Signature(config_parameters() + run_params)  # type: ignore[attr-defined]
+    app.command()(discover)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{s['model']} / TargetKG {s['target_kg']} / seed {s['seed']} (step {s['selected_step']})")
+    for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio"):
+        t.add_column(col, justify="right" if col != "set" else "left")
+    for key, label in (("target", "TargetKG"), ("control", "ControlKG (val)"), ("lm", "ControlLM (held-out)")):
+        t.add_row(
+            label,
+            f"{s['original'][f'{key}_ppl']:.3f}",
+            f"{s['remaining'][f'{key}_ppl']:.3f}",
+            f"{s['delta'][f'{key}_dppl']:+.3f}",
+            f"{s['ratio'][f'{key}_ratio']:.3f}",
+        )
+    c = Console(width=max(100, Console().width))
+    c.print(t)
+    c.print(
+        f"sparsity {100 * s['sparsity']:.2f}% of masked weights ({100 * s['sparsity_all_linear']:.2f}% of all linear weights); "
+        f"selection criteria {'met' if s['meets_criteria'] else 'NOT met (last checkpoint)'}"
+    )
+    c.print(f"saved {Path(s['run_dir']) / 'subnetwork.safetensors'} and summary.json")

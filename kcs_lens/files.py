@@ -1,0 +1,142 @@
+"""Writing files safely: whole or not at all, with the permissions of a normally created file.
+
+Every file kcs-lens writes goes through :func:`atomic_write_bytes` (or the JSON / safetensors
+wrappers): a temporary file beside the target, flushed and renamed into place, so a crash or a
+full disk never leaves a half-written file under the real name. The temporary file gets the mode
+``0666 & ~umask`` (``mkstemp`` alone would give 0600, unreadable by the group on a shared
+directory). An ``OSError`` while writing becomes an :class:`~kcs_lens.errors.OutputError` naming
+the file and the cause; the previous version of the file, if any, is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from safetensors.torch import save
+from torch import Tensor
+
+from kcs_lens.errors import KcsLensError, OutputError
+
+TMP_SUFFIX = ".tmp"
+_umask_lock = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode a newly created regular file gets under the current umask."""
+    with _umask_lock:
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    os.chmod(tmp, file_mode())
+    return Path(tmp)
+
+
+def is_temporary(path: Path) -> bool:
+    """A temporary file left by an interrupted atomic write (``.NAME.XXXX.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_path(path)
+        write(tmp)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_atomically(path, write)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Indented JSON (keys in the order given); NaN and infinity are refused (not valid JSON)."""
+    try:
+        text = json.dumps(obj, indent=2, default=str, allow_nan=False)
+    except ValueError as e:
+        raise OutputError(f"cannot write {path}: {e} (a NaN or infinite number)") from e
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose header is canonical JSON (sorted keys): the same tensors and
+    metadata give the same bytes in every process (the library writes its metadata map in a
+    per-process random order). Tensor offsets are relative to the data section, so rewriting the
+    header leaves the data as it is."""
+    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data section stays 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> Path:
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact JSON with sorted keys (for metadata values that must be byte-stable)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def read_mapping(path: str | os.PathLike[str], *, what: str, error: type[KcsLensError]) -> Any:
+    """Parse a JSON, TOML or YAML file (by its extension). Any problem is one ``error`` line naming
+    ``what`` and the file (with line and column for a syntax error)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".toml", ".yaml", ".yml"):
+        raise error(f"{what} {p}: expected a .json, .toml, .yaml or .yml file")
+    if not p.exists():
+        raise error(f"{what} {p}: no such file")
+    if not p.is_file():
+        raise error(f"{what} {p}: not a file")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {p}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{what} {p}: cannot read ({e.strerror or e})") from None
+    try:
+        if suffix == ".json":
+            return json.loads(raw)
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            return tomllib.loads(raw)
+        import yaml
+
+        return yaml.safe_load(raw)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} {p}:{e.lineno}:{e.colno}: cannot parse ({e.msg})") from None
+    except Exception as e:  # TOML and YAML syntax errors
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        msg = getattr(e, "problem", None) or str(e)
+        raise error(f"{what} {where}: cannot parse ({' '.join(str(msg).split())})") from None

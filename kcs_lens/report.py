@@ -1,0 +1,314 @@
+"""The paper's table per model (TargetKG x seed and means), the random baseline beside it, loss
+ablations and a per-layer density plot: ``kcs-lens report`` is :func:`report_runs`. Evaluations
+and baselines are cached in each run directory (``evaluation.json``, ``baseline.json``) and
+reused while the subnetwork is unchanged."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from kcs_lens.backends import LensModel
+from kcs_lens.errors import RunError
+from kcs_lens.evaluation import Evaluator, baseline_run, evaluate_run
+from kcs_lens.files import atomic_write_bytes
+from kcs_lens.models import load_model
+from kcs_lens.runs import RunInfo, expand_runs, load_run
+
+Log = Callable[[str], None]
+
+
+KEYS = (("target", "TargetKG"), ("control", "ControlKG"), ("lm", "ControlLM"))
+
+
+def _cached(path: Path, sha: str, draws: int | None = None) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if d.get("subnetwork_sha") != sha or (draws is not None and d.get("draws", 0) < draws):
+        return None
+    return d
+
+
+def run_row(info: RunInfo, ev_: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """One report row: sparsity and dPPLs of the remaining model, and of the random baseline."""
+    rem, b_mean, b_std = (
+        ev_["metrics"]["remaining"],
+        base["baseline"]["mean"]["metrics"]["remaining"],
+        base["baseline"]["std"]["metrics"]["remaining"],
+    )
+    row: dict[str, Any] = {
+        "model": info.config.model,
+        "fingerprint": info.fingerprint,
+        "ablation": info.config.ablation,
+        "target_kg": str(info.config.target_kg),
+        "seed": str(info.config.seed),
+        "run": str(info.dir),
+        "meets_criteria": ev_.get("meets_criteria"),
+        "sparsity": ev_["subnetwork"]["sparsity"],
+        "sparsity_all_linear": ev_["subnetwork"]["sparsity_all_linear"],
+    }
+    for k, _ in KEYS:
+        row.update({f"dppl_{k}": rem[k]["dppl"], f"ratio_{k}": rem[k]["ppl_ratio"], f"random_dppl_{k}": b_mean[k]["dppl"]})
+        row.update({f"random_dppl_{k}_std": b_std[k]["dppl"], f"ppl_original_{k}": ev_["metrics"]["original"][k]["ppl"]})
+    row["random_draws"] = base["draws"]
+    row["config"] = info.config.to_dict()
+    row["density_per_layer"] = ev_["subnetwork"]["density"]["per_layer"]
+    return row
+
+
+NUMERIC = (
+    ["sparsity", "sparsity_all_linear"]
+    + [f"{p}{k}" for p in ("dppl_", "ratio_") for k, _ in KEYS]
+    + [f"random_dppl_{k}{s}" for k, _ in KEYS for s in ("", "_std")]
+    + [f"ppl_original_{k}" for k, _ in KEYS]
+)
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds; ``<col>_seed_std`` the spread over seeds."""
+    m = {k: rows[0][k] for k in ("model", "fingerprint", "ablation", "target_kg")}
+    m.update(
+        seed="mean", run="", meets_criteria=all(bool(r["meets_criteria"]) for r in rows), random_draws=rows[0]["random_draws"]
+    )
+    for k in NUMERIC:
+        xs = [r[k] for r in rows]
+        m[k] = statistics.fmean(xs)
+        m[f"{k}_seed_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return m
+
+
+def report_runs(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    draws: int = 5,
+    seed: int = 0,
+    recompute: bool = False,
+    lens_model: LensModel | None = None,
+    device: str | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Evaluate (or reuse ``evaluation.json`` / ``baseline.json`` of) every run and write
+    ``<out>.md``, ``<out>.csv`` and ``<out>.png`` (per-layer density). Returns the rows."""
+    infos = [load_run(p) for p in expand_runs(runs)]
+    if not infos:
+        raise RunError("report needs at least one run")
+    base_out = Path(out)
+    if base_out.suffix in (".md", ".csv", ".png"):
+        base_out = base_out.with_suffix("")
+    groups: dict[str, list[RunInfo]] = {}
+    for r in infos:
+        groups.setdefault(r.fingerprint, []).append(r)
+    rows: list[dict[str, Any]] = []
+    for fp, group in groups.items():
+        lm = lens_model if lens_model is not None and lens_model.fingerprint() == fp else None
+        for r in group:
+            sha = r.subnetwork.membership_sha()
+            ev_ = None if recompute else _cached(r.files.evaluation, sha)
+            base = None if recompute else _cached(r.files.baseline, sha, draws)
+            if ev_ is None or base is None:
+                if lm is None:
+                    lm = load_model(r.config.model, backend=r.config.backend, device=device or r.config.device)
+                log(f"evaluating {r.dir} ({draws} random draws)")
+                evr = Evaluator(r, lens_model=lm, log=log)
+                ev_ = ev_ or evaluate_run(r, evaluator=evr)
+                base = base or baseline_run(r, draws=draws, seed=seed, evaluator=evr)
+            rows.append(run_row(r, ev_, base))
+    table = with_means(rows)
+    write_report_files(base_out, table, infos)
+    return {"rows": table, "files": [str(base_out.with_suffix(s)) for s in (".md", ".csv", ".png")]}
+
+
+def with_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows sorted by model, ablation (full first), TargetKG, seed; a mean row after each TargetKG."""
+    order = lambda a: (a != "full", a)
+    key = lambda r: (r["model"], r["fingerprint"], order(r["ablation"]), r["target_kg"])
+    out: list[dict[str, Any]] = []
+    for k in sorted({key(r) for r in rows}):
+        grp = sorted((r for r in rows if key(r) == k), key=lambda r: (len(r["seed"]), r["seed"]))
+        out += grp
+        if len(grp) > 1:
+            out.append(mean_row(grp))
+    return out
+
+
+def short(spec: str) -> str:
+    """A KG or model spec for a table cell: the file stem of a path, else the spec itself."""
+    return Path(spec).stem if ("/" in spec or os.sep in spec) else spec
+
+
+def _fmt(x: float, pm: float | None = None) -> str:
+    s = f"{x:+.3g}" if abs(x) < 1e4 else f"{x:+.3e}"
+    return s if pm is None else f"{s} ± {pm:.2g}"
+
+
+def markdown(table: list[dict[str, Any]], infos: list[RunInfo]) -> str:
+    sel = infos[0].raw_config.get("selection", {}).get("rule", "")
+    lines = ["# kcs-lens report", ""]
+    lines.append(
+        "dPPL = PPL(remaining model) - PPL(original) on TargetKG, ControlKG (validation) and held-out ControlLM text. "
+        "Random = the same number of weights removed uniformly at random in every masked matrix (mean ± std over draws). "
+        "Mean rows: mean ± std over seeds."
+    )
+    if sel:
+        lines += ["", f"Checkpoint selection: {sel}."]
+    for fp in dict.fromkeys(r["fingerprint"] for r in table):
+        rows = [r for r in table if r["fingerprint"] == fp]
+        info, model = next(i for i in infos if i.fingerprint == fp), rows[0]["model"]
+        mc = info.subnetwork.mask_config
+        lines += [
+            "",
+            f"## Model `{model}`",
+            "",
+            f"Masked layers {list(mc.layers)}, matrices {', '.join(mc.matrices)}, {mc.granularity} granularity; "
+            f"fingerprint `{info.fingerprint}`. Original model: ControlKG PPL {rows[0]['ppl_original_control']:.4g}, ControlLM PPL {rows[0]['ppl_original_lm']:.4g}.",
+            "",
+        ]
+        head = [
+            "ablation",
+            "TargetKG",
+            "seed",
+            "PPL TargetKG (original)",
+            "sparsity %",
+            "dPPL TargetKG",
+            "dPPL ControlKG",
+            "dPPL ControlLM",
+            "random dPPL TargetKG",
+            "random dPPL ControlKG",
+            "random dPPL ControlLM",
+            "criteria met",
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            mean = r["seed"] == "mean"
+
+            def sd(k: str, r: dict[str, Any] = r, mean: bool = mean) -> Any:
+                return r[f"{k}_seed_std"] if mean else None
+
+            cells = [
+                r["ablation"],
+                short(r["target_kg"]),
+                f"**{r['seed']}**" if mean else r["seed"],
+                f"{r['ppl_original_target']:.3g}",
+                f"{100 * r['sparsity']:.2f}" + (f" ± {100 * sd('sparsity'):.2f}" if mean else ""),
+            ]
+            cells += [_fmt(r[f"dppl_{k}"], sd(f"dppl_{k}")) for k, _ in KEYS]
+            cells += [
+                _fmt(r[f"random_dppl_{k}"], r[f"random_dppl_{k}_std"] if not mean else sd(f"random_dppl_{k}")) for k, _ in KEYS
+            ]
+            cells.append("yes" if r["meets_criteria"] else "no")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += config_note(rows) + ablation_lines(rows)
+    return "\n".join(lines) + "\n"
+
+
+def config_note(rows: list[dict[str, Any]]) -> list[str]:
+    """A warning when the runs of one table differ in anything but TargetKG, seed and ablation."""
+    cfgs = [r["config"] for r in rows if "config" in r]
+    skip = {"seed", "target_kg", "ablation"}
+    diff = {k: sorted({json.dumps(c.get(k)) for c in cfgs}) for k in sorted({k for c in cfgs for k in c} - skip)}
+    diff = {k: v for k, v in diff.items() if len(v) > 1}
+    if not diff:
+        return []
+    return [
+        "",
+        "**Warning: these runs differ in their configuration:** "
+        + "; ".join(f"{k} ({', '.join(v)})" for k, v in diff.items())
+        + ".",
+    ]
+
+
+def ablation_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Loss ablations next to the full objective on the same TargetKG and seed."""
+    runs = [r for r in rows if r["seed"] != "mean"]
+    full = {(r["target_kg"], r["seed"]): r for r in runs if r["ablation"] == "full"}
+    others = [r for r in runs if r["ablation"] != "full" and (r["target_kg"], r["seed"]) in full]
+    if not others:
+        return []
+    head = [
+        "ablation",
+        "TargetKG",
+        "seed",
+        "sparsity % (full)",
+        "dPPL TargetKG (full)",
+        "dPPL ControlKG (full)",
+        "dPPL ControlLM (full)",
+    ]
+    out = ["", "### Loss ablations (each term dropped; the full objective on the same TargetKG and seed in parentheses)", ""]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(others, key=lambda r: (r["ablation"], r["target_kg"], r["seed"])):
+        f = full[(r["target_kg"], r["seed"])]
+        cells = [r["ablation"], short(r["target_kg"]), r["seed"], f"{100 * r['sparsity']:.2f} ({100 * f['sparsity']:.2f})"]
+        cells += [f"{_fmt(r[f'dppl_{k}'])} ({_fmt(f[f'dppl_{k}'])})" for k, _ in KEYS]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+CSV_COLUMNS = ["model", "fingerprint", "ablation", "target_kg", "seed", "meets_criteria", "random_draws"] + NUMERIC
+
+
+def csv_text(table: list[dict[str, Any]]) -> str:
+    cols = CSV_COLUMNS + [f"{k}_seed_std" for k in NUMERIC] + ["run"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in table:
+        w.writerow({c: r.get(c, "") for c in cols})
+    return buf.getvalue()
+
+
+def density_png(table: list[dict[str, Any]]) -> bytes:
+    """Per-layer density (% of masked weights in the subnetwork), one panel per model, a line per
+    run of the full objective (per ablation run only where a model has no full run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fps = list(dict.fromkeys(r["fingerprint"] for r in table))
+    fig, axes = plt.subplots(1, len(fps), figsize=(5.5 * len(fps), 3.8), squeeze=False)
+    for ax, fp in zip(axes[0], fps):
+        rows = [r for r in table if r["fingerprint"] == fp and r["seed"] != "mean"]
+        model = rows[0]["model"]
+        rows = [r for r in rows if r["ablation"] == "full"] or rows  # ablations would dwarf the full objective
+        targets = list(dict.fromkeys(r["target_kg"] for r in rows))
+        seeds = list(dict.fromkeys(r["seed"] for r in rows))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for r in rows:
+            layers = sorted(r["density_per_layer"], key=int)
+            ls = "-" if r["ablation"] == "full" else ":"
+            ax.plot(
+                [int(l) for l in layers],
+                [100 * r["density_per_layer"][l] for l in layers],
+                ls,
+                marker="osd^v<>*"[seeds.index(r["seed"]) % 8],
+                color=colors[targets.index(r["target_kg"]) % len(colors)],
+                alpha=0.8,
+                label=f"{short(r['target_kg'])} s{r['seed']}" + ("" if r["ablation"] == "full" else f" ({r['ablation']})"),
+            )
+            ax.set_xticks([int(l) for l in layers])
+        ax.set_title(f"{short(model)} ({fp[:8]}): density per layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("density (% of masked weights)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report_files(base: Path, table: list[dict[str, Any]], infos: list[RunInfo]) -> None:
+    atomic_write_bytes(base.with_suffix(".md"), markdown(table, infos).encode())
+    atomic_write_bytes(base.with_suffix(".csv"), csv_text(table).encode())
+    atomic_write_bytes(base.with_suffix(".png"), density_png(table))

@@ -1,0 +1,41 @@
+"""Checkpoint selection (method.md, "Evaluation": not specified by the paper; our rule, stated in
+every report): the sparsest checkpoint whose removal meets the thresholds, otherwise the last
+checkpoint, flagged as not meeting them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kcs_lens.config import DiscoveryConfig
+from kcs_lens.errors import RunError
+
+
+def selection_rule(cfg: DiscoveryConfig) -> dict[str, Any]:
+    """The rule and its thresholds, as written into config.json, summary.json and reports."""
+    return {
+        "rule": "sparsest checkpoint with target PPL ratio >= min_target_ratio, control PPL ratio <= "
+        "max_control_ratio and LM PPL ratio <= max_lm_ratio (remaining / original); otherwise the last "
+        "checkpoint, flagged meets_criteria=false",
+        "min_target_ratio": cfg.select_min_target_ratio,
+        "max_control_ratio": cfg.select_max_control_ratio,
+        "max_lm_ratio": cfg.select_max_lm_ratio,
+    }
+
+
+def meets_criteria(r: dict[str, Any], cfg: DiscoveryConfig) -> bool:
+    """Whether one evaluation record (a metrics.jsonl line) meets the thresholds."""
+    return (
+        r["target_ratio"] >= cfg.select_min_target_ratio
+        and r["control_ratio"] <= cfg.select_max_control_ratio
+        and r["lm_ratio"] <= cfg.select_max_lm_ratio
+    )
+
+
+def select_checkpoint(records: list[dict[str, Any]], cfg: DiscoveryConfig) -> tuple[dict[str, Any], bool]:
+    """(chosen record, whether it meets the criteria) among the checkpointed evaluations."""
+    if not records:
+        raise RunError("no checkpoint to select from")
+    ok = [r for r in records if meets_criteria(r, cfg)]
+    if ok:
+        return max(ok, key=lambda r: (r["sparsity"], r["step"])), True
+    return max(records, key=lambda r: r["step"]), False
