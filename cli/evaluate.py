@@ -240,17 +240,29 @@ def overlap(
 
 
 def report(
-    runs: List[Path] = typer.Argument(..., help="run directories, or folders of run directories"),
-    out: Path = typer.Option(..., "--out", help="FILE: writes FILE.md, FILE.csv and FILE.png"),
+    runs: List[Path] = typer.Argument(..., help="run directories, folders of run directories, or one study directory (kcs-lens sweep)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="FILE: writes FILE.md, FILE.csv and FILE.png (required for runs; a study: default DIR/study)"
+    ),
     draws: int = typer.Option(5, "--draws", min=1, help="random-baseline draws per run"),
     seed: int = typer.Option(0, "--seed", help="seed of the first random draw"),
     recompute: bool = typer.Option(False, "--recompute", help="ignore RUN/evaluation.json and RUN/baseline.json"),
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot."""
+    """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot;
+    on a study directory the study report (groups over seeds, seed overlap, unfinished cells)."""
+    from kcs_lens.errors import ConfigError
     from kcs_lens.report import report_runs
+    from kcs_lens.sweep import is_study
 
-    res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
+    if len(runs) == 1 and is_study(runs[0]):
+        from kcs_lens.sweep.study import study_report
+
+        res = study_report(runs[0], out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
+    else:
+        if out is None:
+            raise ConfigError("report: --out FILE is required for run directories (only a study directory has a default)")
+        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
     typer.echo(Path(res["files"][0]).read_text())
     typer.echo("wrote " + ", ".join(res["files"]))
 

@@ -211,24 +211,7 @@ class DiscoveryConfig:
     def validate(self) -> "DiscoveryConfig":
         """Check every value against its type and constraint (naming the option), then the relations."""
         for f in fields(self):
-            setattr(self, f.name, coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name], where=_flag(f.name)))
-            check = f.metadata.get("check")
-            v = getattr(self, f.name)
-            bad = check(v) if check is not None and v is not None else None
-            if bad:
-                raise ConfigError(f"{_flag(f.name)} {_show(v)}: must be {bad}")
-        choices = {
-            "granularity": GRANULARITIES,
-            "ablation": tuple(ABLATIONS),
-            "backend": ("bridge", "hooked"),
-        }
-        for name, allowed in choices.items():
-            v = getattr(self, name)
-            if v is not None and v not in allowed:
-                raise ConfigError(f"{_flag(name)} {v!r}: expected one of {', '.join(allowed)}")
-        bad = [m for m in self.matrices if m not in MATRICES]
-        if bad or not self.matrices:
-            raise ConfigError(f"--matrices {','.join(self.matrices)!r}: expected a non-empty subset of {','.join(MATRICES)}")
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name), where=_flag(f.name)))
         if self.checkpoint_every % self.eval_every:
             raise ConfigError(
                 f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every ({self.eval_every}) "
@@ -247,6 +230,30 @@ class DiscoveryConfig:
 
 FIELD_NAMES = {f.name for f in fields(DiscoveryConfig)}
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(DiscoveryConfig)
+_FIELDS = {f.name: f for f in fields(DiscoveryConfig)}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "granularity": tuple(GRANULARITIES),
+    "ablation": tuple(ABLATIONS),
+    "backend": ("bridge", "hooked"),
+}
+
+
+def check_setting(name: str, value: Any, *, where: str) -> Any:
+    """One setting checked on its own (type, constraint, allowed values), as ``validate`` does for
+    every field; errors name ``where`` (an option, or a file and key). Returns the coerced value."""
+    if name not in FIELD_NAMES:
+        raise ConfigError(f"{where}: unknown setting {name!r}; valid settings are {sorted(FIELD_NAMES)}")
+    v = coerce(name, value, FIELD_TYPES[name], where=where)
+    check = _FIELDS[name].metadata.get("check")
+    bad = check(v) if check is not None and v is not None else None
+    if bad:
+        raise ConfigError(f"{where} {_show(v)}: must be {bad}")
+    allowed = _CHOICES.get(name)
+    if allowed is not None and v is not None and v not in allowed:
+        raise ConfigError(f"{where} {v!r}: expected one of {', '.join(allowed)}")
+    if name == "matrices" and (not v or any(m not in MATRICES for m in v)):
+        raise ConfigError(f"{where} {','.join(v)!r}: expected a non-empty subset of {','.join(MATRICES)}")
+    return v
 
 
 def field_default(name: str) -> Any:
