@@ -240,7 +240,9 @@ def overlap(
 
 
 def report(
-    runs: List[Path] = typer.Argument(..., help="run directories, folders of run directories, or one study directory (kcs-lens sweep)"),
+    runs: List[Path] = typer.Argument(
+        ..., help="run directories, folders of run directories, or one study directory (kcs-lens sweep)"
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="FILE: writes FILE.md, FILE.csv and FILE.png (required for runs; a study: default DIR/study)"
     ),

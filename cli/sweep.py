@@ -5,7 +5,6 @@ cli/main.py as ``app.add_typer(sweep_app, name="sweep")``)."""
 from pathlib import Path
 from typing import Any, List, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -17,7 +16,7 @@ EXIT_CELLS_FAILED = 3
 class DefaultRun(TyperGroup):
     """``sweep ARGS`` means ``sweep run ARGS`` unless ARGS start with a subcommand or --help."""
 
-    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+    def parse_args(self, ctx: Any, args: List[str]) -> List[str]:  # ctx: typer's vendored click Context
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
@@ -78,7 +77,9 @@ def run(
         print_plan(res["plan"], changed=res["changed"], out=out)
         return
     n, failed = len(res["plan"].cells), res["failed"]
-    typer.echo(f"{n - len(failed)} of {n} cells done; " + (f"{len(failed)} failed: {', '.join(failed)}" if failed else "none failed"))
+    typer.echo(
+        f"{n - len(failed)} of {n} cells done; " + (f"{len(failed)} failed: {', '.join(failed)}" if failed else "none failed")
+    )
     typer.echo(f"next: kcs-lens sweep status {out}   kcs-lens report {out}")
     if failed:
         raise typer.Exit(EXIT_CELLS_FAILED)

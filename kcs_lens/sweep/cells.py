@@ -107,6 +107,7 @@ def run_cell(
     prev = read_status(study_dir, cell)
     attempt = int(prev.get("attempt", 0)) + 1
     base = {"name": cell.name, "attempt": attempt}
+    where = {"pid": os.getpid(), "host": socket.gethostname()}
     rd = run_dir(study_dir, cell)
     logf = log_file(study_dir, cell)
     logf.parent.mkdir(parents=True, exist_ok=True)
@@ -136,8 +137,7 @@ def run_cell(
             cell,
             state="running",
             attempt=attempt,
-            pid=os.getpid(),
-            host=socket.gethostname(),
+            **where,
             device=cfg.device,
             started=t0,
             resumed_from=resumed_from,
@@ -150,14 +150,16 @@ def run_cell(
             discover(cfg, out=rd.path, force=True, lens_model=lm, log=log)
         result = result_of(study_dir, cell)
         elapsed = time.time() - t0
-        write_status(study_dir, cell, state="done", attempt=attempt, elapsed=elapsed, result=result, resumed_from=resumed_from)
+        write_status(
+            study_dir, cell, state="done", attempt=attempt, elapsed=elapsed, result=result, resumed_from=resumed_from, **where
+        )
         log(f"done in {elapsed:.1f} s: {result}")
         return {**base, "state": "done", "elapsed": elapsed, "result": result, "resumed_from": resumed_from}
     except Exception as e:  # the cell's failure is recorded; the study goes on
         err = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log(f"failed: {err}\n{traceback.format_exc()}")
         elapsed = time.time() - t0
-        write_status(study_dir, cell, state="failed", attempt=attempt, elapsed=elapsed, error=err)
+        write_status(study_dir, cell, state="failed", attempt=attempt, elapsed=elapsed, error=err, **where)
         return {**base, "state": "failed", "elapsed": elapsed, "error": err}
 
 

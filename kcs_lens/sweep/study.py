@@ -105,10 +105,17 @@ def seed_overlap(
     if first.fingerprint not in models:
         from kcs_lens.models import load_model
 
-        models[first.fingerprint] = load_model(first.config.model, backend=first.config.backend, device=device or first.config.device)
+        models[first.fingerprint] = load_model(
+            first.config.model, backend=first.config.backend, device=device or first.config.device
+        )
     log(f"evaluating the union and intersection of {len(infos)} seeds of {g['group']}")
     ev = Evaluator(first, lens_model=models[first.fingerprint], log=log)
-    out: dict[str, Any] = {"shas": shas, "jaccard_mean": stats["jaccard_mean"], "jaccard": stats["jaccard"], "shared": stats["all"]}
+    out: dict[str, Any] = {
+        "shas": shas,
+        "jaccard_mean": stats["jaccard_mean"],
+        "jaccard": stats["jaccard"],
+        "shared": stats["all"],
+    }
     for k, name in ((1, "union"), (len(subs), "intersection")):
         comb = at_least(subs, k)
         rem = ev.metrics(comb, ("remaining",))["remaining"]
@@ -160,7 +167,13 @@ def markdown(res: dict[str, Any], infos: list[RunInfo]) -> str:
                 cells += [f"{100 * o[c]['sparsity']:.2f}"] + [f"{o[c][f'dppl_{k}']:+.3g}" for k, _ in report.KEYS]
             lines.append("| " + " | ".join(cells) + " |")
     if res["not_finished"]:
-        lines += ["", "## Cells not finished (not in the tables)", "", "| cell | state | step | last error |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Cells not finished (not in the tables)",
+            "",
+            "| cell | state | step | last error |",
+            "|---|---|---|---|",
+        ]
         for r in res["not_finished"]:
             lines.append(f"| {r['cell']} | {r['state']} | {r['step']}/{r['steps']} | {r['error'] or ''} |")
     if infos:
@@ -206,7 +219,7 @@ def density_png(groups: dict[str, dict[str, Any]]) -> bytes:
     for ax in axes.flat:
         ax.axis("off")
     for ax, g in zip(axes.flat, done):
-        per = [i.subnetwork.density_stats()["per_layer_matrix"] for i in g["infos"]]
+        per = [i.subnetwork.density_stats()["density"]["per_layer_matrix"] for i in g["infos"]]
         layers = sorted(per[0], key=int)
         mats = list(per[0][layers[0]])
         grid = [[100 * sum(p[l][m] for p in per) / len(per) for m in mats] for l in layers]
