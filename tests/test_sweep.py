@@ -221,7 +221,7 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, tiny_kg, tiny_model_dir):
     assert "/no-such-kg | 0/1 |" in md
 
 
-LONG = dict(steps=90, eval_every=6, checkpoint_every=6)
+LONG = dict(steps=36, eval_every=6, checkpoint_every=6)
 
 
 def wait_for(path: Path, alive=lambda: True, timeout: float = 300) -> None:

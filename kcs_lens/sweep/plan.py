@@ -161,10 +161,9 @@ def expand(path: str | Path, *, check_models: bool = True) -> Plan:
         values = dict(zip(keys, combo))
         where = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "base"
         settings.append(({**base, **values}, None, where))
-    for i, c in enumerate(extra):
-        c = dict(c)
-        name = c.pop("name", None)
-        settings.append(({**base, **c}, name, f"[[cells]] #{i + 1}"))
+    for i, e in enumerate(extra):
+        own = {k: v for k, v in e.items() if k != "name"}
+        settings.append(({**base, **own}, e.get("name"), f"[[cells]] #{i + 1}"))
     configs: list[tuple[DiscoveryConfig, str | None]] = []
     for s, name, where in settings:
         try:
@@ -179,15 +178,15 @@ def expand(path: str | Path, *, check_models: bool = True) -> Plan:
                 check_spec(spec)
             except KcsLensError as e:
                 raise ConfigError(f"{p}: model = {spec!r}: {e}") from None
-    varied = [k for k in dict.fromkeys([*keys, *(k for c in extra for k in c)]) if k not in (*NAME_KEYS, "seed", "name")]
+    varied = [k for k in dict.fromkeys([*keys, *(k for e in extra for k in e)]) if k not in (*NAME_KEYS, "seed", "name")]
     dicts = [c.to_dict() for c, _ in configs]
     varied = [k for k in varied if k not in EXECUTION_KEYS and len({json.dumps(d[k]) for d in dicts}) > 1]
     cells = [Cell(name or cell_name(d, varied), d) for d, (_, name) in zip(dicts, configs)]
     seen: dict[str, Cell] = {}
-    for c in cells:
-        if c.identity() in seen:
-            raise ConfigError(f"{p}: cells {seen[c.identity()].name!r} and {c.name!r} have the same settings")
-        seen[c.identity()] = c
+    for cell in cells:
+        if cell.identity() in seen:
+            raise ConfigError(f"{p}: cells {seen[cell.identity()].name!r} and {cell.name!r} have the same settings")
+        seen[cell.identity()] = cell
     return Plan(str(p), unique_names(cells))
 
 
