@@ -84,9 +84,10 @@ def study_report(
 def seed_overlap(
     study_dir: Path, g: dict[str, Any], models: dict[str, Any], *, device: str | None, recompute: bool, log: Log
 ) -> dict[str, Any]:
-    """Jaccard of the group's seeds and the union / intersection removed (cached by the members' subnetworks)."""
+    """Jaccard of the group's seeds, and the union, at-least-k-of-n and intersection of their subnetworks
+    removed and evaluated (cached by the members' subnetworks)."""
     from kcs_lens.evaluation import Evaluator
-    from kcs_lens.overlap import at_least, check_compatible, overlap_stats
+    from kcs_lens.overlap import at_least, check_compatible, combination_name, overlap_stats
 
     infos: list[RunInfo] = g["infos"]
     shas = [i.subnetwork.membership_sha() for i in infos]
@@ -116,7 +117,8 @@ def seed_overlap(
         "jaccard": stats["jaccard"],
         "shared": stats["all"],
     }
-    for k, name in ((1, "union"), (len(subs), "intersection")):
+    for k in range(1, len(subs) + 1):  # union, at least 2 of n, ..., intersection
+        name = combination_name(k, len(subs))
         comb = at_least(subs, k)
         rem = ev.metrics(comb, ("remaining",))["remaining"]
         out[name] = {"sparsity": comb.sparsity, **{f"dppl_{s}": rem[s]["dppl"] for s, _ in report.KEYS}}
@@ -157,6 +159,7 @@ def markdown(res: dict[str, Any], infos: list[RunInfo]) -> str:
     ov = [g for g in groups if "overlap" in g]
     if ov:
         lines += ["", "## Seeds: overlap, union and intersection removed", ""]
+        lines += ["The seeds' subnetworks combined and removed (at least k of n seeds: in study.json).", ""]
         head = ["group", "seeds", "Jaccard (mean pair)"]
         head += [f"{c} {x}" for c in COMBOS for x in ("sparsity %", "dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM")]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
