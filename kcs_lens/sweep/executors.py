@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kcs_lens.errors import ConfigError
-from kcs_lens.sweep.cells import run_cell, write_status
+from kcs_lens.sweep.cells import read_status, run_cell, write_status
 from kcs_lens.sweep.plan import Cell
 
 RAY_INSTALL = "--executor ray needs Ray, an optional extra: pip install 'kcs-lens[ray]'"
@@ -174,8 +174,15 @@ def run_ray(
     refs = {task.remote(str(study_dir.resolve()), c.to_json(), force): c for c in cells}
     log(f"submitted {len(refs)} Ray task(s) with {resources}; cluster: {ray.cluster_resources()}")
     pending = list(refs)
+    started: set[str] = set()
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=2.0)
+        for ref in pending:  # a start line once a task's status file says it runs
+            cell = refs[ref]
+            st = read_status(study_dir, cell)
+            if cell.name not in started and st.get("state") == "running":
+                started.add(cell.name)
+                yield {"event": "start", "name": cell.name, "pid": st.get("pid"), "device": st.get("host")}
         for ref in ready:
             cell = refs[ref]
             try:
