@@ -71,8 +71,11 @@ def in_range(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = Fal
     return check
 
 
+MAX_INT = 2**31 - 1  # counts beyond this are meaningless (and overflow int32 tensors)
+
+
 def at_least(lo: int) -> Check:
-    return lambda x: None if _finite(x) and x >= lo else f"an integer >= {lo}"
+    return lambda x: None if _finite(x) and lo <= x <= MAX_INT else f"an integer in [{lo}, {MAX_INT}]"
 
 
 def seed_range(x: Any) -> str | None:

@@ -399,6 +399,11 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
     if val_spec:
         control_val = load_kg(val_spec, **kw)
     else:
+        if cfg.control_val_size >= len(control):
+            raise ConfigError(
+                f"--control-val-size {cfg.control_val_size}: the ControlKG {cfg.control_kg!r} has only {len(control)} "
+                "triplets; the validation part must leave some for training (or pass --control-val-kg)"
+            )
         control, control_val = split_control(control, cfg.control_val_size)
     control, n1 = disjoint(target, control)
     control_val, n2 = disjoint(target, control_val)
