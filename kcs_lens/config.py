@@ -169,7 +169,9 @@ class DiscoveryConfig:
         "fast", "fast (default: the same losses and gradients, cheaper) or reference (the straightforward implementation)"
     )
     autocast: Literal["none", "bf16"] = opt("none", "none or bf16 (CUDA and the fast objective only; losses stay fp32)")
-    lm_cache_mb: float = opt(0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=in_range(0, 1e9))
+    lm_cache_mb: float = opt(
+        0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=in_range(0, 1e9)
+    )
     # bookkeeping
     eval_every: int = opt(100, "evaluate the deterministic mask every N steps (paper: 100)", check=at_least(1))
     checkpoint_every: int = opt(

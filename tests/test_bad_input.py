@@ -115,7 +115,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("compare-top-heads-negative", ["compare-circuits", "{run}", "--top-heads", "-1"], "--top-heads"),
     ("compare-out-under-a-file", ["compare-circuits", "{run}", "--out", "{ws}/afile/c"], "--out"),
     ("compare-seed-negative", ["compare-circuits", "{run}", "--seed", "-1"], "--seed"),
-    ("kg-wordnet-min-above-max", ["kg", "wordnet", "--root", "building.n.01", "--min-triplets", "50", "--max-triplets", "10"], "--min-triplets"),
+    (
+        "kg-wordnet-min-above-max",
+        ["kg", "wordnet", "--root", "building.n.01", "--min-triplets", "50", "--max-triplets", "10"],
+        "--min-triplets",
+    ),
     ("kg-wordnet-out-in-proc", ["kg", "wordnet", "--root", "building.n.01", "--out", "/proc/kcs-x"], "--out"),
     ("unknown-command", ["discovr"], "No such command"),
 ]
@@ -154,7 +158,11 @@ def test_force_replaces_a_run_and_keeps_files_kcs_lens_did_not_write(tmp_path, f
     shutil.copytree(finished_run, run)
     (run / "notes.txt").write_text("mine\n")
     (run / "evaluation.json").write_text("{}\n")
-    r = CliRunner().invoke(app, discover_args(tiny_kg, tiny_model_dir, steps=2, eval_every=1, checkpoint_every=2, seed=7) + ["--out", str(run), "--force"])
+    r = CliRunner().invoke(
+        app,
+        discover_args(tiny_kg, tiny_model_dir, steps=2, eval_every=1, checkpoint_every=2, seed=7)
+        + ["--out", str(run), "--force"],
+    )
     assert r.exit_code == 0, r.output
     assert (run / "notes.txt").read_text() == "mine\n" and not (run / "evaluation.json").exists()
     assert json.loads((run / "config.json").read_text())["config"]["seed"] == 7

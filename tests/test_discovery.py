@@ -204,7 +204,7 @@ def test_bad_input(tmp_path, tiny_kg, tiny_model_dir):
         discover(out=tmp_path / "a", **(kw | {"layers": "3-7"}))
     with pytest.raises(ConfigError, match="--granularity 'block'"):
         discover(out=tmp_path / "b", **(kw | {"granularity": "block"}))
-    with pytest.raises(RunError, match="not a run directory"):
+    with pytest.raises(RunError, match="no such run directory"):
         discover(resume=tmp_path / "nothing")
     with pytest.raises(ConfigError, match="multiple of --eval-every"):
         build_config(**(kw | {"checkpoint_every": 4}))

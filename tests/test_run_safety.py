@@ -126,7 +126,14 @@ def test_full_disk_stops_with_one_line_and_resumes(tmp_path, reference, tiny_kg,
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     args = [a for k, v in kw.items() for a in (["--" + k.replace("_", "-"), str(v)] if not isinstance(v, bool) else [])]
-    cmd = _script("from kcs_lens.cli.main import app; app()") + ["discover", *args, "--keep-all-checkpoints", "--out", str(out), "--no-progress"]
+    cmd = _script("from kcs_lens.cli.main import app; app()") + [
+        "discover",
+        *args,
+        "--keep-all-checkpoints",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, preexec_fn=limit_files, timeout=600)
     assert p.returncode == 2, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
