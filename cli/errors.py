@@ -69,6 +69,8 @@ def guarded(fn: F) -> F:
                 return fn(*args, **kwargs)
         except KcsLensError as e:
             fail(str(e))
+        except BrokenPipeError:  # `kcs-lens kg show | head`: Typer exits quietly
+            raise
         except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}")

@@ -199,3 +199,34 @@ def test_damaged_state_and_partial_metrics_line(tmp_path, tiny_kg, tiny_model_di
     assert len(warn) == 1 and "state.pt is damaged" in warn[0] and "step 6" in warn[0], log
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 9, 12]
+
+
+def test_readers_of_a_live_run(tmp_path, reference, tiny_kg):
+    """While a writer holds the lock: a reader with a subnetwork works and notes that the run is
+    still running; report over a folder skips a live run that has no subnetwork yet."""
+    import shutil
+    import warnings
+
+    from kcs_lens.runs import StillRunning, expand_runs, load_run
+
+    runs = tmp_path / "runs"
+    shutil.copytree(reference, runs / "done")
+    shutil.copytree(reference, runs / "live")
+    (runs / "live" / "subnetwork.safetensors").unlink()
+    lock = RunDir(runs / "live").lock()
+    try:
+        with pytest.warns(StillRunning, match=f"skipping .*live: still running \\(pid {os.getpid()}\\)"):
+            assert expand_runs([runs]) == [runs / "done"]
+        with pytest.raises(RunError, match=f"still running \\(pid {os.getpid()}\\)"):
+            load_run(runs / "live")
+        ckpt = runs / "live" / "checkpoints" / "step_000012.safetensors"
+        with pytest.warns(StillRunning, match="still running"):
+            assert load_run(runs / "live", subnetwork=ckpt).subnetwork.sparsity >= 0
+        r = CliRunner().invoke(app, ["export", str(runs / "live"), "--subnetwork", str(ckpt), "--out", str(tmp_path / "hf")])
+        assert r.exit_code == 0, r.output
+        assert f"note: {runs / 'live'} is still running (pid {os.getpid()})" in r.output
+    finally:
+        lock.release()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StillRunning)
+        load_run(runs / "done")  # a finished run: no note
