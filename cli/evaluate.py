@@ -102,7 +102,8 @@ def evaluate(
     from kcs_lens.evaluation import evaluate_run
     from kcs_lens.files import check_output_file
 
-    check_output_file(json_out or Path(run) / "evaluation.json", "--json")
+    if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
+        check_output_file(json_out or Path(run) / "evaluation.json", "--json")
     res = evaluate_run(
         run,
         kgs=kg or (),
@@ -138,7 +139,8 @@ def baseline(
     from kcs_lens.evaluation import baseline_run
     from kcs_lens.files import check_output_file
 
-    check_output_file(json_out or Path(run) / "baseline.json", "--json")
+    if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
+        check_output_file(json_out or Path(run) / "baseline.json", "--json")
     res = baseline_run(
         run,
         draws=draws,
