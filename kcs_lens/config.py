@@ -71,8 +71,11 @@ def in_range(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = Fal
     return check
 
 
+MAX_INT = 2**31 - 1  # counts beyond this are meaningless (and overflow int32 tensors)
+
+
 def at_least(lo: int) -> Check:
-    return lambda x: None if _finite(x) and x >= lo else f"an integer >= {lo}"
+    return lambda x: None if _finite(x) and lo <= x <= MAX_INT else f"an integer in [{lo}, {MAX_INT}]"
 
 
 def seed_range(x: Any) -> str | None:
@@ -81,6 +84,10 @@ def seed_range(x: Any) -> str | None:
 
 def non_empty(x: Any) -> str | None:
     return None if isinstance(x, str) and x.strip() else "a non-empty string"
+
+
+# Loss weights beyond this overflow float32 losses (a non-finite loss at step 0); the recipes use <= 75.
+WEIGHT = in_range(0, 1e6)
 
 
 def opt(default: Any, help: str, *, check: Check | None = None, flag: str | None = None, factory: Any = None) -> Any:
@@ -131,7 +138,7 @@ class DiscoveryConfig:
         "initial probability of a weight in the sampled subnetwork (paper: 0.45)",
         check=in_range(0, 1, open_lo=True, open_hi=True),
     )
-    tau: float = opt(1.0, "Gumbel-sigmoid temperature (paper: 1.0)", check=positive)
+    tau: float = opt(1.0, "Gumbel-sigmoid temperature (paper: 1.0)", check=in_range(0, 1000, open_lo=True))
     share_sample: bool = opt(
         False,
         "one mask sample per step for all three passes (NOT the paper's default: fresh noise per pass)",
@@ -139,18 +146,18 @@ class DiscoveryConfig:
     )
     # loss
     ablation: str = opt("full", f"loss ablation: {', '.join(ABLATIONS)}")
-    suppression_weight: float = opt(1.5, "weight of KL(U||q) on TargetKG (paper: 1.5)", check=non_negative)
-    control_kg_weight: float = opt(1.0, "weight of KL(p||q) on ControlKG (paper: 1.0)", check=non_negative)
-    control_lm_weight: float = opt(1.0, "weight of KL(p||q) on ControlLM (paper: 1.0)", check=non_negative)
-    sparsity_start: float = opt(2.0, "sparsity weight until mid-training (paper: 2.0)", check=non_negative)
-    sparsity_end: float = opt(3.0, "sparsity weight at the last step, linear from mid-training (paper: 3.0)", check=non_negative)
+    suppression_weight: float = opt(1.5, "weight of KL(U||q) on TargetKG (paper: 1.5)", check=WEIGHT)
+    control_kg_weight: float = opt(1.0, "weight of KL(p||q) on ControlKG (paper: 1.0)", check=WEIGHT)
+    control_lm_weight: float = opt(1.0, "weight of KL(p||q) on ControlLM (paper: 1.0)", check=WEIGHT)
+    sparsity_start: float = opt(2.0, "sparsity weight until mid-training (paper: 2.0)", check=WEIGHT)
+    sparsity_end: float = opt(3.0, "sparsity weight at the last step, linear from mid-training (paper: 3.0)", check=WEIGHT)
     tail_position: Literal["correct", "released"] = opt(
         "correct", "correct (logits at the last prefix token) or released (the authors' off-by-one, for fidelity)"
     )
     # optimization
     recipe: Recipe = opt("auto", "auto (bundled recipe for the bundled model, paper otherwise), paper or bundled")
     steps: int = opt(40_000, "training steps (paper: 40000)", check=at_least(1))
-    lr: float = opt(0.2, "Adam learning rate on the mask logits (paper: 0.2)", check=positive)
+    lr: float = opt(0.2, "Adam learning rate on the mask logits (paper: 0.2)", check=in_range(0, 1000, open_lo=True))
     warmup_frac: float = opt(0.1, "linear warm-up share of the steps (paper: 0.1)", check=in_range(0, 1))
     target_batch: int = opt(250, "TargetKG triplets per step (paper: the whole TargetKG, <= 250)", check=at_least(1))
     control_batch: int = opt(250, "ControlKG triplets per step, cycling (paper: 250)", check=at_least(1))
@@ -162,7 +169,9 @@ class DiscoveryConfig:
         "fast", "fast (default: the same losses and gradients, cheaper) or reference (the straightforward implementation)"
     )
     autocast: Literal["none", "bf16"] = opt("none", "none or bf16 (CUDA and the fast objective only; losses stay fp32)")
-    lm_cache_mb: float = opt(0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=non_negative)
+    lm_cache_mb: float = opt(
+        0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=in_range(0, 1e9)
+    )
     # bookkeeping
     eval_every: int = opt(100, "evaluate the deterministic mask every N steps (paper: 100)", check=at_least(1))
     checkpoint_every: int = opt(
