@@ -258,6 +258,28 @@ def test_killed_sweep_resumes_bit_identical(tmp_path, tiny_kg, tiny_model_dir):
     assert m == list(range(6, LONG["steps"] + 1, 6))
 
 
+@pytest.mark.slow
+def test_local_worker_killed_is_replaced_and_its_cell_resumes(tmp_path, tiny_kg, tiny_model_dir):
+    """Two worker processes; the one running a cell is SIGKILLed after its first checkpoint: the
+    cell is retried (--max-retries 1) on a new worker and resumes from the checkpoint."""
+    p = tiny_study(tmp_path, tiny_kg, tiny_model_dir, targets=("target",), seeds=(84, 1318), **LONG)
+    out = tmp_path / "out"
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(run_sweep(p, out, workers=2, max_retries=1, log=lambda _: None)))
+    th.start()
+    wait_for(out / "sweep.json")
+    cell = load_plan(out).cells[0]
+    wait_for(out / cell.name / "checkpoints" / "state.pt")
+    os.kill(read_status(out, cell)["pid"], signal.SIGKILL)
+    th.join(timeout=600)
+    r = {x["name"]: x for x in box["results"]}[cell.name]
+    assert r["state"] == "done" and r["attempt"] == 2 and r["resumed_from"] >= 6, r
+    assert box["failed"] == []
+    ref = tmp_path / "ref"
+    tiny_discover(tmp_path, p, cell.config["target_kg"], 84, ref)
+    same_subnetwork(out / cell.name, ref)
+
+
 # --- the Ray executor ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ray_matches_discover_and_retries_a_killed_worker(tmp_path, reference, tiny_dir, tiny_kg, tiny_model_dir):
