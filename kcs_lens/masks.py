@@ -171,7 +171,7 @@ def expand_unit_logits(units: dict[str, Tensor], names: "list[str] | tuple[str, 
         u = units[unit_name(layer, unit_kind(matrix))]
         if matrix in ("W_K", "W_V") and n_kv != u.shape[0]:
             u = u.view(n_kv, -1).amin(-1)
-        out[n] = expand_unit(u, matrix, u.shape[0], "subnetwork")
+        out[n] = expand_unit(u, matrix, u.shape[0], "subnetwork").clone()  # own storage (files refuse shared tensors)
     return out
 
 
@@ -368,6 +368,25 @@ class WeightMask(nn.Module):
         """Per-matrix masks from per-parameter masks (identity except at head granularity)."""
         return expand_units(masks, self.names, self.n_kv, keep) if self.by_unit else masks
 
+    def _for_sites(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Masks as the weight sites take them. A head mask ``[n, 1, 1]`` is spread (a view) over
+        d_head, the axis that native layouts merge with the head axis (``(h d) m``), so that it
+        still broadcasts after :attr:`WeightSite.to_native`."""
+        if not self.by_unit:
+            return dict(masks)
+        d = self.shape.d_head
+        out = {}
+        for n, m in masks.items():
+            matrix = parse_weight_name(n)[1]
+            out[n] = (
+                m.expand(m.shape[0], 1, d)
+                if matrix in ("W_Q", "W_K", "W_V")
+                else m.expand(m.shape[0], d, 1)
+                if matrix == "W_O"
+                else m
+            )
+        return out
+
     @property
     def plain_density(self) -> bool:
         """Whether :meth:`expected_density` is the plain mean of sigmoid(l) over the logits
@@ -420,7 +439,7 @@ class WeightMask(nn.Module):
             else:
                 sub = (l > 0).to(l.dtype)
                 out[n] = sub if self.keep == "subnetwork" else 1.0 - sub
-        self._current = dict(self.expand(out, self.keep))
+        self._current = self._for_sites(self.expand(out, self.keep))
 
     @contextlib.contextmanager
     def using(self, mode: Mode, keep: Keep | None = None, *, hold: bool = False):
@@ -439,9 +458,10 @@ class WeightMask(nn.Module):
     @contextlib.contextmanager
     def using_sample(self, sample: dict[str, Tensor], keep: Keep = "remaining"):
         """Temporarily run with a sample drawn elsewhere (one mask per :meth:`items` tensor, in
-        the ``keep`` form) as the current one."""
-        with self.using("sample", keep):
-            self._current = dict(self.expand(sample, keep))
+        the ``keep`` form) as the current one, also through full forward passes of the model
+        (held: the forward pre-hook does not draw over it)."""
+        with self.using("sample", keep, hold=True):
+            self._current = self._for_sites(self.expand(sample, keep))
             yield self
 
     # --- attaching -------------------------------------------------------------------------
