@@ -304,6 +304,7 @@ def write_run(*a, **kw):
     return w(*a, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not bundled_available(), reason="bundled model not built")
 def test_discover_head_granularity_on_the_bundled_model(tmp_path):
     from typer.testing import CliRunner
