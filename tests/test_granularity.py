@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import bundled_available
@@ -334,3 +335,43 @@ def test_discover_head_granularity_on_the_bundled_model(tmp_path):
     heads_in = [f"L{l}H{h}" for l in (2, 3) for h in range(sub.shape.n_heads) if sub.units[f"blocks.{l}.attn.heads"][h] > 0]
     assert hd["in_subnetwork"] == heads_in == [h["head"] for h in hd["heads"] if h["in_subnetwork"]]
     assert "mask vs patching" in data["sets"]["target"]["agreement"]["masked_layers"]
+
+
+def test_decision_agreement_auroc_and_precision():
+    from kcs_lens.analyses.agreement import bootstrap_indices, decision_agreement
+
+    d = np.array([True, False, True, False, False])
+    perfect = np.array([[3.0, 0.1, -2.0, 0.0, 0.5], [2.0, 0.2, -4.0, 0.1, 0.3]])  # |effect| ranks the two first
+    a = decision_agreement(d, perfect, bootstrap_indices(2, 20, 0))
+    assert a["auroc"]["value"] == 1.0 and a["precision@k"]["value"] == 1.0 and a["auroc"]["ci95"] == [1.0, 1.0]
+    worst = decision_agreement(d, np.array([0.0, 1.0, 0.0, 2.0, 3.0]))
+    assert worst["auroc"]["value"] == 0.0 and worst["precision@k"]["value"] == 0.0
+    ties = decision_agreement(d, np.ones(5))
+    assert ties["auroc"]["value"] == 0.5
+    assert decision_agreement(np.zeros(5, bool), np.ones(5))["auroc"]["value"] is None
+
+
+def test_compare_circuits_on_a_head_run_uses_the_head_decisions(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
+    from kcs_lens.analyses.compare import compare_circuits
+    from kcs_lens.runs import load_run
+
+    run = write_run(tmp_path / "head", tiny_lm, tiny_kg, tiny_model_dir, granularity="head", density=0.4, seed=3)
+    sub = load_run(run).subnetwork
+    assert sub.units is not None
+    data = compare_circuits(run, out=tmp_path / "cmp", n_bootstrap=10, control=False, lens_model=tiny_lm, log=lambda m: None)
+    res = data["sets"]["target"]
+    hd = res["head_decisions"]
+    H = tiny_lm.shape.n_heads
+    want = [f"L{l}H{h}" for l in (2, 3) for h in range(H) if sub.units[f"blocks.{l}.attn.heads"][h] > 0]
+    assert want and hd["in_subnetwork"] == want
+    assert data["structure"]["head_decisions"] == want
+    for row in hd["heads"]:
+        l, h = (int(x) for x in row["head"][1:].split("H"))
+        assert row["mask_prob"] == pytest.approx(float(torch.sigmoid(sub.units[f"blocks.{l}.attn.heads"][h])))
+        assert data["structure"]["head"][l][h] == float(row["in_subnetwork"])  # density = the decision
+        if not row["in_subnetwork"]:
+            assert row["knockout"] == 0.0  # nothing of the subnetwork lives in that head
+    assert set(hd["agreement"]) == {"knockout", "patching", "attribution", "dla"}
+    assert hd["agreement"]["knockout"]["n_in_subnetwork"] == len(want)
+    assert "mask vs attribution" in res["agreement"]["masked_layers"]
+    assert "Heads in the subnetwork vs each method" in (tmp_path / "cmp" / "report.html").read_text()
