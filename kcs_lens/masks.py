@@ -259,10 +259,15 @@ class MaskConfig:
         """Names of the trainable logit tensors: the matrices, or at head granularity the units
         (``blocks.{l}.attn.heads`` where an attention matrix is masked, ``blocks.{l}.mlp.neurons``
         where an MLP matrix is)."""
-        if self.granularity != "head":
-            return self.names
-        kinds = list(dict.fromkeys(unit_kind(m) for m in self.matrices))
-        return [unit_name(l, k) for l in self.layers for k in sorted(kinds, key=(HEAD_UNITS, NEURON_UNITS).index)]
+        return param_names_of(self, self.names)
+
+    def model_names(self, shape: ModelShape) -> list[str]:
+        """:attr:`names` that the model of ``shape`` has (``W_gate`` only in gated MLPs)."""
+        have = getattr(shape, "matrices", MATRICES)
+        names = [n for n in self.names if parse_weight_name(n)[1] in have]
+        if not names:
+            raise MaskError(f"none of the matrices {', '.join(self.matrices)} exists in this model (it has {', '.join(have)})")
+        return names
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers), "matrices": list(self.matrices)}
@@ -276,6 +281,14 @@ class MaskConfig:
             init_prob=d.get("init_prob", 0.45),
             tau=d.get("tau", 1.0),
         )
+
+
+def param_names_of(config: MaskConfig, names: "list[str]") -> list[str]:
+    """The trainable logit tensors that mask the matrices ``names`` under ``config``."""
+    if config.granularity != "head":
+        return list(names)
+    kinds = {unit_kind(parse_weight_name(n)[1]) for n in names}
+    return [unit_name(l, k) for l in config.layers for k in (HEAD_UNITS, NEURON_UNITS) if k in kinds]
 
 
 def _key(name: str) -> str:
@@ -321,11 +334,13 @@ class WeightMask(nn.Module):
         super().__init__()
         self.shape = shape
         self.config = config
+        self._names = config.model_names(shape)  # the matrices this model has (W_gate only in gated MLPs)
+        self._param_names = param_names_of(config, self._names)
         init = math.log(config.init_prob / (1.0 - config.init_prob))
         self.logits = nn.ParameterDict(
             {
                 _key(n): nn.Parameter(torch.full(param_shape(shape, n, config.granularity), init, device=device))
-                for n in config.param_names
+                for n in self._param_names
             }
         )
         self.n_kv = n_kv_heads(shape)
@@ -342,12 +357,12 @@ class WeightMask(nn.Module):
     @property
     def names(self) -> list[str]:
         """The masked matrices (what :meth:`attach` parametrizes)."""
-        return self.config.names
+        return self._names
 
     @property
     def param_names(self) -> list[str]:
         """The trainable logit tensors (:meth:`items`): matrices, or units at head granularity."""
-        return self.config.param_names
+        return self._param_names
 
     @property
     def by_unit(self) -> bool:

@@ -50,6 +50,7 @@ from kcs_lens.masks import (
     expand_unit_logits,
     mask_stats,
     n_kv_heads,
+    param_names_of,
     parse_unit_name,
 )
 
@@ -71,12 +72,13 @@ class Subnetwork:
         if self.mask_config.granularity != "head":
             self.units = None
             return
+        names = self.mask_config.model_names(self.shape)
         if self.units is None:
             self.units = units_from_matrix_logits(self.logits, self.mask_config, self.shape)
-        missing = [n for n in self.mask_config.param_names if n not in self.units]
+        missing = [n for n in param_names_of(self.mask_config, names) if n not in self.units]
         if missing:
             raise SubnetworkError(f"head-granularity subnetwork without logits for {missing[:3]}")
-        self.logits = expand_unit_logits(self.units, self.mask_config.names, n_kv_heads(self.shape))
+        self.logits = expand_unit_logits(self.units, names, n_kv_heads(self.shape))
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -289,7 +291,7 @@ class Subnetwork:
             meta.pop(k, None)
         logits = {k[len("logits/") :]: v for k, v in tensors.items() if k.startswith("logits/")}
         units = {k[len("units/") :]: v for k, v in tensors.items() if k.startswith("units/")} or None
-        missing = [n for n in mc.names if n not in logits]
+        missing = [n for n in mc.model_names(shape) if n not in logits]
         if missing:
             raise SubnetworkError(f"{path}: logits missing for {missing[:3]}{'...' if len(missing) > 3 else ''}")
         try:
@@ -306,7 +308,7 @@ def units_from_matrix_logits(logits: dict[str, Tensor], mc: MaskConfig, shape: M
     n_kv = n_kv_heads(shape)
     order = {HEAD_UNITS: ("W_Q", "W_O", "W_K", "W_V"), "neurons": ("W_in", "W_gate", "W_out")}
     units: dict[str, Tensor] = {}
-    for name in mc.param_names:
+    for name in param_names_of(mc, mc.model_names(shape)):
         layer, kind = parse_unit_name(name)
         given = [(m, logits[weight_name(layer, m)].flatten()) for m in order[kind] if weight_name(layer, m) in logits]
         if kind == HEAD_UNITS and n_kv != shape.n_heads:
