@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from kcs_lens.errors import ExportError, SubnetworkError
 from kcs_lens.evaluation import Evaluator, evaluate_run
 from kcs_lens.export import export_model, export_run, hf_keep_multipliers
-from kcs_lens.masks import MaskConfig, mask_shape, param_shape
+from kcs_lens.masks import MaskConfig, mask_shape, param_names_of, param_shape
 from kcs_lens.models import available_backends
 from kcs_lens.runs import load_run
 from kcs_lens.subnetwork import Subnetwork
@@ -26,9 +26,15 @@ def random_sub(shape, layers, granularity="weight", density=0.3, seed=0) -> Subn
     mc = MaskConfig(tuple(layers), granularity=granularity)
     g = torch.Generator().manual_seed(seed)
     if granularity == "head":  # one logit per head / neuron
-        units = {n: torch.rand(param_shape(shape, n, granularity), generator=g) - (1 - density) for n in mc.param_names}
+        units = {
+            n: torch.rand(param_shape(shape, n, granularity), generator=g) - (1 - density)
+            for n in param_names_of(mc, mc.model_names(shape))
+        }
         return Subnetwork({}, mc, shape, units=units)
-    logits = {n: torch.rand(mask_shape(shape, n.split(".")[-1], granularity), generator=g) - (1 - density) for n in mc.names}
+    logits = {
+        n: torch.rand(mask_shape(shape, n.split(".")[-1], granularity), generator=g) - (1 - density)
+        for n in mc.model_names(shape)
+    }
     return Subnetwork(logits, mc, shape)
 
 
