@@ -39,6 +39,7 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
     full = sub.full_binary()
     head = {m: np.full((L, H), np.nan) for m in HEAD_MATRICES}
     head_num, head_den = np.zeros((L, H)), np.zeros((L, H))
+    attn_num, attn_den = np.zeros(L), np.zeros(L)
     mlp = {m: np.full(L, np.nan) for m in MLP_MATRICES}
     mlp_num, mlp_den = np.zeros(L), np.zeros(L)
     layer_num, layer_den = np.zeros(L), np.zeros(L)
@@ -49,6 +50,10 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
             if b is None:
                 continue
             per_head = b.flatten(1).float()  # [H, ...]: head is dim 0 for Q, K, V and O
+            attn_num[l] += float(b.sum())
+            attn_den[l] += b.numel()
+            if per_head.shape[0] != H:  # grouped-query K/V: each query head reads its group's K/V head
+                per_head = per_head.repeat_interleave(H // per_head.shape[0], 0)
             head[m][l] = per_head.mean(1).numpy()
             head_num[l] += per_head.sum(1).numpy()
             head_den[l] += per_head.shape[1]
@@ -59,8 +64,8 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
             mlp[m][l] = float(b.float().mean())
             mlp_num[l] += float(b.sum())
             mlp_den[l] += b.numel()
-        layer_num[l] = head_num[l].sum() + mlp_num[l]
-        layer_den[l] = head_den[l].sum() + mlp_den[l]
+        layer_num[l] = attn_num[l] + mlp_num[l]  # each weight once (shared K/V heads too)
+        layer_den[l] = attn_den[l] + mlp_den[l]
         w_in, w_out = full.get(weight_name(l, "W_in")), full.get(weight_name(l, "W_out"))
         if w_in is not None or w_out is not None:
             # neuron j: its input column of W_in [d_model, d_mlp] and its output row of W_out [d_mlp, d_model]

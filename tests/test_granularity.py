@@ -375,3 +375,25 @@ def test_compare_circuits_on_a_head_run_uses_the_head_decisions(tmp_path, tiny_l
     assert hd["agreement"]["knockout"]["n_in_subnetwork"] == len(want)
     assert "mask vs attribution" in res["agreement"]["masked_layers"]
     assert "Heads in the subnetwork vs each method" in (tmp_path / "cmp" / "report.html").read_text()
+
+
+def test_head_knockout_equals_the_weight_level_knockout(make_tiny_lm, tiny_kg):
+    """Without GQA, knocking out head h through its logit is the weight-level restriction to its slices."""
+    from kcs_lens.analyses.knockout import knockout
+    from kcs_lens.analyses.prompts import build_prompts
+    from kcs_lens.data.loaders import load_kg
+
+    lm = make_tiny_lm()
+    units = {
+        "blocks.2.attn.heads": torch.tensor([2.0, -2.0, 2.0, -2.0]),
+        "blocks.2.mlp.neurons": torch.where(torch.arange(lm.shape.d_mlp) % 5 == 0, 2.0, -2.0),
+        "blocks.3.attn.heads": torch.tensor([-2.0, -2.0, -2.0, 2.0]),
+        "blocks.3.mlp.neurons": torch.full((lm.shape.d_mlp,), -2.0),
+    }
+    sub = Subnetwork({}, MaskConfig((2, 3), granularity="head"), lm.shape, units=units)
+    prompts = build_prompts(list(load_kg(str(tiny_kg["target"]))), lm.tokenizer)
+    a, b = knockout(lm, sub, prompts), knockout(lm, sub.at_weight_granularity(), prompts)
+    np.testing.assert_allclose(a.heads, b.heads, atol=1e-6)
+    np.testing.assert_allclose(a.mlp, b.mlp, atol=1e-6)
+    np.testing.assert_allclose(a.remaining_logprob, b.remaining_logprob, atol=1e-6)
+    assert (a.heads[:, 2, [1, 3]] == 0).all() and np.abs(a.heads[:, 2, 0]).max() > 0

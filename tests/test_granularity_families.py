@@ -93,3 +93,25 @@ def test_gqa_fast_objective_equals_reference_at_head_granularity(llama_dir):
         assert lf[k] == pytest.approx(lr[k], rel=1e-5, abs=1e-7), k
     for n in gr:
         torch.testing.assert_close(gf[n], gr[n], rtol=1e-4, atol=1e-6 + 1e-5 * float(gr[n].abs().max()))
+
+
+def test_gqa_head_run_structure_and_knockout(llama_dir):
+    """compare-circuits' structure and knock-out read a GQA head run per query head."""
+    from kcs_lens.analyses.knockout import knockout
+    from kcs_lens.analyses.prompts import build_prompts
+    from kcs_lens.analyses.structure import structure
+    from kcs_lens.data.triplets import Triplet
+
+    lm = _load(llama_dir)
+    units = {
+        "blocks.1.attn.heads": torch.tensor([2.0, 2.0, 2.0, -2.0]),
+        "blocks.1.mlp.neurons": torch.full((lm.shape.d_mlp,), -2.0),
+    }
+    units["blocks.1.mlp.neurons"][3] = 2.0
+    sub = Subnetwork({}, MaskConfig((1,), granularity="head"), lm.shape, units=units)
+    st = structure(sub)
+    assert st["head"][1].tolist() == [1.0, 1.0, 1.0, 0.0] and st["head_decisions"] == ["L1H0", "L1H1", "L1H2"]
+    assert st["head_by_matrix"]["W_K"][1].tolist() == [1.0, 1.0, 0.0, 0.0]  # K/V head 0 (query heads 0, 1) removed
+    prompts = build_prompts([Triplet(f"dog{i}", "IsA", "animal", f"A dog{i} is an animal") for i in range(3)], lm.tokenizer)
+    ko = knockout(lm, sub, prompts)
+    assert ko.heads.shape == (3, lm.shape.n_layers, 4) and (ko.heads[:, 1, 3] == 0).all()
