@@ -310,7 +310,8 @@ def units_from_matrix_logits(logits: dict[str, Tensor], mc: MaskConfig, shape: M
     units: dict[str, Tensor] = {}
     for name in param_names_of(mc, mc.model_names(shape)):
         layer, kind = parse_unit_name(name)
-        given = [(m, logits[weight_name(layer, m)].flatten()) for m in order[kind] if weight_name(layer, m) in logits]
+        mats = [m for m in order[kind] if m in mc.matrices and weight_name(layer, m) in logits]
+        given = [(m, logits[weight_name(layer, m)].flatten()) for m in mats]
         if kind == HEAD_UNITS and n_kv != shape.n_heads:
             given = [(m, t) for m, t in given if m not in ("W_K", "W_V")]
         if not given:

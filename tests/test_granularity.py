@@ -397,3 +397,24 @@ def test_head_knockout_equals_the_weight_level_knockout(make_tiny_lm, tiny_kg):
     np.testing.assert_allclose(a.mlp, b.mlp, atol=1e-6)
     np.testing.assert_allclose(a.remaining_logprob, b.remaining_logprob, atol=1e-6)
     assert (a.heads[:, 2, [1, 3]] == 0).all() and np.abs(a.heads[:, 2, 0]).max() > 0
+
+
+def test_overlap_of_head_runs_combines_heads_and_neurons(make_tiny_lm):
+    from kcs_lens.overlap import at_least
+
+    lm = make_tiny_lm()
+    mc = MaskConfig((3,), granularity="head")
+    F = lm.shape.d_mlp
+
+    def sub(heads, neurons):
+        u = {"blocks.3.attn.heads": torch.full((4,), -2.0), "blocks.3.mlp.neurons": torch.full((F,), -2.0)}
+        u["blocks.3.attn.heads"][heads] = 2.0
+        u["blocks.3.mlp.neurons"][neurons] = 2.0
+        return Subnetwork({}, mc, lm.shape, units=u)
+
+    a, b = sub([0, 1], [1, 2]), sub([1, 2], [2, 3])
+    union, inter = at_least([a, b], 1), at_least([a, b], 2)
+    assert union.unit_binary()["blocks.3.attn.heads"].tolist() == [True, True, True, False]
+    assert inter.unit_binary()["blocks.3.attn.heads"].tolist() == [False, True, False, False]
+    assert inter.unit_binary()["blocks.3.mlp.neurons"].nonzero().flatten().tolist() == [2]
+    assert union.stats.n_sub == 3 * 4 * lm.shape.d_model * lm.shape.d_head + 3 * 2 * lm.shape.d_model
