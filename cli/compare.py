@@ -27,6 +27,14 @@ def print_agreement(data: dict[str, Any]) -> None:
         for pair, s in rows.items():
             t.add_row(pair, fmt(s["spearman"]), fmt(s["kendall"]), fmt(s.get("jaccard@5")), fmt(s.get("jaccard@10")))
         c.print(t)
+        hd = res.get("head_decisions")
+        if hd:  # head-granularity run: its heads against each method, one to one
+            t = Table(title=f"{name}: heads in the subnetwork ({', '.join(hd['in_subnetwork']) or 'none'}) vs |effect|")
+            for col in ("method", "AUROC", "precision@k"):
+                t.add_column(col, justify="left" if col == "method" else "right")
+            for m, a in hd["agreement"].items():
+                t.add_row(m, fmt(a["auroc"]), fmt(a["precision@k"]))
+            c.print(t)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin
 from kcs_lens.canonical import MATRICES
 from kcs_lens.errors import ConfigError
 from kcs_lens.files import read_mapping
-from kcs_lens.masks import GRANULARITIES
+from kcs_lens.masks import DEPRECATED_GRANULARITIES, GRANULARITIES, normalize_granularity
 from kcs_lens.models import BUNDLED_NAMES
 from kcs_lens.objective import ABLATIONS, LossConfig
 
@@ -130,7 +130,12 @@ class DiscoveryConfig:
         "all", "score all tail tokens (teacher forcing) or only the last (the paper's data has one-token tails)"
     )
     # mask
-    granularity: str = opt("weight", f"mask granularity: {', '.join(GRANULARITIES)}")
+    granularity: str = opt(
+        "weight",
+        "mask granularity: weight (one logit per weight), row (one per input row of each matrix: a residual "
+        "dimension for W_Q/W_K/W_V/W_in, an MLP neuron for W_out; 'neuron' is its deprecated name) or head "
+        "(one per attention head and per MLP neuron)",
+    )
     layers: str = opt("top-half", "masked blocks: top-half (paper), all, a range 6-11, or a list 6,7,8", check=non_empty)
     matrices: list[str] = opt(None, f"masked matrices, a comma list of {','.join(MATRICES)}", factory=lambda: list(MATRICES))
     init_prob: float = opt(
@@ -253,6 +258,8 @@ def check_setting(name: str, value: Any, *, where: str) -> Any:
     if name not in FIELD_NAMES:
         raise ConfigError(f"{where}: unknown setting {name!r}; valid settings are {sorted(FIELD_NAMES)}")
     v = coerce(name, value, FIELD_TYPES[name], where=where)
+    if name == "granularity":
+        v = DEPRECATED_GRANULARITIES.get(v, v)  # old runs: 'neuron'
     check = _FIELDS[name].metadata.get("check")
     bad = check(v) if check is not None and v is not None else None
     if bad:
@@ -353,6 +360,8 @@ def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
         recipe = "bundled" if merged.get("model", field_default("model")) in BUNDLED_NAMES else "paper"
     values = {**(BUNDLED_RECIPE if recipe == "bundled" else {}), **merged}
     cfg = DiscoveryConfig(**{k: coerce(k, v, FIELD_TYPES[k], where=_flag(k)) for k, v in values.items()})
+    if cfg.granularity in DEPRECATED_GRANULARITIES:
+        cfg.granularity = normalize_granularity(cfg.granularity, warn=True)
     cfg.recipe = recipe
     return cfg.validate()
 

@@ -248,7 +248,8 @@ def test_config_file_and_flags(tmp_path):
     assert (cfg.steps, cfg.seed, cfg.lr) == (77, 9, 0.1)  # CLI flags win over the file
     y = tmp_path / "c.yaml"
     y.write_text("discover:\n  granularity: neuron\n")
-    assert build_config(y).granularity == "neuron"
+    with pytest.warns(FutureWarning, match="'neuron' is deprecated"):
+        assert build_config(y).granularity == "row"  # the old name of row granularity
     assert build_config(model="gpt2-medium").steps == 40_000  # the paper's recipe for GPT-2
     assert build_config().recipe == "bundled"
     bad = tmp_path / "bad.toml"
