@@ -51,3 +51,7 @@ class ExportError(KcsLensError):
 
 class OutputError(KcsLensError):
     """An output path that cannot be created or written, or that the tool must not replace."""
+
+
+class TaskError(KcsLensError):
+    """Bad downstream-task input (questions, links, groups); the message names the file and line."""
