@@ -127,7 +127,7 @@ def downstream(
 
     cfg0 = infos[0].config
     lm = lens_model or load_model(model or cfg0.model, backend=backend or cfg0.backend, device=device or cfg0.device)
-    plans = []
+    plans: list[tuple[RunInfo, list[Question], list[str], dict[str, int]]] = []
     for info in infos:
         check_model(info, lm)
         data = load_run_data(info.config, lm, log, text=False)
@@ -137,12 +137,12 @@ def downstream(
         control = data.control.keys() | data.control_val.keys()
         groups = assign(qs, target, control)
         counts = check_groups(groups, qs, test_spec, str(info.config.target_kg), str(info.dir))
-        plans.append({"info": info, "groups": groups, "counts": counts, "questions": qs})
+        plans.append((info, qs, groups, counts))
     split = Split(encode(train_qs, lm, s.prompt), encode(val_qs, lm, s.prompt), encode(test_qs, lm, s.prompt))
     out_dirs = _out_dirs(infos, out)
     log(
         f"{len(train_qs)} train / {len(val_qs)} validation / {len(test_qs)} test questions; "
-        + "; ".join(f"{p['info'].dir.name}: " + ", ".join(f"{g} {n}" for g, n in p["counts"].items()) for p in plans)
+        + "; ".join(f"{p[0].dir.name}: " + ", ".join(f"{g} {n}" for g, n in p[3].items()) for p in plans)
     )
 
     n_steps = s.epochs * math.ceil(len(train_qs) / s.batch_size)
@@ -172,8 +172,7 @@ def downstream(
     results = []
     try:
         original = run_model(None, "original")
-        for p in plans:
-            info: RunInfo = p["info"]
+        for info, qs, groups, _ in plans:
             rem = run_model(info.subnetwork, f"{info.dir.name}: remaining")
             rnd = []
             for i in range(baseline_draws):
@@ -199,7 +198,7 @@ def downstream(
                 },
                 "data": {"train": len(train_qs), "val": len(val_qs), "test": len(test_qs)},
             }
-            res = summarize(info, p["questions"], p["groups"], original, rem, rnd, bootstrap, bootstrap_seed, meta)
+            res = summarize(info, qs, groups, original, rem, rnd, bootstrap, bootstrap_seed, meta)
             res["seconds"] = round(time.time() - t0, 1)
             results.append(res)
     finally:
@@ -274,20 +273,9 @@ def summarize(
         idx = bootstrap_indices(int(sel.sum()), n_boot, boot_seed + gi)
         o, r, x = orig[:, sel], rem[:, sel], rnd[:, :, sel]
 
-        def block(a: np.ndarray, per_draw: np.ndarray | None = None) -> dict[str, Any]:
-            per = []
-            for k, seed in enumerate(seeds):
-                row = a[k] if per_draw is None else per_draw[:, k].mean(0)
-                e: dict[str, Any] = {"seed": seed, "accuracy": float(row.mean()), "ci": bootstrap_ci(row, idx)}
-                if per_draw is not None:
-                    e["per_draw"] = [float(v) for v in per_draw[:, k].mean(1)]
-                per.append(e)
-            flat = a.mean(0) if per_draw is None else per_draw.mean((0, 1))
-            return {"accuracy": float(flat.mean()), "ci": bootstrap_ci(flat, idx), "per_seed": per}
-
-        models["original"][group] = block(o)
-        models["remaining"][group] = block(r)
-        models["random"][group] = block(x, per_draw=x)
+        models["original"][group] = _block(o, idx, seeds)
+        models["remaining"][group] = _block(r, idx, seeds)
+        models["random"][group] = _block(x.mean(0), idx, seeds, per_draw=x)
         diffs["remaining"][group] = {
             "difference": float(r.mean() - o.mean()),
             "ci": bootstrap_ci(r.mean(0) - o.mean(0), idx),
@@ -327,9 +315,22 @@ def summarize(
         "correct": {
             "original": {str(r["seed"]): r["correct"].tolist() for r in original},
             "remaining": {str(r["seed"]): r["correct"].tolist() for r in remaining},
-            "random": [{str(r["seed"]): r["correct"].tolist() for r in d] for d in random],
+            "random": [{str(r["seed"]): r["correct"].tolist() for r in d} for d in random],
         },
     }
+
+
+def _block(a: np.ndarray, idx: np.ndarray, seeds: list[int], per_draw: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy (mean over seeds), its interval and the per-seed values of correctness ``a[seed, q]``
+    (for random draws: ``a`` = the mean over draws, ``per_draw[draw, seed, q]``)."""
+    per = []
+    for k, seed in enumerate(seeds):
+        e: dict[str, Any] = {"seed": seed, "accuracy": float(a[k].mean()), "ci": bootstrap_ci(a[k], idx)}
+        if per_draw is not None:
+            e["per_draw"] = [float(v) for v in per_draw[:, k].mean(1)]
+        per.append(e)
+    flat = a.mean(0)
+    return {"accuracy": float(flat.mean()), "ci": bootstrap_ci(flat, idx), "per_seed": per}
 
 
 def headline(diffs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -63,7 +63,11 @@ class FinetuneSettings:
             raise TaskError(f"--lm-score {self.lm_score!r}: expected sum or mean")
         if "{question}" not in self.prompt:
             raise TaskError(f"--prompt {self.prompt!r}: must contain {{question}}")
-        for name, v, lo in (("--epochs", self.epochs, 0), ("--batch-size", self.batch_size, 1), ("--eval-batch", self.eval_batch, 1)):
+        for name, v, lo in (
+            ("--epochs", self.epochs, 0),
+            ("--batch-size", self.batch_size, 1),
+            ("--eval-batch", self.eval_batch, 1),
+        ):
             if v < lo:
                 raise TaskError(f"{name} must be at least {lo}, got {v}")
         if not (math.isfinite(self.lr) and self.lr >= 0) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -106,7 +110,12 @@ class Encoded:
 def encode(questions: list[Question], lm: LensModel, prompt: str = PROMPT) -> Encoded:
     """Tokenize every question's choice sequences for ``lm`` (BOS first, as kcs-lens scores facts)."""
     tok, bos = lm.tokenizer, lm.bos_id
-    rows, n_prompt, qidx, first, n_ch, answers = [], [], [], [], [], []
+    rows: list[list[int]] = []
+    n_prompt: list[int] = []
+    qidx: list[int] = []
+    first: list[int] = []
+    n_ch: list[int] = []
+    answers: list[int] = []
     for i, q in enumerate(questions):
         pre = [bos] + tok.encode(prompt.format(question=q.question), add_special_tokens=False)
         first.append(len(rows))
@@ -115,7 +124,9 @@ def encode(questions: list[Question], lm: LensModel, prompt: str = PROMPT) -> En
         for c in q.choices:
             ids = pre + tok.encode(" " + c.strip(), add_special_tokens=False)
             if len(ids) > lm.shape.n_ctx:
-                raise TaskError(f"{q.where}: question {q.id!r} is {len(ids)} tokens long, over the model's context {lm.shape.n_ctx}")
+                raise TaskError(
+                    f"{q.where}: question {q.id!r} is {len(ids)} tokens long, over the model's context {lm.shape.n_ctx}"
+                )
             rows.append(ids)
             n_prompt.append(len(pre))
             qidx.append(i)
@@ -250,7 +261,9 @@ def finetune(
         return _loop(None, head, data, s, gen, lambda split, seqs: head(feats[split][seqs])[:, 0], on_step)
     with trainable(lm), removed(lm, removal):
         if s.mode == "full":
-            score = lambda split, seqs: head(final_hidden(lm, getattr(data, split).tokens[seqs], getattr(data, split).lengths[seqs]))[:, 0]
+            score = lambda split, seqs: head(
+                final_hidden(lm, getattr(data, split).tokens[seqs], getattr(data, split).lengths[seqs])
+            )[:, 0]
         else:
             score = lambda split, seqs: choice_logprob(lm, getattr(data, split), seqs, s.lm_score == "mean")
         out = _loop(lm, head if s.mode == "full" else None, data, s, gen, score, on_step)
@@ -282,9 +295,9 @@ def _loop(lm, head, data: Split, s: FinetuneSettings, gen: torch.Generator, scor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if on_step:
-                on_step(float(loss))
+                on_step(losses[-1])
         val = predict(data.val, lambda seqs: score("val", seqs), s.eval_batch) if len(data.val) else None
         test = predict(data.test, lambda seqs: score("test", seqs), s.eval_batch)
         val_acc = float(val.mean()) if val is not None else math.nan
