@@ -45,12 +45,12 @@ def downstream(
     from kcs_lens.downstream import downstream as run_downstream
 
     settings = FinetuneSettings(
-        mode=finetune,  # type: ignore[arg-type]
+        mode=finetune,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
         weight_decay=weight_decay,
-        lm_score=lm_score,  # type: ignore[arg-type]
+        lm_score=lm_score,
         prompt=prompt,
     )
     res = run_downstream(

@@ -47,12 +47,12 @@ PROMPT = "Question: {question}\nAnswer:"
 class FinetuneSettings:
     """How every model is finetuned (the same for all of them)."""
 
-    mode: Mode = "head"
+    mode: str = "head"  # a Mode; checked by resolved() (it comes from the command line)
     epochs: int = 0  # 0: DEFAULT_EPOCHS[mode]
     lr: float = 0.0  # 0: DEFAULT_LR[mode]
     batch_size: int = 16
     weight_decay: float = 0.0
-    lm_score: Literal["sum", "mean"] = "sum"
+    lm_score: str = "sum"  # or "mean"
     prompt: str = PROMPT
     eval_batch: int = 64
 
