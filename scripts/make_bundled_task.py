@@ -3,8 +3,11 @@
 Each IsA fact (head, IsA, tail) of the bundled KGs becomes one question in CommonsenseQA's
 Hugging Face schema with its fact inline (``triplet``), worded unlike the KG templates ("A
 cathedral is a church" becomes "Which category does a cathedral belong to?"), with five choices:
-the tail and four distractor tails of other bundled facts, none of which is a known ancestor of
-the head (so exactly one choice is right under the bundled facts).
+the tail and four distractor tails of other facts of the same KG (topped up from all bundled tails
+where a KG has too few), none of which is a known ancestor of the head (so exactly one choice is
+right under the bundled facts). Drawing distractors from the same KG keeps a cue out of the task:
+with distractors from all tails, a classifier that merely prefers tails frequent in the training
+questions (the ControlKG's) is wrong on almost every TargetKG question, whatever the model knows.
 
 - ``train.jsonl``: one question per ControlKG-train fact (bundled ``control``) only;
 - ``test.jsonl``: one per fact of every bundled TargetKG and of ControlKG-val (``control-val``).
@@ -69,12 +72,16 @@ def main(argv: list[str] | None = None) -> None:
         for t in ts:
             parents.setdefault(t.head, set()).add(t.tail)
     pool = sorted({t.tail for ts in sets.values() for t in ts})
+    local = {name: sorted({t.tail for t in ts}) for name, ts in sets.items()}
 
     def questions(name: str, split: str) -> list[dict]:
         out = []
         for i, t in enumerate(sets[name]):
             banned = ancestors(t.head, parents) | {t.tail, t.head}
-            choices = [t.tail] + rng.sample([x for x in pool if x not in banned], len(LABELS) - 1)
+            own = [x for x in local[name] if x not in banned]  # distractors from the same KG first:
+            if len(own) < len(LABELS) - 1:  # no answer-frequency cue separates train from test
+                own += rng.sample([x for x in pool if x not in banned and x not in own], len(LABELS) - 1 - len(own))
+            choices = [t.tail] + rng.sample(own, len(LABELS) - 1)
             rng.shuffle(choices)
             out.append(
                 {
