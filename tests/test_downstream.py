@@ -353,12 +353,9 @@ def test_cli_end_to_end_and_bad_options(tiny_lm, tiny_kg, tiny_model_dir, tiny_t
 
 
 @requires_bundled
-def test_bundled_task_is_shipped_and_runs(tmp_path):
-    from kcs_lens.config import build_config
+def test_bundled_task_is_shipped():
+    from kcs_lens.data.loaders import load_kg
     from kcs_lens.downstream.tasks import bundled_task_dir
-    from kcs_lens.masks import MaskConfig, mask_shape, resolve_layers
-    from kcs_lens.models import load_model
-    from kcs_lens.subnetwork import Subnetwork
 
     train, test = load_questions("bundled:train"), load_questions("bundled:test")
     manifest = json.loads((bundled_task_dir() / "MANIFEST.json").read_text())
@@ -366,7 +363,21 @@ def test_bundled_task_is_shipped_and_runs(tmp_path):
     assert all(q.keys and len(q.choices) == 5 for q in train + test)
     templates = (" is a kind of ", " is a type of ", " is an example of ")
     assert not any(t in q.question for q in test for t in templates)
+    control, val = load_kg("control").keys(), load_kg("control-val").keys()
+    assert all(q.keys <= control for q in train)  # train questions: ControlKG-train facts only
+    targets = set().union(*(load_kg(n).keys() for n in ("building", "location", "change", "communication", "fruit")))
+    assert set().union(*(q.keys for q in test)) == targets | val
 
+
+@requires_bundled
+@pytest.mark.slow
+def test_bundled_task_runs_offline(tmp_path):
+    from kcs_lens.config import build_config
+    from kcs_lens.masks import MaskConfig, mask_shape, resolve_layers
+    from kcs_lens.models import load_model
+    from kcs_lens.subnetwork import Subnetwork
+
+    test = load_questions("bundled:test")
     lm = load_model("bundled")
     cfg = build_config(model="bundled", target_kg="building", seed=84)
     mc = MaskConfig(resolve_layers(cfg.layers, lm.shape.n_layers), tuple(cfg.matrices), cfg.granularity)
