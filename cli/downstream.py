@@ -19,7 +19,9 @@ def downstream(
     ),
     finetune: str = typer.Option("head", "--finetune", help="head (MC head on the frozen model), full, or lm (causal LM)"),
     epochs: int = typer.Option(0, "--epochs", min=0, help="epochs (0: head 20, full 3, lm 3)"),
-    lr: float = typer.Option(0.0, "--lr", min=0.0, help="AdamW learning rate (0: head 1e-3, full and lm 5e-5)"),
+    lr: float = typer.Option(
+        0.0, "--lr", min=0.0, help="AdamW learning rate (0: head 1e-3, full and lm 5e-5; 1e-3 for the bundled model)"
+    ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="questions per step"),
     weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="AdamW weight decay"),
     lm_score: str = typer.Option("sum", "--lm-score", help="lm: a choice's score is its tokens' log-likelihood, sum or mean"),

@@ -101,9 +101,10 @@ def downstream(
     Every option is checked, every run, question file and link file read, and the groups formed,
     before any finetuning. Returns the result of the single run, or ``{"runs": [...]}``."""
     from kcs_lens.evaluation import check_model, random_like
-    from kcs_lens.models import load_model
+    from kcs_lens.models import BUNDLED_NAMES, load_model
 
-    s = (settings or FinetuneSettings()).resolved()
+    settings = settings or FinetuneSettings()
+    settings.resolved()  # the checks, before anything is read
     seed_list = parse_seeds(seeds)
     train_spec, test_spec = resolve_task(task, train, test)
     if not runs:
@@ -127,6 +128,7 @@ def downstream(
 
     cfg0 = infos[0].config
     lm = lens_model or load_model(model or cfg0.model, backend=backend or cfg0.backend, device=device or cfg0.device)
+    s = settings.resolved(bundled=lm.spec in BUNDLED_NAMES)
     plans: list[tuple[RunInfo, list[Question], list[str], dict[str, int]]] = []
     for info in infos:
         check_model(info, lm)

@@ -34,11 +34,13 @@ from torch import Tensor, nn
 from kcs_lens.backends import LensModel
 from kcs_lens.downstream.tasks import Question
 from kcs_lens.errors import TaskError
+from kcs_lens.models import BUNDLED_NAMES
 from kcs_lens.subnetwork import Subnetwork
 
 Mode = Literal["head", "full", "lm"]
 MODES: tuple[str, ...] = ("head", "full", "lm")
-DEFAULT_LR = {"head": 1e-3, "full": 5e-5, "lm": 5e-5}
+DEFAULT_LR = {"head": 1e-3, "full": 5e-5, "lm": 5e-5}  # GPT-2 conventions
+BUNDLED_LR = {"head": 1e-3, "full": 1e-3, "lm": 1e-3}  # the small bundled model (trained at 2e-3)
 DEFAULT_EPOCHS = {"head": 20, "full": 3, "lm": 3}
 PROMPT = "Question: {question}\nAnswer:"
 
@@ -56,7 +58,8 @@ class FinetuneSettings:
     prompt: str = PROMPT
     eval_batch: int = 64
 
-    def resolved(self) -> "FinetuneSettings":
+    def resolved(self, bundled: bool = False) -> "FinetuneSettings":
+        """Checked, with 0 replaced by the defaults (``bundled``: the bundled model's learning rates)."""
         if self.mode not in MODES:
             raise TaskError(f"--finetune {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.lm_score not in ("sum", "mean"):
@@ -74,7 +77,7 @@ class FinetuneSettings:
             raise TaskError(f"--lr and --weight-decay must be finite and non-negative, got {self.lr}, {self.weight_decay}")
         out = FinetuneSettings(**asdict(self))
         out.epochs = self.epochs or DEFAULT_EPOCHS[self.mode]
-        out.lr = self.lr or DEFAULT_LR[self.mode]
+        out.lr = self.lr or (BUNDLED_LR if bundled else DEFAULT_LR)[self.mode]
         return out
 
 
@@ -245,7 +248,7 @@ def finetune(
     accuracy and mean training loss per epoch, and the data order's hash. ``features``: the
     precomputed ``hidden_features`` of train/val/test for ``head`` (computed here when absent).
     ``inspect`` is called with the finetuned model before it is restored (tests)."""
-    s = settings.resolved()
+    s = settings.resolved(lm.spec in BUNDLED_NAMES)
     gen = torch.Generator().manual_seed(seed)
     d = lm.shape.d_model
     head = nn.Linear(d, 1)
