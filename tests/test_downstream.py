@@ -135,14 +135,23 @@ def test_malformed_line_and_missing_file(tmp_path):
 @pytest.mark.paperdata
 @pytest.mark.skipif(not PAPER_CSQA.is_dir(), reason="../shared/paper-data/csqa is absent")
 def test_paper_csqa_files_link_questions_by_id(tmp_path):
+    from kcs_lens.data.loaders import load_kg
+    from kcs_lens.data.templates import canonical_relation
+    from kcs_lens.data.triplets import triplet_key
+    from kcs_lens.downstream.groups import kg_links
+
     rows = json.loads((PAPER_CSQA / "csqa1_targetkg_best_format.json").read_text())[:3]
     qs = [hf_row(r["id"], "x", "vehicle", triplet=False) for r in rows] + [hf_row("unknown-id", "y", "vehicle", triplet=False)]
     questions = load_questions(write_jsonl(tmp_path / "q.jsonl", qs))
     links = load_links([str(PAPER_CSQA / "csqa1_targetkg_best_format.json")])
     linked = link(questions, links)
     for q, r in zip(linked, rows):
-        assert (r["head"].lower(), r["rel"], r["tail"].lower()) in {(h, rel, t) for h, rel, t in q.keys} or q.keys
+        assert triplet_key(r["head"], canonical_relation(r["rel"]), r["tail"]) in q.keys
     assert linked[-1].keys == frozenset()
+    # a run whose TargetKG is the paper file links its questions by the rows' ids, no --links needed
+    ts = load_kg(str(PAPER_CSQA / "csqa1_targetkg_best_format.json"))
+    own = kg_links(ts)
+    assert all(r["id"] in own for r in rows) and assign(link(questions, own), ts.keys(), set())[:3] == ["removed"] * 3
     # the paper's ControlKG rows carry no question ids: a clear error, not silence
     with pytest.raises(TaskError, match="no row carries a question 'id'"):
         load_links([str(PAPER_CSQA / "csqa_controlkg_best_format_val.json")])
