@@ -10,7 +10,7 @@ import typing
 
 import typer
 
-from kcs_lens.cli import compare, discover, evaluate
+from kcs_lens.cli import compare, discover, downstream, evaluate
 from kcs_lens.cli.errors import App
 from kcs_lens.cli.kg import kg_app
 from kcs_lens.cli.sweep import sweep_app
@@ -36,7 +36,7 @@ def main(
         typer.echo(ctx.get_help())
 
 
-for module in (discover, evaluate, compare):
+for module in (discover, evaluate, compare, downstream):
     module.register(app)
 
 if __name__ == "__main__":  # pragma: no cover

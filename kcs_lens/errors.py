@@ -56,3 +56,7 @@ class OutputError(KcsLensError):
 class KcsLensWarning(UserWarning):
     """Something the user should know that does not stop the command; the CLI prints it as one
     ``note:`` line."""
+
+
+class TaskError(KcsLensError):
+    """Bad downstream-task input (questions, links, groups); the message names the file and line."""

@@ -120,6 +120,7 @@ ROWS: list[tuple[str, list[str], str]] = [
         ["kg", "wordnet", "--root", "building.n.01", "--min-triplets", "50", "--max-triplets", "10"],
         "--min-triplets",
     ),
+    ("downstream-out-in-proc", ["downstream", "{run}", "--task", "bundled", "--out", "/proc/kcs-x"], "--out"),
     ("kg-wordnet-out-in-proc", ["kg", "wordnet", "--root", "building.n.01", "--out", "/proc/kcs-x"], "--out"),
     ("unknown-command", ["discovr"], "No such command"),
 ]
