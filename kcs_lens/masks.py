@@ -83,6 +83,7 @@ def mask_shape(shape: ModelShape, matrix: str, granularity: str) -> tuple[int, .
             "W_V": (1, full[1], 1),
             "W_O": (full[0], full[1], 1),
             "W_in": (full[0], 1),
+            "W_gate": (full[0], 1),
             "W_out": (full[0], 1),
         }[matrix]
     if granularity == "head":
@@ -168,13 +169,17 @@ class WeightMask(nn.Module):
         super().__init__()
         self.shape = shape
         self.config = config
+        # the matrices this model has (W_gate only in gated MLPs)
+        self._names = [n for n in config.names if parse_weight_name(n)[1] in shape.matrices]
+        if not self._names:
+            raise MaskError(f"none of the matrices {', '.join(config.matrices)} exists in this model (it has {', '.join(shape.matrices)})")
         init = math.log(config.init_prob / (1.0 - config.init_prob))
         self.logits = nn.ParameterDict(
             {
                 _key(n): nn.Parameter(
                     torch.full(mask_shape(shape, parse_weight_name(n)[1], config.granularity), init, device=device)
                 )
-                for n in config.names
+                for n in self._names
             }
         )
         self.generator = torch.Generator(device=device)
@@ -189,7 +194,7 @@ class WeightMask(nn.Module):
     # --- access ----------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        return self.config.names
+        return self._names
 
     def logit(self, name: str) -> Tensor:
         return self.logits[_key(name)]

@@ -219,7 +219,7 @@ class Subnetwork:
         for k in ("sparsity", "sparsity_all_linear", "n_in_subnetwork", "n_masked"):
             meta.pop(k, None)
         logits = {k[len("logits/") :]: v for k, v in tensors.items() if k.startswith("logits/")}
-        missing = [n for n in mc.names if n not in logits]
+        missing = [n for n in mc.names if n not in logits and parse_weight_name(n)[1] in shape.matrices]
         if missing:
             raise SubnetworkError(f"{path}: logits missing for {missing[:3]}{'...' if len(missing) > 3 else ''}")
         return cls(logits, mc, shape, meta)
