@@ -314,9 +314,10 @@ class BridgeLensModel(LensModel):
 
             hooks = [blk.register_forward_pre_hook(grab, with_kwargs=True) for blk in self.model.blocks]
             try:
-                with torch.no_grad():
-                    # .forward, not __call__: hooks on the whole model (a mask's refresh) stay out of it
-                    self.model.forward(torch.full((1, n), self.bos_id, dtype=torch.long, device=device))
+                # .forward, not __call__: hooks on the whole model (a mask's refresh) stay out of it.
+                # Not under no_grad: inside parametrize.cached() the masked weights formed here are
+                # the ones the caller's pass reuses, and they must keep their graph.
+                self.model.forward(torch.full((1, n), self.bos_id, dtype=torch.long, device=device))
             finally:
                 for hk in hooks:
                     hk.remove()

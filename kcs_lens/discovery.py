@@ -123,6 +123,8 @@ class Run:
                 "model": self.lm.describe(),
                 "model_fingerprint": self.lm.fingerprint(),
                 "mask": self.masks.config.to_dict(),
+                # the fast objective's switches as they act on this model (shortcuts that cannot hold are off)
+                **({"fast_objective": self.objective.effective_switches()} if isinstance(self.objective, FastObjective) else {}),
                 "data": self.data.sizes(),
                 "selection": selection_rule(self.cfg),
                 "versions": package_versions(),
