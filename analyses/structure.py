@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 
 from kcs_lens.canonical import ATTN_MATRICES as HEAD_MATRICES
-from kcs_lens.canonical import MLP_MATRICES, ModelShape, weight_name
+from kcs_lens.canonical import KV_MATRICES, MLP_MATRICES, ModelShape, weight_name
 from kcs_lens.subnetwork import Subnetwork
 
 
@@ -42,9 +42,12 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
             if b is None:
                 continue
             per_head = b.flatten(1).float()  # [H, ...]: head is dim 0 for Q, K, V and O
+            share = 1.0
+            if m in KV_MATRICES and s.group_size > 1:  # GQA: query head h reads key/value head h // group
+                per_head, share = per_head.repeat_interleave(s.group_size, 0), 1.0 / s.group_size
             head[m][l] = per_head.mean(1).numpy()
-            head_num[l] += per_head.sum(1).numpy()
-            head_den[l] += per_head.shape[1]
+            head_num[l] += per_head.sum(1).numpy() * share  # shared K/V weights counted once per layer
+            head_den[l] += per_head.shape[1] * share
         for m in MLP_MATRICES:
             b = full.get(weight_name(l, m))
             if b is None:

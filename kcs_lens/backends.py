@@ -349,7 +349,7 @@ class BridgeLensModel(LensModel):
         w = norm.weight.detach()
         if self.model_type.startswith("gemma"):  # Gemma's RMSNorm multiplies by (1 + weight)
             w = 1.0 + w
-        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or getattr(self.model.cfg, "eps", 1e-5)
+        eps: Any = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or getattr(self.model.cfg, "eps", 1e-5)
         return w, float(eps)
 
     def project(self, layer: int, t: Tensor, which: Literal["Q", "K", "V"]) -> Tensor:

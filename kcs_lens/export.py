@@ -19,15 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from kcs_lens.backends import LensModel
 from kcs_lens.canonical import canonical_shape, parse_weight_name
 from kcs_lens.errors import ExportError
-from kcs_lens.families import FAMILIES, Family, hf_multipliers
 from kcs_lens.evaluation import check_model
+from kcs_lens.families import FAMILIES, Family, hf_multipliers
 from kcs_lens.models import load_model
 from kcs_lens.runs import load_run
 from kcs_lens.subnetwork import Subnetwork
@@ -35,7 +34,9 @@ from kcs_lens.subnetwork import Subnetwork
 Remove = Literal["subnetwork", "complement"]
 
 
-def hf_keep_multipliers(sub: Subnetwork, remove: Remove = "subnetwork", family: Family | None = None) -> dict[str, Float[Tensor, "..."]]:
+def hf_keep_multipliers(
+    sub: Subnetwork, remove: Remove = "subnetwork", family: Family | None = None
+) -> dict[str, Float[Tensor, "..."]]:
     """Per HF weight name, the 0/1 multiplier that removes the subnetwork (``remove="subnetwork"``:
     theta * (1 - m)) or everything else in the masked matrices (``"complement"``: theta * m).
     ``family`` (default GPT-2) says where each canonical matrix is in the HF checkpoint."""

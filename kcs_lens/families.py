@@ -146,7 +146,9 @@ def check_config(model_type: str | None, cfg: dict[str, Any], where: str = "") -
                 "(OPT-350m's project_in/project_out) is not supported"
             )
         if cfg.get("do_layer_norm_before") is False:
-            raise ModelLoadError(f"{w}architecture 'opt' with post-LayerNorm blocks (do_layer_norm_before=false, OPT-350m) is not supported")
+            raise ModelLoadError(
+                f"{w}architecture 'opt' with post-LayerNorm blocks (do_layer_norm_before=false, OPT-350m) is not supported"
+            )
     return fam
 
 

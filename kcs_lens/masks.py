@@ -172,7 +172,9 @@ class WeightMask(nn.Module):
         # the matrices this model has (W_gate only in gated MLPs)
         self._names = [n for n in config.names if parse_weight_name(n)[1] in shape.matrices]
         if not self._names:
-            raise MaskError(f"none of the matrices {', '.join(config.matrices)} exists in this model (it has {', '.join(shape.matrices)})")
+            raise MaskError(
+                f"none of the matrices {', '.join(config.matrices)} exists in this model (it has {', '.join(shape.matrices)})"
+            )
         init = math.log(config.init_prob / (1.0 - config.init_prob))
         self.logits = nn.ParameterDict(
             {

@@ -250,9 +250,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, family: st
         )
         tk.train_from_iterator(texts, trainer=trainer)
         bos_id = tk.token_to_id("<s>")
-        tk.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-        )
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
         hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     else:
         tk = Tokenizer(models.BPE())
@@ -614,7 +612,9 @@ def run(args, tmp: Path, t_start: float) -> dict:
         "threads": args.threads,
         "sizes": sizes,
     }
-    sizes["bundle_bytes"] = (dir_bytes(tmp / "model") if args.family == "llama" else dir_bytes(tmp)) + 4096  # + the manifest itself, roughly
+    sizes["bundle_bytes"] = (
+        dir_bytes(tmp / "model") if args.family == "llama" else dir_bytes(tmp)
+    ) + 4096  # + the manifest itself, roughly
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: manifest[k] for k in ("accuracy", "heldout_ppl", "training_seconds", "sizes")}, indent=2))
     return manifest

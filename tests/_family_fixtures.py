@@ -33,8 +33,15 @@ FAMILY_SPECS: dict[str, tuple[str, dict, str]] = {
     "gpt2": ("GPT2Config", dict(n_embd=D, n_layer=L, n_head=H, n_positions=CTX, n_inner=F), "bytelevel"),
     "gpt_neox": (
         "GPTNeoXConfig",
-        dict(hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=H, max_position_embeddings=CTX,
-             rotary_pct=0.5, use_parallel_residual=True),
+        dict(
+            hidden_size=D,
+            intermediate_size=F,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            max_position_embeddings=CTX,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+        ),
         "bytelevel",
     ),
     "llama": ("LlamaConfig", dict(_COMMON_LLAMA), "metaspace"),
@@ -49,8 +56,15 @@ FAMILY_SPECS: dict[str, tuple[str, dict, str]] = {
     ),
     "opt": (
         "OPTConfig",
-        dict(hidden_size=D, ffn_dim=F, num_hidden_layers=L, num_attention_heads=H, max_position_embeddings=CTX,
-             word_embed_proj_dim=D, do_layer_norm_before=True),
+        dict(
+            hidden_size=D,
+            ffn_dim=F,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            max_position_embeddings=CTX,
+            word_embed_proj_dim=D,
+            do_layer_norm_before=True,
+        ),
         "bytelevel",
     ),
     "gptj": ("GPTJConfig", dict(n_embd=D, n_layer=L, n_head=H, n_positions=CTX, n_inner=F, rotary_dim=4), "bytelevel"),
@@ -67,8 +81,12 @@ def make_tokenizer(kind: str, out: Path):
         tk = Tokenizer(models.BPE(unk_token="<unk>"))
         tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
         tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-        tk.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+        tk.train_from_iterator(
+            TEXTS, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+        )
+        tk.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))]
+        )
         hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     else:
         eot = "<|endoftext|>"
@@ -92,9 +110,7 @@ def make_family_dir(name: str, root: Path, seed: int = 0) -> Path:
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(tok_kind, out)
-    cfg = getattr(transformers, cls_name)(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **kw
-    )
+    cfg = getattr(transformers, cls_name)(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **kw)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random norms and biases too, so a wrong layout cannot hide behind ones/zeros

@@ -89,7 +89,9 @@ def _hf_index(family: str, matrix: str, idx: tuple[int, ...], s) -> tuple[str, t
         h, d, m = idx
         if family == "gpt2":
             return "attn.c_proj.weight", (h * dh + d, m)
-        name = {"gpt_neox": "attention.dense", "opt": "self_attn.out_proj", "gptj": "attn.out_proj"}.get(family, "self_attn.o_proj")
+        name = {"gpt_neox": "attention.dense", "opt": "self_attn.out_proj", "gptj": "attn.out_proj"}.get(
+            family, "self_attn.o_proj"
+        )
         return f"{name}.weight", (m, h * dh + d)
     a, b = idx  # W_in / W_gate [m, f], W_out [f, m]
     names = {
@@ -103,9 +105,12 @@ def _hf_index(family: str, matrix: str, idx: tuple[int, ...], s) -> tuple[str, t
 
 
 def _prefix(family: str, layer: int) -> str:
-    return {"gpt2": "transformer.h.", "gptj": "transformer.h.", "gpt_neox": "gpt_neox.layers.", "opt": "model.decoder.layers."}.get(
-        family, "model.layers."
-    ) + f"{layer}."
+    return {
+        "gpt2": "transformer.h.",
+        "gptj": "transformer.h.",
+        "gpt_neox": "gpt_neox.layers.",
+        "opt": "model.decoder.layers.",
+    }.get(family, "model.layers.") + f"{layer}."
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -205,7 +210,14 @@ def test_gemma2_logit_softcap_in_the_chunked_kl(lms):
 
 # --- discover + export ------------------------------------------------------------------------
 def _kg_files(tmp_path):
-    words = [("dog", "animal"), ("cat", "animal"), ("rose", "flower"), ("apple", "fruit"), ("house", "building"), ("car", "vehicle")]
+    words = [
+        ("dog", "animal"),
+        ("cat", "animal"),
+        ("rose", "flower"),
+        ("apple", "fruit"),
+        ("house", "building"),
+        ("car", "vehicle"),
+    ]
     rows = lambda pairs, k: [
         {"head": f"{h}{i}", "relation": "IsA", "tail": t, "text": f"A {h}{i} is a {t}"} for i in range(k) for h, t in pairs
     ]
@@ -280,7 +292,12 @@ def test_opt_350m_layout_is_refused_by_name(tmp_path, family_dirs):
     from transformers import OPTConfig
 
     cfg = OPTConfig(
-        vocab_size=400, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4, word_embed_proj_dim=16,
+        vocab_size=400,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        word_embed_proj_dim=16,
         do_layer_norm_before=False,
     )
     d = _save_tiny(tmp_path, cfg, family_dirs["gpt2"])
