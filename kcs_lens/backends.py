@@ -366,7 +366,11 @@ class BridgeLensModel(LensModel):
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+    """HF's Conv1D (weight [in, out]), also while a parametrization is attached (its class is then
+    ``ParametrizedConv1D``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def _clean_state_dict(hf: nn.Module) -> dict[str, Tensor]:

@@ -112,6 +112,10 @@ class MaskConfig:
     def names(self) -> list[str]:
         return [weight_name(l, m) for l in self.layers for m in self.matrices]
 
+    def names_for(self, shape: ModelShape) -> list[str]:
+        """:attr:`names` of the matrices a model of ``shape`` has (W_gate only with a gated MLP)."""
+        return [n for n in self.names if parse_weight_name(n)[1] in shape.matrices]
+
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers), "matrices": list(self.matrices)}
 
@@ -170,7 +174,7 @@ class WeightMask(nn.Module):
         self.shape = shape
         self.config = config
         # the matrices this model has (W_gate only in gated MLPs)
-        self._names = [n for n in config.names if parse_weight_name(n)[1] in shape.matrices]
+        self._names = config.names_for(shape)
         if not self._names:
             raise MaskError(
                 f"none of the matrices {', '.join(config.matrices)} exists in this model (it has {', '.join(shape.matrices)})"

@@ -32,7 +32,7 @@ def write_run(
     mc = MaskConfig(resolve_layers(cfg.layers, lm.shape.n_layers), tuple(cfg.matrices), cfg.granularity)
     g = torch.Generator().manual_seed(seed)
     logits = {}
-    for n in mc.names:
+    for n in mc.names_for(lm.shape):
         shp = mask_shape(lm.shape, n.split(".")[-1], cfg.granularity)
         new = torch.where(torch.rand(shp, generator=g) < density, 3.0, -3.0)
         if base is not None:

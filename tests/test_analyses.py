@@ -32,7 +32,7 @@ def make_run_dir(path: Path, lm, cfg_kwargs: dict, *, density: float = 0.1, gran
     g = torch.Generator().manual_seed(seed)
     logits = {
         n: torch.where(torch.rand(mask_shape(lm.shape, n.split(".")[-1], granularity), generator=g) < density, 2.0, -2.0)
-        for n in mc.names
+        for n in mc.names_for(lm.shape)
     }
     sub = Subnetwork(logits, mc, lm.shape, {"model_spec": cfg.model, "model_fingerprint": lm.fingerprint()})
     path.mkdir(parents=True, exist_ok=True)
