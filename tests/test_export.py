@@ -25,7 +25,9 @@ pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the
 def random_sub(shape, layers, granularity="weight", density=0.3, seed=0) -> Subnetwork:
     mc = MaskConfig(tuple(layers), granularity=granularity)
     g = torch.Generator().manual_seed(seed)
-    logits = {n: torch.rand(mask_shape(shape, n.split(".")[-1], granularity), generator=g) - (1 - density) for n in mc.names_for(shape)}
+    logits = {
+        n: torch.rand(mask_shape(shape, n.split(".")[-1], granularity), generator=g) - (1 - density) for n in mc.names_for(shape)
+    }
     return Subnetwork(logits, mc, shape)
 
 

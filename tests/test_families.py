@@ -320,3 +320,23 @@ def test_w_gate_by_name_on_a_model_without_gate(lms):
     with pytest.raises(ConfigError, match="no gated MLP"):
         model_matrices(["W_gate"], lms("gpt2"))
     assert weight_name(0, "W_gate") == "blocks.0.mlp.W_gate"
+
+
+# --- the bundled Llama-family model -------------------------------------------------------------
+def test_bundled_llama_loads_and_knows_its_facts():
+    """``load_model("bundled-llama")``: GQA + gated MLP, and through kcs-lens' own tokenization (its
+    tokenizer adds ``<s>`` itself; SentencePiece-style spaces) the first tail token is the top-1
+    prediction for >= 0.9 of every bundled TargetKG (MANIFEST.json: 1.000 in training's definition)."""
+    from kcs_lens.data.loaders import load_kg
+    from kcs_lens.data.verbalize import score_tails
+    from kcs_lens.models import BUNDLED_MODELS
+
+    if not (BUNDLED_MODELS["bundled-llama"][0] / "config.json").exists():
+        pytest.skip("bundled-llama not built (scripts/train_bundled.py --family llama)")
+    lm = load_model("bundled-llama", backend="bridge")
+    s = lm.shape
+    assert (s.n_layers, s.n_heads, s.kv_heads, s.d_model, s.d_mlp, s.gated_mlp) == (4, 4, 2, 128, 384, True)
+    assert lm.model_type == "llama" and lm.tokenizer.encode("A")[0] == lm.tokenizer.bos_token_id
+    for name in ("building", "location", "change", "communication", "fruit"):
+        first = score_tails(lm, load_kg(name), tail_scoring="all").first_rank
+        assert float((first == 0).float().mean()) >= 0.9, name
