@@ -15,7 +15,7 @@ import pytest
 import torch
 from _family_fixtures import FAMILY_NAMES, TEXTS, make_family_dir
 
-from kcs_lens.canonical import weight_name
+from kcs_lens.canonical import canonical_shape, weight_name
 from kcs_lens.data.triplets import Triplet, tokenize_triplets
 from kcs_lens.errors import ModelLoadError
 from kcs_lens.fast_objective import FastObjective
@@ -113,11 +113,12 @@ def _prefix(family: str, layer: int) -> str:
     }.get(family, "model.layers.") + f"{layer}."
 
 
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_known_mask_equals_weights_zeroed_by_hand(family, family_dirs, lms):
+def test_known_mask_equals_weights_zeroed_by_hand(family, granularity, family_dirs, lms):
     lm = lms(family)
     s = lm.shape
-    masks = WeightMask(s, MaskConfig(layers=tuple(range(s.n_layers))), seed=0)
+    masks = WeightMask(s, MaskConfig(layers=tuple(range(s.n_layers)), granularity=granularity), seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, p in masks.items():  # about 30% of each matrix removed
@@ -128,7 +129,7 @@ def test_known_mask_equals_weights_zeroed_by_hand(family, family_dirs, lms):
     with torch.no_grad():
         for n, p in masks.items():
             layer, matrix = int(n.split(".")[1]), n.split(".")[-1]
-            for idx in (p > 0).nonzero().tolist():
+            for idx in (p > 0).expand(canonical_shape(s, matrix)).nonzero().tolist():
                 name, at = _hf_index(family, matrix, tuple(idx), s)
                 params[_prefix(family, layer) + name][at] = 0.0
     toks = _tokens(lm)
