@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from kcs_lens.canonical import ATTN_MATRICES, KV_MATRICES, ModelShape, parse_weight_name, weight_name
+from kcs_lens.errors import MaskError
 from kcs_lens.families import Family, family_of, place
 
 Backend = Literal["bridge", "hooked"]
@@ -263,6 +264,8 @@ class BridgeLensModel(LensModel):
 
     def site(self, name: str) -> WeightSite:
         layer, matrix = parse_weight_name(name)
+        if matrix not in self.shape.matrices:
+            raise MaskError(f"{name}: {self.spec!r} has no {matrix} (its matrices: {', '.join(self.shape.matrices)})")
         blk = self.model.blocks[layer]
         h = self.shape.kv_heads if matrix in KV_MATRICES else self.shape.n_heads
         if matrix in ("W_Q", "W_K", "W_V"):
@@ -413,6 +416,8 @@ class HookedLensModel(LensModel):
 
     def site(self, name: str) -> WeightSite:
         layer, matrix = parse_weight_name(name)
+        if matrix not in self.shape.matrices:
+            raise MaskError(f"{name}: {self.spec!r} has no {matrix} (its matrices: {', '.join(self.shape.matrices)})")
         blk = self.model.blocks[layer]
         module = blk.attn if matrix in ATTN_MATRICES else blk.mlp
         ident = lambda t: t
