@@ -83,6 +83,13 @@ def default_backend() -> Backend:
     return "hooked" if "hooked" in av else "bridge"
 
 
+def _default_backend_for(model_type: str | None) -> Backend:
+    """:func:`default_backend`, except the bridge for families the hooked backend does not convert."""
+    if model_type != "gpt2" and "bridge" in available_backends():
+        return "bridge"
+    return default_backend()
+
+
 def wrap_model(model: Any, tokenizer: Any = None, spec: str | None = None) -> LensModel:
     """Wrap a ``HookedTransformer`` or ``TransformerBridge`` the user already holds.
 
@@ -138,7 +145,7 @@ def load_model(
         raise ModelLoadError(f"backend {backend!r}: expected 'bridge' (TransformerLens 4.x) or 'hooked' (3.x)")
     check_device(device)
     hf, tok, source = _load_hf(spec_s)  # first: a bad spec fails before the TL import cost
-    backend = backend or default_backend()
+    backend = backend or _default_backend_for(hf.config.model_type)
     if backend not in available_backends():
         raise ModelLoadError(
             f"backend {backend!r} is not available with the installed transformer_lens "
@@ -248,7 +255,7 @@ def from_hf(
 ) -> LensModel:
     """Build a LensModel from an HF causal LM of a supported family and its tokenizer (no weight
     processing)."""
-    backend = backend or default_backend()
+    backend = backend or _default_backend_for(getattr(hf.config, "model_type", None))
     mt = getattr(hf.config, "model_type", None)
     check_config(mt, hf.config.to_dict(), f"model {spec!r}")
     source = dict(source or {"kind": "object"})
