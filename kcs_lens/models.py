@@ -145,7 +145,7 @@ def load_model(
         raise ModelLoadError(f"backend {backend!r}: expected 'bridge' (TransformerLens 4.x) or 'hooked' (3.x)")
     check_device(device)
     hf, tok, source = _load_hf(spec_s)  # first: a bad spec fails before the TL import cost
-    backend = backend or _default_backend_for(hf.config.model_type)
+    backend = backend or _default_backend_for(getattr(getattr(hf, "config", None), "model_type", None))
     if backend not in available_backends():
         raise ModelLoadError(
             f"backend {backend!r} is not available with the installed transformer_lens "
