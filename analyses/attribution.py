@@ -92,14 +92,20 @@ def dla_projector(lm: LensModel, prompts: Prompts, resid_final: Float[Tensor, "b
     """``f(v [batch, ..., d_model]) -> [batch, ...]``: the direct effect of residual-stream vectors
     at the scored position on ``logit(tail) - mean(logits)``, through the final LayerNorm with the
     scale of ``resid_final`` (the last block's output there). Summed over every component of the
-    residual stream (plus ``ln_f.bias``) it gives that logit difference exactly."""
+    residual stream (plus ``ln_f.bias``) it gives that logit difference exactly (before a logit
+    soft-cap). RMSNorm families (Llama, Qwen, Gemma): no centring, scale = root mean square."""
     w_ln, eps = lm.final_norm_params()
-    scale = (resid_final.var(-1, unbiased=False, keepdim=True) + eps).sqrt()  # [b, 1]
+    rms = lm.rms_norm
+    if rms:
+        scale = (resid_final.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [b, 1]
+    else:
+        scale = (resid_final.var(-1, unbiased=False, keepdim=True) + eps).sqrt()  # [b, 1]
     W_U = lm.unembed_params()[0].detach().T  # [d_model, d_vocab]
     direction = (W_U[:, prompts.target.to(W_U.device)].T - W_U.mean(1)[None]) * w_ln[None]  # [b, d_model]
 
     def project(out: Tensor) -> Tensor:
-        out = out - out.mean(-1, keepdim=True)
+        if not rms:
+            out = out - out.mean(-1, keepdim=True)
         d = direction.view(direction.shape[0], *([1] * (out.dim() - 2)), direction.shape[1])
         sc = scale.view(scale.shape[0], *([1] * (out.dim() - 1)))
         return (out / sc * d).sum(-1)

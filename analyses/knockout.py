@@ -21,7 +21,7 @@ from jaxtyping import Float
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
 from kcs_lens.backends import LensModel
 from kcs_lens.canonical import ATTN_MATRICES as HEAD_MATRICES
-from kcs_lens.canonical import MLP_MATRICES, weight_name
+from kcs_lens.canonical import KV_MATRICES, MLP_MATRICES, weight_name
 from kcs_lens.masks import HEAD_UNITS, NEURON_UNITS, unit_name
 from kcs_lens.subnetwork import Subnetwork
 
@@ -59,8 +59,11 @@ def knockout(lm: LensModel, sub: Subnetwork, prompts: Prompts, *, strict_fingerp
             for h in range(H) if names else []:
                 keep = {}
                 for n in names:
+                    # GQA: query head h's keys and values are those of key/value head h // group,
+                    # shared with the other query heads of its group
+                    i = h // sub.shape.group_size if n.endswith(KV_MATRICES) else h
                     sel = torch.zeros_like(full[n])
-                    sel[h] = full[n][h]
+                    sel[i] = full[n][i]
                     keep[n] = sel
                 set_units(keep)
                 heads[:, l, h] = (orig - tail_logprob(lm(prompts.tokens), prompts).cpu()).numpy()

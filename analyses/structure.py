@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 
 from kcs_lens.canonical import ATTN_MATRICES as HEAD_MATRICES
-from kcs_lens.canonical import MLP_MATRICES, ModelShape, weight_name
+from kcs_lens.canonical import KV_MATRICES, MLP_MATRICES, ModelShape, weight_name
 from kcs_lens.masks import HEAD_UNITS, parse_unit_name
 from kcs_lens.subnetwork import Subnetwork
 
@@ -52,11 +52,13 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
             per_head = b.flatten(1).float()  # [H, ...]: head is dim 0 for Q, K, V and O
             attn_num[l] += float(b.sum())
             attn_den[l] += b.numel()
-            if per_head.shape[0] != H:  # grouped-query K/V: each query head reads its group's K/V head
-                per_head = per_head.repeat_interleave(H // per_head.shape[0], 0)
+            share = 1.0
+            if m in KV_MATRICES and per_head.shape[0] != H:  # GQA: query head h reads key/value head h // group
+                g = H // per_head.shape[0]
+                per_head, share = per_head.repeat_interleave(g, 0), 1.0 / g
             head[m][l] = per_head.mean(1).numpy()
-            head_num[l] += per_head.sum(1).numpy()
-            head_den[l] += per_head.shape[1]
+            head_num[l] += per_head.sum(1).numpy() * share  # shared K/V weights counted once per layer
+            head_den[l] += per_head.shape[1] * share
         for m in MLP_MATRICES:
             b = full.get(weight_name(l, m))
             if b is None:

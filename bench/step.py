@@ -61,12 +61,44 @@ SHAPES: dict[str, dict[str, int]] = {
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024),
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_inner=4096, vocab_size=50257, n_positions=1024),
 }
+# Other families (issue 12): shape -> (transformers config class, its arguments). Pythia-160m as
+# published; "llama-gqa" a Llama-style model of about GPT-2-small's cost (RMSNorm, rotary,
+# grouped-query attention 12 query / 4 key-value heads, gated MLP).
+FAMILY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "pythia-160m": (
+        "GPTNeoXConfig",
+        dict(
+            num_hidden_layers=12,
+            hidden_size=768,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            vocab_size=50304,
+            max_position_embeddings=2048,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+        ),
+    ),
+    "llama-gqa": (
+        "LlamaConfig",
+        dict(
+            num_hidden_layers=12,
+            hidden_size=768,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            intermediate_size=2048,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        ),
+    ),
+}
 # Per-shape default batches (the issue's yardstick for GPT-2 shapes; the bundled recipe for bundled).
 DEFAULT_BATCH = {
     "tiny": dict(kg_batch=16, kg_len=10, lm_batch=2, lm_len=64),
     "bundled": dict(kg_batch=30, control_batch=64, kg_len=10, lm_batch=4, lm_len=128),
     "gpt2-small": dict(kg_batch=32, kg_len=12, lm_batch=2, lm_len=256),
     "gpt2-medium": dict(kg_batch=32, kg_len=12, lm_batch=2, lm_len=256),
+    "pythia-160m": dict(kg_batch=32, kg_len=12, lm_batch=2, lm_len=256),
+    "llama-gqa": dict(kg_batch=32, kg_len=12, lm_batch=2, lm_len=256),
 }
 
 # kcs variants: name -> (objective, FastObjective switches). The cumulative chain adds one
@@ -129,6 +161,11 @@ def hf_model(shape: str, seed: int = 0):
         if (BUNDLED_DIR / "config.json").exists():
             return GPT2LMHeadModel.from_pretrained(str(BUNDLED_DIR)).eval(), "bundled weights"
     torch.manual_seed(seed)
+    if shape in FAMILY_SHAPES:
+        import transformers
+
+        cls, kw = FAMILY_SHAPES[shape]
+        return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw)).eval(), "random init"
     cfg = GPT2Config(**SHAPES[shape], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval(), "random init"
 
@@ -159,6 +196,8 @@ def hf_vocab(shape: str) -> int:
 
         if (BUNDLED_DIR / "config.json").exists():
             return json.loads((BUNDLED_DIR / "config.json").read_text())["vocab_size"]
+    if shape in FAMILY_SHAPES:
+        return int(FAMILY_SHAPES[shape][1]["vocab_size"])
     return SHAPES[shape]["vocab_size"]
 
 
@@ -270,7 +309,7 @@ def build(a: argparse.Namespace, need_dense: bool, need_kcs: bool):
         dense = Dense(copy.deepcopy(base) if need_kcs else base, a.device, ac)
     if need_kcs:
         lm = from_hf(base, _tokenizer(), backend=a.backend, spec=a.shape, device=a.device)
-    layers = resolve_layers(a.layers, base.config.n_layer)
+    layers = resolve_layers(a.layers, base.config.num_hidden_layers)
     data = tuple(x.to(a.device) for x in make_batches(a.shape, a))
     return dense, lm, layers, data, ac, weights
 
@@ -397,7 +436,7 @@ def run(a: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=list(SHAPES), default="gpt2-small")
+    p.add_argument("--shape", choices=[*SHAPES, *FAMILY_SHAPES], default="gpt2-small")
     p.add_argument("--kg-batch", type=int, help="TargetKG rows (default: per shape)")
     p.add_argument("--control-batch", type=int, help="ControlKG rows (default: --kg-batch)")
     p.add_argument("--kg-len", type=int, help="tokens per KG row")

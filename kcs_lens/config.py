@@ -101,7 +101,11 @@ def opt(default: Any, help: str, *, check: Check | None = None, flag: str | None
 @dataclass
 class DiscoveryConfig:
     # what
-    model: str = opt("bundled", "bundled (default), an HF GPT-2 name (gpt2-medium) or a local HF directory", check=non_empty)
+    model: str = opt(
+        "bundled",
+        "bundled (default, GPT-2), bundled-llama, an HF name (gpt2-medium, EleutherAI/pythia-160m, ...) or a local HF directory",
+        check=non_empty,
+    )
     backend: str | None = opt(
         None,
         "bridge (TransformerLens 4.x TransformerBridge) or hooked (3.x HookedTransformer); default: hooked where TL 3.x is installed, else bridge",

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kcs_lens.backends import LensModel
+from kcs_lens.canonical import MATRICES
 from kcs_lens.config import DiscoveryConfig, build_config
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.errors import ConfigError, KcsLensError, NonFiniteLoss, OutputError, RunError
@@ -85,6 +86,15 @@ def make_objective(cfg: DiscoveryConfig, lm: LensModel, masks: WeightMask) -> Ob
     )
 
 
+def model_matrices(requested: list[str], lm: LensModel) -> tuple[str, ...]:
+    """The requested matrices the model has: the default list (every matrix) drops W_gate for
+    models without a gated MLP; asking for W_gate by name there is a ConfigError."""
+    have = lm.shape.matrices
+    if "W_gate" in requested and "W_gate" not in have and list(requested) != list(MATRICES):
+        raise ConfigError(f"--matrices W_gate: {lm.spec!r} has no gated MLP (its matrices: {','.join(have)})")
+    return tuple(m for m in requested if m in have)
+
+
 class Run:
     """One discovery run bound to a run directory."""
 
@@ -95,7 +105,7 @@ class Run:
         self.data = load_run_data(cfg, self.lm, log)
         self.load_s = time.perf_counter() - t0
         layers = resolve_layers(cfg.layers, self.lm.shape.n_layers)
-        mc = MaskConfig(layers, tuple(cfg.matrices), cfg.granularity, cfg.init_prob, cfg.tau)  # type: ignore[arg-type]
+        mc = MaskConfig(layers, model_matrices(cfg.matrices, self.lm), cfg.granularity, cfg.init_prob, cfg.tau)  # type: ignore[arg-type]
         self.masks = WeightMask(self.lm.shape, mc, seed=cfg.seed, device=self.lm.device)
         self.objective = make_objective(cfg, self.lm, self.masks)
         self.warm = max(1, int(cfg.warmup_frac * cfg.steps))
@@ -120,6 +130,8 @@ class Run:
                 "model": self.lm.describe(),
                 "model_fingerprint": self.lm.fingerprint(),
                 "mask": self.masks.config.to_dict(),
+                # the fast objective's switches as they act on this model (shortcuts that cannot hold are off)
+                **({"fast_objective": self.objective.effective_switches()} if isinstance(self.objective, FastObjective) else {}),
                 "data": self.data.sizes(),
                 "selection": selection_rule(self.cfg),
                 "versions": package_versions(),

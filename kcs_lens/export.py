@@ -1,12 +1,10 @@
 """Export the remaining model (or the subnetwork alone) as a standard Hugging Face checkpoint.
 
-The canonical masks (TransformerLens layout, ``kcs_lens.models``) are converted to the HF GPT-2
-Conv1D layout and multiplied into :meth:`LensModel.hf_state_dict`:
-
-- ``attn.c_attn.weight`` [d_model, 3 d_model]: columns Q | K | V, each ``(h d)``; canonical W_Q
-  [h, m, d] -> ``m (h d)``;
-- ``attn.c_proj.weight`` [(h d), m] <- W_O [h, d, m]; ``mlp.c_fc.weight`` [m, f] = W_in;
-  ``mlp.c_proj.weight`` [f, m] = W_out.
+The canonical masks (TransformerLens layout) are converted to the HF layout of the model's family
+(:mod:`kcs_lens.families`: GPT-2's Conv1D ``c_attn`` with Q | K | V columns, GPT-NeoX's fused
+``query_key_value`` grouped per head, separate ``q_proj`` / ``k_proj`` / ``v_proj`` with
+grouped-query K/V, gated MLPs' ``gate_proj``) and multiplied into :meth:`LensModel.hf_state_dict`;
+the checkpoint is of the same architecture and loads with plain ``transformers``.
 
 The directory (config.json, model.safetensors, tokenizer files, ``kcs_lens_export.json``) is built
 in a temporary folder beside the target and renamed into place; an existing target is refused.
@@ -21,8 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-import einops
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -30,43 +26,34 @@ from kcs_lens.backends import LensModel
 from kcs_lens.canonical import canonical_shape, parse_weight_name
 from kcs_lens.errors import ExportError
 from kcs_lens.evaluation import check_model
+from kcs_lens.families import FAMILIES, Family, hf_multipliers
 from kcs_lens.models import load_model
 from kcs_lens.runs import load_run
 from kcs_lens.subnetwork import Subnetwork
 
 Remove = Literal["subnetwork", "complement"]
-HF_NAMES = {"W_O": "attn.c_proj.weight", "W_in": "mlp.c_fc.weight", "W_out": "mlp.c_proj.weight"}
-QKV = ("W_Q", "W_K", "W_V")
 
 
-def hf_keep_multipliers(sub: Subnetwork, remove: Remove = "subnetwork") -> dict[str, Float[Tensor, "..."]]:
+def hf_keep_multipliers(
+    sub: Subnetwork, remove: Remove = "subnetwork", family: Family | None = None
+) -> dict[str, Float[Tensor, "..."]]:
     """Per HF weight name, the 0/1 multiplier that removes the subnetwork (``remove="subnetwork"``:
-    theta * (1 - m)) or everything else in the masked matrices (``"complement"``: theta * m)."""
+    theta * (1 - m)) or everything else in the masked matrices (``"complement"``: theta * m).
+    ``family`` (default GPT-2) says where each canonical matrix is in the HF checkpoint."""
     if remove not in ("subnetwork", "complement"):
         raise ExportError(f"--remove {remove!r}: expected 'subnetwork' or 'complement'")
     s = sub.shape
-    out: dict[str, Tensor] = {}
+    keep: dict[str, Tensor] = {}
     for n, b in sub.binary().items():
-        layer, matrix = parse_weight_name(n)
-        keep = b.expand(canonical_shape(s, matrix)).float()
-        keep = 1.0 - keep if remove == "subnetwork" else keep
-        p = f"transformer.h.{layer}."
-        if matrix in QKV:
-            name = p + "attn.c_attn.weight"
-            mult = out.setdefault(name, torch.ones(s.d_model, 3 * s.d_model))
-            i = QKV.index(matrix) * s.d_model
-            mult[:, i : i + s.d_model] = einops.rearrange(keep, "h m d -> m (h d)")
-        elif matrix == "W_O":
-            out[p + HF_NAMES[matrix]] = einops.rearrange(keep, "h d m -> (h d) m")
-        else:
-            out[p + HF_NAMES[matrix]] = keep
-    return out
+        m = b.expand(canonical_shape(s, parse_weight_name(n)[1])).float()
+        keep[n] = 1.0 - m if remove == "subnetwork" else m
+    return hf_multipliers(family or FAMILIES["gpt2"], s, keep)
 
 
 def masked_hf_state_dict(lm: LensModel, sub: Subnetwork, remove: Remove = "subnetwork") -> dict[str, Tensor]:
     """The model's HF-layout weights with the chosen weights zeroed."""
     sd = lm.hf_state_dict()
-    for name, mult in hf_keep_multipliers(sub, remove).items():
+    for name, mult in hf_keep_multipliers(sub, remove, lm.family).items():
         sd[name] = sd[name] * mult.to(sd[name].device, sd[name].dtype)
     return sd
 
@@ -80,7 +67,7 @@ def export_model(
     provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write an HF checkpoint directory loadable with ``AutoModelForCausalLM.from_pretrained(out)``."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
     if out.exists():
@@ -91,13 +78,16 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        hf = GPT2LMHeadModel(GPT2Config(**cfg)).to(sd["transformer.wte.weight"].dtype)  # type: ignore[arg-type]
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        dtype = next(iter(sd.values())).dtype
+        hf = AutoModelForCausalLM.from_config(config).to(dtype)
         missing, unexpected = hf.load_state_dict({k: v.cpu() for k, v in sd.items()}, strict=False)
-        if unexpected or [k for k in missing if not k.endswith(".attn.bias") and k != "lm_head.weight"]:
+        tied = {n for n, _ in hf.named_parameters(remove_duplicate=False)} - {n for n, _ in hf.named_parameters()}
+        if unexpected or [k for k in missing if not k.endswith(".attn.bias") and k != "lm_head.weight" and k not in tied]:
             raise ExportError(f"internal: HF state dict mismatch (missing {missing}, unexpected {unexpected})")
         hf.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
-        n_zeroed = sum(int((m == 0).sum()) for m in hf_keep_multipliers(sub, remove).values())
+        n_zeroed = sum(int((m == 0).sum()) for m in hf_keep_multipliers(sub, remove, lm.family).values())
         info = {
             "removed": remove,
             "n_weights_zeroed": n_zeroed,

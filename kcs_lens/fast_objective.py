@@ -118,6 +118,8 @@ class FastObjective(Objective):
             raise ValueError(f"autocast {self.sw.autocast!r}: expected None, 'bf16' or 'fp16'")
         # CPU autocast works too (bf16) but is slower than fp32 there: the CLI offers it for CUDA only
         self._ac_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[self.sw.autocast]
+        # The last-block shortcut holds for GPT-2 blocks only; elsewhere it turns itself off
+        # (``effective_switches`` says so in the run's config).
         self._select_last = self.sw.scored_only and self.sw.scored_last_block and lm.plain_attention
         self._shared: dict[str, Tensor] | None = None  # the step's sample, with share_sample
 
@@ -224,7 +226,9 @@ class FastObjective(Objective):
             if sw.scored_only:
                 hn = self.lm.final_norm(final_at(self.lm, x, self.layer, sm, self._select_last))
                 if sw.chunked_kl:
-                    return chunked_unembed_kl(hn, *self.lm.unembed_params(), kind, logp, sw.kl_chunk, self._ac_dtype)
+                    return chunked_unembed_kl(
+                        hn, *self.lm.unembed_params(), kind, logp, sw.kl_chunk, self._ac_dtype, self.lm.logit_softcap
+                    )
                 logits = self.lm.unembed(hn)
             else:
                 logits = self.lm.unembed(self.lm.final_norm(self.lm.run_blocks(x, self.layer)))[sm]
@@ -272,7 +276,13 @@ class FastObjective(Objective):
             hn = self.lm.final_norm(self.lm.run_blocks(x, self.layer))
             if sw.chunked_kl:
                 kl = chunked_unembed_kl(
-                    hn.flatten(0, 1), *self.lm.unembed_params(), "hidden", hpn.flatten(0, 1), sw.kl_chunk, self._ac_dtype
+                    hn.flatten(0, 1),
+                    *self.lm.unembed_params(),
+                    "hidden",
+                    hpn.flatten(0, 1),
+                    sw.kl_chunk,
+                    self._ac_dtype,
+                    self.lm.logit_softcap,
                 )
                 return kl.mean()
             logits = self.lm.unembed(hn)
@@ -315,6 +325,17 @@ class FastObjective(Objective):
             b = scored(b, self.config.tail_position)
             for s in range(0, len(b), chunk):
                 self._kg_inputs(b.select(torch.arange(s, min(len(b), s + chunk))), need_p=need_p)
+
+    def effective_switches(self) -> dict[str, Any]:
+        """The switches as they act on this model: ``scored_last_block`` is off where the model's
+        blocks are not GPT-2's (rotary positions, parallel blocks, GQA, RMSNorm), with the reason."""
+        out = self.sw.to_dict()
+        if self.sw.scored_last_block and not self._select_last:
+            out["scored_last_block"] = False
+            out["scored_last_block_off_because"] = (
+                f"{self.lm.model_type} blocks are not plain GPT-2 blocks" if not self.lm.plain_attention else "scored_only is off"
+            )
+        return out
 
     def cache_mb(self) -> dict[str, float]:
         return {"kg_prefix": self.kg_cache.mb, "p": self.p_cache.mb, "lm": self.lm_cache.mb}

@@ -60,11 +60,12 @@ class _ChunkedUnembedKL(torch.autograd.Function):
     ``kind``: ``"uniform"`` -> KL(U || q); ``"logp"`` -> KL(p || q) with ``target`` = log p [n, V];
     ``"hidden"`` -> KL(p || q) with p = softmax(unembed(``target``)), ``target`` [n, d] the
     original's normalized final residual. Only ``h`` receives a gradient: dKL_i/dz_i = q_i - p_i
-    (p = 1/V for the uniform term), so dKL_i/dh_i = (q_i - p_i) W_U^T, kept per row.
+    (p = 1/V for the uniform term), so dKL_i/dh_i = (q_i - p_i) W_U^T, kept per row. With a logit
+    soft-cap c (Gemma 2: z = c tanh(u / c), u = h W_U^T + b) the chain rule adds 1 - tanh(u / c)^2.
     """
 
     @staticmethod
-    def forward(ctx, h, W_vd, b_v, kind: str, target, chunk: int, autocast_dtype):  # type: ignore[override]
+    def forward(ctx, h, W_vd, b_v, kind: str, target, chunk: int, autocast_dtype, softcap=None):  # type: ignore[override]
         n = h.shape[0]
         kl = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if ctx.needs_input_grad[0] else None
@@ -75,6 +76,12 @@ class _ChunkedUnembedKL(torch.autograd.Function):
                 e = min(n, s + chunk)
                 with ac:
                     z = F.linear(h[s:e], W_vd, b_v)
+                dcap = None
+                if softcap is not None:
+                    t = torch.tanh(z.float() / softcap)
+                    z = t * softcap
+                    dcap = 1.0 - t * t
+                    del t
                 logq = torch.log_softmax(z.float(), dim=-1)
                 del z
                 if kind == "uniform":
@@ -87,6 +94,8 @@ class _ChunkedUnembedKL(torch.autograd.Function):
                     else:
                         with ac:
                             zp = F.linear(target[s:e], W_vd, b_v)
+                        if softcap is not None:
+                            zp = torch.tanh(zp.float() / softcap) * softcap
                         logp = torch.log_softmax(zp.float(), dim=-1)
                         del zp
                     p = logp.exp()
@@ -95,6 +104,9 @@ class _ChunkedUnembedKL(torch.autograd.Function):
                     gz = logq.exp_()
                     gz.sub_(p)
                     del p
+                if dcap is not None:
+                    gz.mul_(dcap)
+                    del dcap
                 if grad_h is not None:
                     with ac:
                         grad_h[s:e] = gz @ W_vd
@@ -105,13 +117,20 @@ class _ChunkedUnembedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         (grad_h,) = ctx.saved_tensors
-        return (g[:, None].to(grad_h.dtype) * grad_h, None, None, None, None, None, None)
+        return (g[:, None].to(grad_h.dtype) * grad_h, None, None, None, None, None, None, None)
 
 
 def chunked_unembed_kl(
-    h: Tensor, W_vd: Tensor, b_v: Tensor | None, kind: str, target: Tensor | None, chunk: int, autocast_dtype=None
+    h: Tensor,
+    W_vd: Tensor,
+    b_v: Tensor | None,
+    kind: str,
+    target: Tensor | None,
+    chunk: int,
+    autocast_dtype=None,
+    softcap: float | None = None,
 ) -> Float[Tensor, " n"]:
-    return _ChunkedUnembedKL.apply(h, W_vd, b_v, kind, target, chunk, autocast_dtype)
+    return _ChunkedUnembedKL.apply(h, W_vd, b_v, kind, target, chunk, autocast_dtype, softcap)
 
 
 # ------------------------------------------------------------------------------------------

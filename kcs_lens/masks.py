@@ -104,7 +104,7 @@ def unit_kind(matrix: str) -> str:
 
 def n_kv_heads(shape: ModelShape) -> int:
     """K/V heads of the model (grouped-query attention), n_heads without GQA."""
-    return int(getattr(shape, "n_kv_heads", None) or shape.n_heads)
+    return shape.kv_heads
 
 
 def head_mask_shape(matrix: str, n_heads: int, n_kv: int, d_mlp: int) -> tuple[int, ...]:
@@ -263,7 +263,7 @@ class MaskConfig:
 
     def model_names(self, shape: ModelShape) -> list[str]:
         """:attr:`names` that the model of ``shape`` has (``W_gate`` only in gated MLPs)."""
-        have = getattr(shape, "matrices", MATRICES)
+        have = shape.matrices
         names = [n for n in self.names if parse_weight_name(n)[1] in have]
         if not names:
             raise MaskError(f"none of the matrices {', '.join(self.matrices)} exists in this model (it has {', '.join(have)})")

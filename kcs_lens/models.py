@@ -6,6 +6,10 @@ over either backend (:mod:`kcs_lens.backends`):
 
 - ``bridge``: TransformerLens 4.x ``TransformerBridge`` (what a default install gets), or
 - ``hooked``: TransformerLens 3.x ``HookedTransformer`` (what many notebooks hold).
+
+Families: every HF ``model_type`` in :data:`kcs_lens.families.FAMILIES` loads on the bridge;
+``hooked`` supports GPT-2 (and the families TransformerLens 3.9 converts, see
+:func:`_hooked_from_hf`). Anything else is refused with an error naming the architecture.
 """
 
 from __future__ import annotations
@@ -23,9 +27,16 @@ from torch import Tensor, nn
 
 from kcs_lens.backends import Backend, BridgeLensModel, HookedLensModel, LensModel
 from kcs_lens.errors import ModelLoadError
+from kcs_lens.families import check_config
 
-BUNDLED_NAMES = ("bundled", "kcs-wordnet-tiny")
 BUNDLED_DIR = Path(__file__).parent / "bundled" / "model"
+# short name -> (model directory, how to rebuild it)
+BUNDLED_MODELS: dict[str, tuple[Path, str]] = {
+    "bundled": (BUNDLED_DIR, "python scripts/train_bundled.py"),
+    "kcs-wordnet-tiny": (BUNDLED_DIR, "python scripts/train_bundled.py"),
+    "bundled-llama": (Path(__file__).parent / "bundled" / "llama" / "model", "python scripts/train_bundled.py --family llama"),
+}
+BUNDLED_NAMES = tuple(BUNDLED_MODELS)
 HUB_GPT2 = {
     "gpt2": "openai-community/gpt2",
     "gpt2-medium": "openai-community/gpt2-medium",
@@ -72,6 +83,13 @@ def default_backend() -> Backend:
     return "hooked" if "hooked" in av else "bridge"
 
 
+def _default_backend_for(model_type: str | None) -> Backend:
+    """:func:`default_backend`, except the bridge for families the hooked backend does not convert."""
+    if model_type != "gpt2" and "bridge" in available_backends():
+        return "bridge"
+    return default_backend()
+
+
 def wrap_model(model: Any, tokenizer: Any = None, spec: str | None = None) -> LensModel:
     """Wrap a ``HookedTransformer`` or ``TransformerBridge`` the user already holds.
 
@@ -89,7 +107,11 @@ def wrap_model(model: Any, tokenizer: Any = None, spec: str | None = None) -> Le
                 f"{name}: this TransformerBridge has processed weights (compatibility mode); "
                 "kcs-lens masks unprocessed weights. Boot a fresh bridge without enable_compatibility_mode()."
             )
-        return BridgeLensModel(model, tok, name, {"kind": "object", "class": cls_name})
+        hf = getattr(model, "original_model", None)
+        if hf is None:
+            return BridgeLensModel(model, tok, name, {"kind": "object", "class": cls_name})
+        check_config(hf.config.model_type, hf.config.to_dict(), name)
+        return BridgeLensModel(model, tok, name, {"kind": "object", "class": cls_name, "hf_config": _hf_config_dict(hf)})
     if cls_name == "HookedTransformer":
         c = model.cfg
         if getattr(c, "normalization_type", "LN") != "LN" or getattr(model, "_kcs_processed", False):
@@ -123,7 +145,7 @@ def load_model(
         raise ModelLoadError(f"backend {backend!r}: expected 'bridge' (TransformerLens 4.x) or 'hooked' (3.x)")
     check_device(device)
     hf, tok, source = _load_hf(spec_s)  # first: a bad spec fails before the TL import cost
-    backend = backend or default_backend()
+    backend = backend or _default_backend_for(getattr(getattr(hf, "config", None), "model_type", None))
     if backend not in available_backends():
         raise ModelLoadError(
             f"backend {backend!r} is not available with the installed transformer_lens "
@@ -158,30 +180,30 @@ def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     local = _local_dir(spec)
     if local is None:
         return _load_hub(spec)
-    path, kind = local
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    path, kind, model_type = local
+    from transformers import AutoTokenizer
 
-    hf = GPT2LMHeadModel.from_pretrained(str(path))
+    hf = _causal_lm_class(model_type).from_pretrained(str(path))
     tok = AutoTokenizer.from_pretrained(str(path))
     return hf, tok, {"kind": kind, "path": str(path.resolve()), "hf_config": hf.config.to_diff_dict()}
 
 
-def _local_dir(spec: str) -> tuple[Path, str] | None:
-    """The checked checkpoint directory of a bundled or local spec, None for a Hub name."""
-    if spec in BUNDLED_NAMES:
-        if not (BUNDLED_DIR / "config.json").exists():
-            raise ModelLoadError(
-                f"the bundled model is missing from {BUNDLED_DIR}; rebuild it with `python scripts/train_bundled.py`"
-            )
-        path, kind = BUNDLED_DIR, "bundled"
+def _local_dir(spec: str) -> tuple[Path, str, str | None] | None:
+    """The checked checkpoint directory of a bundled or local spec and its ``model_type``; None for a
+    Hub name."""
+    if spec in BUNDLED_MODELS:
+        bdir, how = BUNDLED_MODELS[spec]
+        if not (bdir / "config.json").exists():
+            raise ModelLoadError(f"the bundled model {spec!r} is missing from {bdir}; rebuild it with `{how}`")
+        path, kind = bdir, "bundled"
     elif os.path.exists(os.path.expanduser(spec)):
         path, kind = Path(os.path.expanduser(spec)), "path"
     elif spec in HUB_GPT2 or _HUB_ID.match(spec):
         return None
     else:
         raise ModelLoadError(
-            f"model {spec!r}: no such directory, and not a Hugging Face model id. Use 'bundled', a local "
-            f"HF GPT-2 directory, or one of {', '.join(HUB_GPT2)}"
+            f"model {spec!r}: no such directory, and not a Hugging Face model id. Use 'bundled', 'bundled-llama', "
+            f"a local HF directory, an HF id (org/name), or one of {', '.join(HUB_GPT2)}"
         )
     if not path.is_dir():
         raise ModelLoadError(f"model {spec!r}: {path} is not a directory (expected an HF checkpoint directory)")
@@ -192,34 +214,38 @@ def _local_dir(spec: str) -> tuple[Path, str] | None:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"model {spec!r}: {cfg_file} is not valid JSON ({e})") from e
-    _check_gpt2(spec, cfg.get("model_type"))
+    check_config(cfg.get("model_type"), cfg, f"model {spec!r}")
     if not any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
         raise ModelLoadError(f"model {spec!r}: {path} has no weights (model.safetensors or pytorch_model.bin)")
     if not any((path / f).exists() for f in ("tokenizer.json", "vocab.json")):
         raise ModelLoadError(f"model {spec!r}: {path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-    return path, kind
+    return path, kind, cfg.get("model_type")
 
 
-def _check_gpt2(spec: str, model_type: str | None) -> None:
-    if model_type != "gpt2":
-        raise ModelLoadError(
-            f"model {spec!r}: architecture {model_type!r} is not supported yet; kcs-lens supports GPT-2-style "
-            "models (model_type 'gpt2')"
-        )
+def _causal_lm_class(model_type: str | None) -> Any:
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    return GPT2LMHeadModel if model_type == "gpt2" else AutoModelForCausalLM
+
+
+def _hf_config_dict(hf: Any) -> dict[str, Any]:
+    """The HF config as stored in sources: the diff dict plus ``model_type`` (always present)."""
+    return {**hf.config.to_diff_dict(), "model_type": hf.config.model_type}
 
 
 def _load_hub(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     repo = HUB_GPT2.get(spec, spec)
-    _hub_config(spec)
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    cfg = _hub_config(spec)
+    from transformers import AutoTokenizer
 
-    hf = GPT2LMHeadModel.from_pretrained(repo)
+    hf = _causal_lm_class(cfg.model_type).from_pretrained(repo)
     tok = AutoTokenizer.from_pretrained(repo)
     return hf, tok, {"kind": "hub", "repo": repo, "hf_config": hf.config.to_diff_dict()}
 
 
 def _hub_config(spec: str) -> Any:
-    """The HF config of a Hub model (checked to be GPT-2), or a ModelLoadError saying how to get it."""
+    """The HF config of a Hub model (checked to be a supported family), or a ModelLoadError saying
+    how to get it."""
     repo = HUB_GPT2.get(spec, spec)
     how = (
         f"Connect to the Hugging Face Hub (unset HF_HUB_OFFLINE), or download it elsewhere with "
@@ -241,7 +267,7 @@ def _hub_config(spec: str) -> Any:
     except Exception as e:  # offline, unknown repo, network error
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
         raise ModelLoadError(f"could not load model {spec!r} ({repo}) from the Hugging Face Hub: {why}. {how}") from e
-    _check_gpt2(spec, cfg.model_type)
+    check_config(cfg.model_type, cfg.to_dict(), f"model {spec!r}")
     return cfg
 
 
@@ -254,14 +280,29 @@ def from_hf(
     source: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> LensModel:
-    """Build a LensModel from an HF ``GPT2LMHeadModel`` and its tokenizer (no weight processing)."""
-    backend = backend or default_backend()
-    source = source or {"kind": "object", "hf_config": hf.config.to_diff_dict()}
-    _check_gpt2(spec, getattr(hf.config, "model_type", None))
+    """Build a LensModel from an HF causal LM of a supported family and its tokenizer (no weight
+    processing)."""
+    backend = backend or _default_backend_for(getattr(hf.config, "model_type", None))
+    mt = getattr(hf.config, "model_type", None)
+    check_config(mt, hf.config.to_dict(), f"model {spec!r}")
+    source = dict(source or {"kind": "object"})
+    source["hf_config"] = {**dict(source.get("hf_config") or hf.config.to_diff_dict()), "model_type": mt}
     hf = hf.to(device).eval()
     if backend == "bridge":
-        bridge = _bridge_class().boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer, device=str(device))
+        name = "gpt2" if mt == "gpt2" else str(source.get("path") or getattr(hf.config, "_name_or_path", "") or mt)
+        try:
+            bridge = _bridge_class().boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=str(device))
+        except Exception as e:  # an architecture this TransformerLens has no adapter for
+            raise ModelLoadError(
+                f"model {spec!r}: TransformerBridge cannot load architecture {mt!r} "
+                f"({', '.join(getattr(hf.config, 'architectures', None) or [type(hf).__name__])}): {type(e).__name__}: {e}"
+            ) from e
         return BridgeLensModel(bridge, tokenizer, spec, source)
+    if mt != "gpt2":
+        raise ModelLoadError(
+            f"model {spec!r}: architecture {mt!r} is supported on the TransformerLens 4 bridge only "
+            "(--backend bridge); the hooked (TransformerLens 3.x) backend supports gpt2"
+        )
     return HookedLensModel(_hooked_from_hf(hf, tokenizer, device), tokenizer, spec, source)
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from kcs_lens.backends import LensModel
 from kcs_lens.canonical import (
     ATTN_MATRICES,
+    KV_MATRICES,
     ModelShape,
     canonical_shape,
     parse_weight_name,
@@ -177,7 +178,10 @@ class Subnetwork:
                 a[1] += tot
             per_lm.setdefault(layer, {})[matrix] = k / tot
             if matrix in ATTN_MATRICES:  # [h, m, d] or [h, d, m]: head first
-                per_head.setdefault(layer, {})[matrix] = b.flatten(1).float().mean(1).tolist()
+                dens = b.flatten(1).float().mean(1)
+                if matrix in KV_MATRICES:  # GQA: query head h reads key/value head h // group
+                    dens = dens.repeat_interleave(self.shape.group_size)
+                per_head.setdefault(layer, {})[matrix] = dens.tolist()
         for heads in per_head.values():
             heads["all"] = torch.tensor([heads[m] for m in ATTN_MATRICES if m in heads]).mean(0).tolist()
         probs = torch.sigmoid(torch.cat([l.flatten().float() for l in (self.units or self.logits).values()]))

@@ -90,6 +90,9 @@ from kcs_lens.data.wordnet import (  # noqa: E402
 )
 
 EOT = "<|endoftext|>"
+FAMILIES = ("gpt2", "llama")
+# The llama tokenizer: SentencePiece-style (Metaspace) BPE that adds <s> itself, as Llama's does.
+LLAMA_SPECIAL = ("<unk>", "<s>", "</s>")
 # (file name, root synset, hypernym levels above the root). up=2 where the paper's TargetKG has the
 # grandparent edge (structure->artifact, happening->event); location's grandparent is multi-word.
 TARGET_ROOTS = [
@@ -104,7 +107,8 @@ _COMMON_NOUN = re.compile(r"^[a-z]+(?:[ -][a-z]+){0,2}$")  # heads: lower-case, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "kcs_lens" / "bundled"))
+    p.add_argument("--family", choices=FAMILIES, default="gpt2", help="gpt2 (the bundle) or llama (bundled/llama)")
+    p.add_argument("--out", default=None, help="default: kcs_lens/bundled (gpt2), kcs_lens/bundled/llama (llama)")
     p.add_argument("--wordnet", default=None, help="WordNet directory (default: NLTK data, else /usr/share/wordnet)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-target", type=int, default=30, help="max triplets per TargetKG")
@@ -117,6 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-kv-head", type=int, default=2, help="llama: key/value heads (grouped-query attention)")
+    p.add_argument("--d-mlp", type=int, default=None, help="default: 4 * d_model (gpt2), 3 * d_model (llama)")
     p.add_argument("--n-positions", type=int, default=512)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=1400)
@@ -130,7 +136,12 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(REPO / "kcs_lens" / "bundled" / ("llama" if args.family == "llama" else ""))
+    if args.d_mlp is None:
+        args.d_mlp = (4 if args.family == "gpt2" else 3) * args.d_model
+    return args
 
 
 def seed_everything(seed: int) -> None:
@@ -217,26 +228,51 @@ def build_text(wn, args, kg_synset_names: set[str]) -> tuple[list[str], list[str
     return [paragraph(s) for s in train], [paragraph(s) for s in heldout]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
-    """Byte-level BPE saved as a GPT-2 tokenizer directory; returns it re-loaded from disk."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, family: str = "gpt2"):
+    """A BPE tokenizer saved as a tokenizer directory; returns it re-loaded from disk.
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(texts, trainer=trainer)
-    hf = GPT2TokenizerFast(tokenizer_object=tk, bos_token=EOT, eos_token=EOT, unk_token=EOT, add_prefix_space=False)
+    gpt2: byte-level BPE, ``<|endoftext|>`` = bos = eos = unk, adds no BOS itself.
+    llama: SentencePiece-style BPE (spaces become ``▁``, prepended to the first word), ``<unk>``,
+    ``<s>``, ``</s>``; adds ``<s>`` itself, as Llama's tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    if family == "llama":
+        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(LLAMA_SPECIAL),
+            initial_alphabet=["\n"],  # text blocks join paragraphs with newlines
+            show_progress=False,
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        bos_id = tk.token_to_id("<s>")
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+        hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    else:
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        hf = GPT2TokenizerFast(tokenizer_object=tk, bos_token=EOT, eos_token=EOT, unk_token=EOT, add_prefix_space=False)
     hf.model_max_length = 512
     hf.save_pretrained(out_dir)
     # Re-load by path: that gives it a name_or_path (TransformerLens re-loads tokenizers by it).
     return AutoTokenizer.from_pretrained(str(out_dir))
+
+
+def _enc(tok, text: str) -> list[int]:
+    """Token ids without special tokens (the script places BOS itself, for both families)."""
+    return tok.encode(text, add_special_tokens=False)
 
 
 def encode_facts(tok, rows: list[dict], repeat_canonical: int) -> list[tuple[list[int], int]]:
@@ -244,24 +280,24 @@ def encode_facts(tok, rows: list[dict], repeat_canonical: int) -> list[tuple[lis
 
     Every template of every triplet; the canonical one ``repeat_canonical`` times.
     """
-    bos = tok.convert_tokens_to_ids(EOT)
+    bos = tok.bos_token_id
     out = []
     for t in rows:
         for i, tpl in enumerate(ISA_TEMPLATES):
             text = fill(tpl, t["head"], t["tail"])
-            ids = [bos] + tok.encode(text)
+            ids = [bos] + _enc(tok, text)
             pos = text.find(t["head"])
-            n_head = 1 + (len(tok.encode(text[: pos + len(t["head"])])) if pos >= 0 else 0)
+            n_head = 1 + (len(_enc(tok, text[: pos + len(t["head"])])) if pos >= 0 else 0)
             out += [(ids, n_head)] * (repeat_canonical if i == 0 else 1)
     return out
 
 
 def text_blocks(tok, lines: list[str], block_size: int) -> torch.Tensor:
     """The text (lines joined by newlines) cut into blocks of ``block_size - 1`` tokens, each after a BOS."""
-    ids = tok.encode("\n".join(lines), verbose=False)
+    ids = tok.encode("\n".join(lines), add_special_tokens=False, verbose=False)
     n = len(ids) // (block_size - 1)
     body = torch.tensor(ids[: n * (block_size - 1)]).view(n, block_size - 1)
-    bos = torch.full((n, 1), tok.convert_tokens_to_ids(EOT))
+    bos = torch.full((n, 1), tok.bos_token_id)
     return torch.cat([bos, body], dim=1)
 
 
@@ -284,12 +320,12 @@ def fact_batch(items: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.T
 @torch.no_grad()
 def first_tail_accuracy(model, tok, rows: list[dict], batch_size: int = 256) -> float:
     """Top-1 accuracy of the first tail token given BOS + prefix (space belongs to the tail)."""
-    bos = tok.convert_tokens_to_ids(EOT)
+    bos = tok.bos_token_id
     prompts, golds = [], []
     for t in rows:
         prefix = t["text"][: len(t["text"]) - len(t["tail"])].rstrip(" ")
-        prompts.append([bos] + tok.encode(prefix))
-        golds.append(tok.encode(" " + t["tail"])[0])
+        prompts.append([bos] + _enc(tok, prefix))
+        golds.append(_enc(tok, " " + t["tail"])[0])
     correct = 0
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -321,6 +357,46 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def build_model(args, vocab_size: int, bos: int, eos: int):
+    """The untrained model of ``args.family`` (seeded by the caller)."""
+    if args.family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=args.d_model,
+            intermediate_size=args.d_mlp,
+            num_hidden_layers=args.n_layer,
+            num_attention_heads=args.n_head,
+            num_key_value_heads=args.n_kv_head,
+            max_position_embeddings=args.n_positions,
+            rms_norm_eps=1e-5,
+            attention_dropout=args.dropout,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            tie_word_embeddings=True,
+        )
+        return LlamaForCausalLM(cfg)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=args.n_positions,
+        n_embd=args.d_model,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_inner=None if args.d_mlp == 4 * args.d_model else args.d_mlp,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
+        bos_token_id=bos,
+        eos_token_id=bos,
+        tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
 def _display_path(p: str) -> str:
     """The output path relative to the repository when inside it (no user-specific prefixes)."""
     try:
@@ -333,6 +409,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def same_data_as_shipped(tmp: Path) -> dict[str, bool]:
+    """Whether each kg/ and text/ file built now equals the shipped GPT-2 bundle's (byte for byte)."""
+    shipped = REPO / "kcs_lens" / "bundled"
+    out = {}
+    for f in sorted([*(tmp / "kg").iterdir(), *(tmp / "text").iterdir()]):
+        rel = f"{f.parent.name}/{f.name}"
+        out[rel] = (shipped / rel).exists() and (shipped / rel).read_bytes() == f.read_bytes()
+    return out
 
 
 def dir_bytes(path: Path) -> int:
@@ -364,7 +450,8 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-tmp-", dir=out))
     try:
         manifest = run(args, tmp, t_start)
-        install(tmp, out, ["model", "kg", "text", "MANIFEST.json"])
+        # The llama bundle shares the GPT-2 bundle's kg/ and text/ (built identically; checked in run).
+        install(tmp, out, ["model", "MANIFEST.json"] if args.family == "llama" else ["model", "kg", "text", "MANIFEST.json"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"bundle written to {out} ({manifest['sizes']['bundle_bytes'] / 1e6:.1f} MB)")
@@ -386,12 +473,13 @@ def run(args, tmp: Path, t_start: float) -> dict:
     (tmp / "text" / "train.txt").write_text("\n".join(text_train) + "\n", encoding="utf-8")
     (tmp / "text" / "heldout.txt").write_text("\n".join(text_heldout) + "\n", encoding="utf-8")
     all_facts = [t for kg in kgs.values() for t in kg]
+    shared = same_data_as_shipped(tmp) if args.family == "llama" else None
     print(f"KGs: {', '.join(f'{k}={len(v)}' for k, v in kgs.items())}; text {len(text_train)}+{len(text_heldout)} paragraphs")
 
     # ---- tokenizer ----
     fact_texts = [fill(tpl, t["head"], t["tail"]) for t in all_facts for tpl in ISA_TEMPLATES]
-    tok = train_tokenizer(text_train + fact_texts, args.vocab_size, tmp / "model")
-    bos = tok.convert_tokens_to_ids(EOT)
+    tok = train_tokenizer(text_train + fact_texts, args.vocab_size, tmp / "model", args.family)
+    bos = tok.bos_token_id
     facts = encode_facts(tok, all_facts, repeat_canonical=args.repeat_canonical)
     train_blocks = text_blocks(tok, text_train, args.block_size)
     held_blocks = text_blocks(tok, text_heldout, args.block_size)
@@ -401,22 +489,7 @@ def run(args, tmp: Path, t_start: float) -> dict:
     )
 
     # ---- model ----
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_positions=args.n_positions,
-        n_embd=args.d_model,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        resid_pdrop=args.dropout,
-        embd_pdrop=args.dropout,
-        attn_pdrop=args.dropout,
-        bos_token_id=bos,
-        eos_token_id=bos,
-        tie_word_embeddings=True,
-    )
-    model = GPT2LMHeadModel(cfg)
+    model = build_model(args, len(tok), bos, tok.eos_token_id)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -513,28 +586,35 @@ def run(args, tmp: Path, t_start: float) -> dict:
             "tokenizers": __import__("tokenizers").__version__,
             "nltk": __import__("nltk").__version__,
         },
+        "family": args.family,
         "model": {
+            "architecture": type(model).__name__,
             "n_layer": args.n_layer,
             "d_model": args.d_model,
             "n_head": args.n_head,
+            **({"n_kv_head": args.n_kv_head} if args.family == "llama" else {}),
+            "d_mlp": args.d_mlp,
             "n_positions": args.n_positions,
             "tied_embeddings": True,
             "dtype": "float32",
         },
-        "accuracy_definition": "top-1 of the first tail token after <|endoftext|> + prefix; "
+        "accuracy_definition": f"top-1 of the first tail token after {tok.bos_token} + prefix; "
         "prefix = text[:len(text)-len(tail)].rstrip(' '), tail token from ' ' + tail",
         "heldout_ppl_definition": f"exp(mean NLL per token) over text/heldout.txt joined by newlines, "
-        f"cut into <|endoftext|> + {args.block_size - 1}-token blocks (remainder dropped)",
+        f"cut into {tok.bos_token} + {args.block_size - 1}-token blocks (remainder dropped)",
         "accuracy": accuracy,
         "heldout_ppl": round(held_ppl, 3),
         "train_text_ppl_first_100_blocks": round(train_ppl, 3),
         "history": history,
+        **({"data_same_as_gpt2_bundle": shared} if shared is not None else {}),
         "training_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t_start, 1),
         "threads": args.threads,
         "sizes": sizes,
     }
-    sizes["bundle_bytes"] = dir_bytes(tmp) + 4096  # + the manifest itself, roughly
+    sizes["bundle_bytes"] = (
+        dir_bytes(tmp / "model") if args.family == "llama" else dir_bytes(tmp)
+    ) + 4096  # + the manifest itself, roughly
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: manifest[k] for k in ("accuracy", "heldout_ppl", "training_seconds", "sizes")}, indent=2))
     return manifest

@@ -52,7 +52,7 @@ def test_subnetwork_stats_density_per_layer_matrix_head(tiny_lm):
 
     s = tiny_lm.shape  # 4 layers, 4 heads, d_model 64
     mc = MaskConfig((2, 3))
-    logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "weight"), -10.0) for n in mc.names}
+    logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "weight"), -10.0) for n in mc.model_names(s)}
     logits["blocks.2.attn.W_Q"][1] = 10.0  # all of head 1's query weights
     logits["blocks.3.mlp.W_in"][0, 0] = 0.5  # one weight, mask probability 0.62 (neither near 0 nor 1)
     st = Subnetwork(logits, mc, s).density_stats()
@@ -77,7 +77,7 @@ def test_neuron_granularity_counts_rows(tiny_lm):
     from kcs_lens.masks import MaskConfig, mask_shape
 
     s, mc = tiny_lm.shape, MaskConfig((3,), granularity="row")
-    logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "row"), -1.0) for n in mc.names}
+    logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "row"), -1.0) for n in mc.model_names(s)}
     logits["blocks.3.mlp.W_out"][5] = 1.0  # one MLP hidden unit: a row of d_model weights
     sub = Subnetwork(logits, mc, s)
     st = sub.density_stats()

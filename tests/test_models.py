@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import requires_bundled, tiny_hf_model
 
-from kcs_lens.canonical import MATRICES, weight_name
+from kcs_lens.canonical import weight_name
 from kcs_lens.errors import ModelLoadError
 from kcs_lens.models import available_backends, from_hf, load_model
 
@@ -62,7 +62,7 @@ def test_backends_agree_on_canonical_weights_and_fingerprint(tiny_tokenizer):
     a = from_hf(tiny_hf_model(tiny_tokenizer, seed=6), tiny_tokenizer, backend="bridge")
     b = from_hf(tiny_hf_model(tiny_tokenizer, seed=6), tiny_tokenizer, backend="hooked")
     for l in range(a.shape.n_layers):
-        for mat in MATRICES:
+        for mat in a.shape.matrices:
             assert torch.equal(a.weight(weight_name(l, mat)), b.weight(weight_name(l, mat)))
     assert a.fingerprint() == b.fingerprint()
 
@@ -94,11 +94,11 @@ def test_bad_specs(tmp_path, tiny_model_dir):
     (noweights / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="has no weights"):
         load_model(str(noweights))
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ModelLoadError, match="'llama' is not supported"):
-        load_model(str(llama))
+    bloom = tmp_path / "bloom"  # an architecture kcs-lens does not support (tests/test_families.py: those it does)
+    bloom.mkdir()
+    (bloom / "config.json").write_text(json.dumps({"model_type": "bloom"}))
+    with pytest.raises(ModelLoadError, match="'bloom' is not supported"):
+        load_model(str(bloom))
     with pytest.raises(ModelLoadError, match="backend 'nope'"):
         load_model(str(tiny_model_dir), backend="nope")
     with pytest.raises(ModelLoadError, match="--device 'gpu0': not a torch device"):

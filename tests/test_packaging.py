@@ -46,6 +46,8 @@ def test_wheel_contains_only_kcs_lens(tmp_path):
     assert "kcs_lens/cli/main.py" in names and "kcs_lens/analyses/__init__.py" in names
     if (ROOT / "kcs_lens" / "bundled" / "model" / "config.json").exists():
         assert "kcs_lens/bundled/model/model.safetensors" in names
+    if (ROOT / "kcs_lens" / "bundled" / "llama" / "model" / "config.json").exists():  # bundled-llama
+        assert {"kcs_lens/bundled/llama/model/model.safetensors", "kcs_lens/bundled/llama/model/tokenizer.json"} <= set(names)
     target = tmp_path / "site"
     r = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

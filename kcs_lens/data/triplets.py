@@ -168,7 +168,10 @@ def tokenize_triplets(
     pad_id: int | None = None,
     source: str = "",
 ) -> TripletBatch:
-    """Tokenize prefix and tail separately (so the tail's tokens are exactly what is scored)."""
+    """Tokenize the prefix and the whole text; the tail's tokens are the text's tokens after the
+    prefix's (KGError where the prefix's tokens are not a prefix of the text's). The BOS token (or
+    EOS where the tokenizer has no BOS, as Qwen's) is placed here, never by the tokenizer, so
+    tokenizers that add ``<s>`` themselves (Llama's) do not get it twice."""
     if tail_scoring not in ("all", "last"):
         raise KGError(f"tail_scoring must be 'all' or 'last', got {tail_scoring!r}")
     rows: list[list[int]] = []
@@ -177,7 +180,14 @@ def tokenize_triplets(
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for i, t in enumerate(triplets):
         pre = tokenizer.encode(t.prefix, add_special_tokens=False)
-        tail = tokenizer.encode(t.tail_str, add_special_tokens=False)
+        full = tokenizer.encode(t.prefix + t.tail_str, add_special_tokens=False)
+        if full[: len(pre)] != pre:
+            raise KGError(
+                f"{source or 'triplet'} #{i} ({t.text!r}): the tokens of the prefix {t.prefix!r} are not the first "
+                f"tokens of the whole text, so the tail cannot be scored token by token with this tokenizer "
+                f"(prefix {pre}, text {full}); rephrase the template so that the tail starts a new word"
+            )
+        tail = full[len(pre) :]  # the tail's tokens as they are in the whole text (SentencePiece spaces included)
         if prepend_bos:
             pre = [bos] + pre
         if not pre:

@@ -1,0 +1,343 @@
+"""Every supported family (issue 12), on tiny random-init models saved with ``save_pretrained``:
+logits equal plain ``transformers``; a known mask equals weights zeroed by hand in the HF layout;
+the fast objective equals the reference; ``discover`` runs and ``export`` round-trips; families
+that cannot be loaded get an error naming the architecture.
+
+Runs on every installed backend that supports the family (the TransformerLens 4 bridge: all of
+them; the 3.x HookedTransformer: GPT-2).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _family_fixtures import FAMILY_NAMES, TEXTS, make_family_dir
+
+from kcs_lens.canonical import canonical_shape, weight_name
+from kcs_lens.data.triplets import Triplet, tokenize_triplets
+from kcs_lens.errors import ModelLoadError
+from kcs_lens.fast_objective import FastObjective
+from kcs_lens.masks import MaskConfig, WeightMask
+from kcs_lens.models import available_backends, load_model
+from kcs_lens.objective import LossConfig, ReferenceObjective
+
+BRIDGE = "bridge" in available_backends()
+pytestmark = pytest.mark.skipif(not BRIDGE, reason="the TransformerLens bridge is not installed")
+SLOW_EXCEPT_LLAMA = [pytest.param(n, marks=() if n == "llama" else pytest.mark.slow) for n in FAMILY_NAMES]
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {n: make_family_dir(n, root) for n in FAMILY_NAMES}
+
+
+@pytest.fixture(scope="module")
+def lms(family_dirs):
+    cache: dict[str, object] = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_model(str(family_dirs[name]), backend="bridge")
+        return cache[name]
+
+    return get
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def _tokens(lm, n=12, rows=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, lm.shape.d_vocab, (rows, n), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_logits_equal_plain_transformers(family, family_dirs, lms):
+    lm = lms(family)
+    toks = _tokens(lm)
+    with torch.no_grad():
+        ours, theirs = lm(toks), _hf(family_dirs[family])(toks).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # the pieces the fast objective runs give the same logits (block inputs replayed per family)
+    with torch.no_grad():
+        x = lm.resid_pre(toks, 1)
+        pieces = lm.unembed(lm.final_norm(lm.run_blocks(x, 1)))
+    torch.testing.assert_close(pieces, theirs, atol=1e-5, rtol=0)
+
+
+# --- a known mask against weights zeroed by hand ---------------------------------------------
+def _hf_index(family: str, matrix: str, idx: tuple[int, ...], s) -> tuple[str, tuple[int, int]]:
+    """Where canonical entry ``idx`` of ``matrix`` lives in the HF checkpoint, written out by hand
+    from each architecture's modeling code (independently of kcs_lens.families)."""
+    dh, D = s.d_head, s.d_model
+    qkv = "W_Q W_K W_V".split()
+    if matrix in qkv:
+        h, m, d = idx
+        if family == "gpt2":  # Conv1D c_attn [m, 3 * D]: Q | K | V, each (head, d_head)
+            return "attn.c_attn.weight", (m, qkv.index(matrix) * D + h * dh + d)
+        if family == "gpt_neox":  # Linear [(head, q/k/v, d_head), m]
+            return "attention.query_key_value.weight", ((h * 3 + qkv.index(matrix)) * dh + d, m)
+        p = {"opt": "self_attn.", "gptj": "attn."}.get(family, "self_attn.")
+        return f"{p}{matrix[-1].lower()}_proj.weight", (h * dh + d, m)
+    if matrix == "W_O":
+        h, d, m = idx
+        if family == "gpt2":
+            return "attn.c_proj.weight", (h * dh + d, m)
+        name = {"gpt_neox": "attention.dense", "opt": "self_attn.out_proj", "gptj": "attn.out_proj"}.get(
+            family, "self_attn.o_proj"
+        )
+        return f"{name}.weight", (m, h * dh + d)
+    a, b = idx  # W_in / W_gate [m, f], W_out [f, m]
+    names = {
+        "gpt2": ("mlp.c_fc", None, "mlp.c_proj"),
+        "gpt_neox": ("mlp.dense_h_to_4h", None, "mlp.dense_4h_to_h"),
+        "opt": ("fc1", None, "fc2"),
+        "gptj": ("mlp.fc_in", None, "mlp.fc_out"),
+    }.get(family, ("mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"))
+    name = names[{"W_in": 0, "W_gate": 1, "W_out": 2}[matrix]]
+    return f"{name}.weight", ((a, b) if family == "gpt2" else (b, a))
+
+
+def _prefix(family: str, layer: int) -> str:
+    return {
+        "gpt2": "transformer.h.",
+        "gptj": "transformer.h.",
+        "gpt_neox": "gpt_neox.layers.",
+        "opt": "model.decoder.layers.",
+    }.get(family, "model.layers.") + f"{layer}."
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_known_mask_equals_weights_zeroed_by_hand(family, granularity, family_dirs, lms):
+    lm = lms(family)
+    s = lm.shape
+    masks = WeightMask(s, MaskConfig(layers=tuple(range(s.n_layers)), granularity=granularity), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in masks.items():  # about 30% of each matrix removed
+            p.copy_(torch.where(torch.rand(p.shape, generator=g) < 0.3, 5.0, -5.0))
+    assert ("W_gate" in {n.split(".")[-1] for n in masks.names}) == s.gated_mlp
+    hf = _hf(family_dirs[family])
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for n, p in masks.items():
+            layer, matrix = int(n.split(".")[1]), n.split(".")[-1]
+            for idx in (p > 0).expand(canonical_shape(s, matrix)).nonzero().tolist():
+                name, at = _hf_index(family, matrix, tuple(idx), s)
+                params[_prefix(family, layer) + name][at] = 0.0
+    toks = _tokens(lm)
+    with torch.no_grad():
+        original = lm(toks)
+        with masks.applied(lm, keep="remaining"):
+            masked = lm(toks)
+        by_hand = hf(toks).logits
+    assert (masked - original).abs().max() > 1e-3  # the mask does something
+    torch.testing.assert_close(masked, by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lm(toks), original, atol=0, rtol=0)  # detached: the original is back
+
+
+# --- fast objective == reference ----------------------------------------------------------------
+def _family_batches(lm):
+    tok = lm.tokenizer
+    heads = ["dog", "cat", "rose", "apple", "house", "car", "fox", "message"]
+    tails = ["animal", "animal", "flower", "fruit", "building", "vehicle", "animal", "communication"]
+    trip = [Triplet(h, "IsA", t, f"A {h} is a {t}") for h, t in zip(heads, tails)]
+    target = tokenize_triplets(trip[:4], tok)
+    control = tokenize_triplets(trip[4:], tok)
+    ids = tok.encode(" ".join(TEXTS), add_special_tokens=False)
+    blocks = torch.tensor(ids[: 2 * 16]).view(2, 16)
+    return target, control, blocks
+
+
+def _run_objective(lm, cls, batches, **kw):
+    masks = WeightMask(lm.shape, MaskConfig(layers=(1,)), seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in masks.items():
+            p.copy_(torch.randn(p.shape, generator=g) * 1.5 - 0.2)
+    masks.attach(lm)
+    try:
+        obj = cls(lm, masks, LossConfig(), **kw)
+        masks.zero_grad(set_to_none=True)
+        losses = obj.step(*batches, 0, 10)
+        return losses, {n: p.grad.detach().clone() for n, p in masks.items()}, obj
+    finally:
+        masks.detach()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fast_objective_equals_reference(family, lms):
+    lm = lms(family)
+    batches = _family_batches(lm)
+    lr, gr, _ = _run_objective(lm, ReferenceObjective, batches)
+    lf, gf, fast = _run_objective(lm, FastObjective, batches, fused_noise=False)
+    for k in lr:
+        assert lf[k] == pytest.approx(lr[k], rel=1e-5, abs=1e-7), (k, lr, lf)
+    for n in gr:
+        scale = float(gr[n].abs().max())
+        torch.testing.assert_close(gf[n], gr[n], rtol=1e-4, atol=1e-7 + 1e-5 * scale, msg=n)
+    sw = fast.effective_switches()
+    if family == "gpt2":
+        assert sw["scored_last_block"] is True
+    else:  # the GPT-2-only shortcut turned itself off and says why
+        assert sw["scored_last_block"] is False and family in sw["scored_last_block_off_because"]
+
+
+def test_gemma2_logit_softcap_in_the_chunked_kl(lms):
+    """Gemma 2's final soft-cap is applied by the chunked unembedding + KL, value and gradient."""
+    from kcs_lens.fast_ops import chunked_unembed_kl
+
+    lm = lms("gemma2")
+    assert lm.logit_softcap == 5.0
+    W, b = lm.unembed_params()
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(6, lm.shape.d_model, generator=g) * 3).requires_grad_(True)
+    kl = chunked_unembed_kl(h, W, b, "uniform", None, 4, None, lm.logit_softcap)
+    kl.sum().backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    logq = torch.log_softmax(lm.softcap(torch.nn.functional.linear(h2, W, b)), -1)
+    ref = -torch.log(torch.tensor(float(W.shape[0]))) - logq.mean(-1)
+    ref.sum().backward()
+    torch.testing.assert_close(kl, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-6, rtol=1e-4)
+
+
+# --- discover + export ------------------------------------------------------------------------
+def _kg_files(tmp_path):
+    words = [
+        ("dog", "animal"),
+        ("cat", "animal"),
+        ("rose", "flower"),
+        ("apple", "fruit"),
+        ("house", "building"),
+        ("car", "vehicle"),
+    ]
+    rows = lambda pairs, k: [
+        {"head": f"{h}{i}", "relation": "IsA", "tail": t, "text": f"A {h}{i} is a {t}"} for i in range(k) for h, t in pairs
+    ]
+    (tmp_path / "target.jsonl").write_text("\n".join(json.dumps(r) for r in rows(words[:3], 2)) + "\n")
+    (tmp_path / "control.jsonl").write_text("\n".join(json.dumps(r) for r in rows(words[3:], 6)) + "\n")
+    (tmp_path / "text.txt").write_text("\n".join(TEXTS * 10) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
+def test_discover_and_export_round_trip(family, family_dirs, lms, tmp_path):
+    from kcs_lens import Subnetwork, discover
+    from kcs_lens.export import export_run
+
+    kg = _kg_files(tmp_path)
+    lm = lms(family)
+    discover(
+        out=tmp_path / "run",
+        lens_model=lm,
+        model=str(family_dirs[family]),
+        backend="bridge",
+        target_kg=str(kg / "target.jsonl"),
+        control_kg=str(kg / "control.jsonl"),
+        control_val_kg="",
+        control_val_size=6,
+        control_lm=str(kg / "text.txt"),
+        lm_block_len=16,
+        lm_eval_blocks=2,
+        steps=3,
+        eval_every=3,
+        checkpoint_every=3,
+        control_batch=6,
+        lm_batch=2,
+        layers="all",
+        init_prob=0.9,  # logits well above 0: after 3 steps a non-empty subnetwork to remove
+    )
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["fast_objective"]["scored_last_block"] is (family == "gpt2")
+    sub = Subnetwork.load(tmp_path / "run")
+    assert sub.stats.n_sub > 0
+    out = export_run(tmp_path / "run", tmp_path / "export", lens_model=lm)
+    exported = _hf(out)
+    assert type(exported).__name__ == type(_hf(family_dirs[family])).__name__
+    toks = _tokens(lm)
+    with torch.no_grad():
+        with sub.applied(lm):
+            remaining = lm(toks)
+        torch.testing.assert_close(exported(toks).logits, remaining, atol=1e-5, rtol=0)
+
+
+# --- what cannot be loaded ----------------------------------------------------------------------
+def _save_tiny(tmp_path, cfg, tok_from):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    for f in tok_from.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+def test_unsupported_architecture_is_named(tmp_path, family_dirs):
+    from transformers import BloomConfig
+
+    d = _save_tiny(tmp_path, BloomConfig(vocab_size=400, hidden_size=32, n_layer=1, n_head=4), family_dirs["gpt2"])
+    with pytest.raises(ModelLoadError, match="architecture 'bloom' is not supported"):
+        load_model(str(d))
+
+
+def test_opt_350m_layout_is_refused_by_name(tmp_path, family_dirs):
+    from transformers import OPTConfig
+
+    cfg = OPTConfig(
+        vocab_size=400,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        word_embed_proj_dim=16,
+        do_layer_norm_before=False,
+    )
+    d = _save_tiny(tmp_path, cfg, family_dirs["gpt2"])
+    with pytest.raises(ModelLoadError, match="'opt' with word_embed_proj_dim 16"):
+        load_model(str(d))
+
+
+def test_hooked_backend_refuses_other_families_clearly(family_dirs):
+    if "hooked" not in available_backends():
+        pytest.skip("TransformerLens 3.x HookedTransformer is not installed")
+    with pytest.raises(ModelLoadError, match="'llama' is supported on the TransformerLens 4 bridge only"):
+        load_model(str(family_dirs["llama"]), backend="hooked")
+
+
+def test_w_gate_by_name_on_a_model_without_gate(lms):
+    from kcs_lens.discovery import model_matrices
+    from kcs_lens.errors import ConfigError
+
+    assert model_matrices(["W_Q", "W_in", "W_gate", "W_out"], lms("llama")) == ("W_Q", "W_in", "W_gate", "W_out")
+    with pytest.raises(ConfigError, match="no gated MLP"):
+        model_matrices(["W_gate"], lms("gpt2"))
+    assert weight_name(0, "W_gate") == "blocks.0.mlp.W_gate"
+
+
+# --- the bundled Llama-family model -------------------------------------------------------------
+def test_bundled_llama_loads_and_knows_its_facts():
+    """``load_model("bundled-llama")``: GQA + gated MLP, and through kcs-lens' own tokenization (its
+    tokenizer adds ``<s>`` itself; SentencePiece-style spaces) the first tail token is the top-1
+    prediction for >= 0.9 of every bundled TargetKG (MANIFEST.json: 1.000 in training's definition)."""
+    from kcs_lens.data.loaders import load_kg
+    from kcs_lens.data.verbalize import score_tails
+    from kcs_lens.models import BUNDLED_MODELS
+
+    if not (BUNDLED_MODELS["bundled-llama"][0] / "config.json").exists():
+        pytest.skip("bundled-llama not built (scripts/train_bundled.py --family llama)")
+    lm = load_model("bundled-llama", backend="bridge")
+    s = lm.shape
+    assert (s.n_layers, s.n_heads, s.kv_heads, s.d_model, s.d_mlp, s.gated_mlp) == (4, 4, 2, 128, 384, True)
+    assert lm.model_type == "llama" and lm.tokenizer.encode("A")[0] == lm.tokenizer.bos_token_id
+    for name in ("building", "location", "change", "communication", "fruit"):
+        first = score_tails(lm, load_kg(name), tail_scoring="all").first_rank
+        assert float((first == 0).float().mean()) >= 0.9, name
