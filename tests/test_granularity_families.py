@@ -1,19 +1,16 @@
 """Head granularity on a tiny Llama-family model (grouped-query attention 4 query / 2 K/V heads,
 gated MLP): removing heads and neurons equals zeroing their slices by hand, the fast objective
-equals the reference. Needs the model families (tests/_family_fixtures.py); skipped without them."""
+equals the reference. The tiny model comes from tests/_family_fixtures.py."""
 
 from __future__ import annotations
 
+import _family_fixtures as family_fixtures
 import pytest
 import torch
 
-family_fixtures = pytest.importorskip("_family_fixtures")
-
-from kcs_lens.canonical import ModelShape, canonical_shape, weight_name  # noqa: E402
-from kcs_lens.masks import MaskConfig, WeightMask  # noqa: E402
-from kcs_lens.subnetwork import Subnetwork  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not hasattr(ModelShape, "kv_heads"), reason="model families (GQA shapes) not merged")
+from kcs_lens.canonical import canonical_shape, weight_name
+from kcs_lens.masks import MaskConfig, WeightMask
+from kcs_lens.subnetwork import Subnetwork
 
 
 @pytest.fixture(scope="module")
