@@ -144,6 +144,12 @@ class DiscoveryConfig:
     control_lm_weight: float = opt(1.0, "weight of KL(p||q) on ControlLM (paper: 1.0)", check=non_negative)
     sparsity_start: float = opt(2.0, "sparsity weight until mid-training (paper: 2.0)", check=non_negative)
     sparsity_end: float = opt(3.0, "sparsity weight at the last step, linear from mid-training (paper: 3.0)", check=non_negative)
+    tail_weight: float = opt(
+        0.0,
+        "weight of the tail term, mean over TargetKG triplets of max(0, log q(tail) + log V): the tail's log-prob above "
+        "the uniform share (NOT in the paper; 0 = off, the paper's objective; docs/method.md)",
+        check=non_negative,
+    )
     tail_position: Literal["correct", "released"] = opt(
         "correct", "correct (logits at the last prefix token) or released (the authors' off-by-one, for fidelity)"
     )
@@ -180,6 +186,11 @@ class DiscoveryConfig:
     )
     select_max_control_ratio: float = opt(1.15, "checkpoint selection: maximum ControlKG PPL ratio", check=non_negative)
     select_max_lm_ratio: float = opt(1.05, "checkpoint selection: maximum held-out LM PPL ratio", check=non_negative)
+    select_max_target_top1: float | None = opt(
+        None,
+        "checkpoint selection: maximum TargetKG top-1 accuracy of the remaining model, in [0, 1] (unset: no top-1 criterion)",
+        check=in_range(0, 1),
+    )
 
     def loss_config(self) -> LossConfig:
         return LossConfig(
@@ -188,6 +199,7 @@ class DiscoveryConfig:
             control_lm=self.control_lm_weight,
             sparsity_start=self.sparsity_start,
             sparsity_end=self.sparsity_end,
+            tail=self.tail_weight,
             tail_position=self.tail_position,
         ).ablated(self.ablation)
 
@@ -233,6 +245,10 @@ class DiscoveryConfig:
             raise ConfigError(
                 f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every ({self.eval_every}) "
                 "so that every checkpoint has an evaluation to select on"
+            )
+        if self.tail_weight > 0 and self.tail_position == "released":
+            raise ConfigError(
+                "--tail-weight > 0 needs --tail-position correct (the released off-by-one scores positions without a tail token)"
             )
         if self.autocast != "none" and (self.objective != "fast" or not str(self.device).startswith("cuda")):
             raise ConfigError(

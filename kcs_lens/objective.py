@@ -8,6 +8,10 @@ next-token distribution and q the remaining model's:
 3. ControlLM maintenance:  mean over all token positions of KL(p || q);
 4. sparsity:               mean sigmoid(logits), weighted by lambda(t) (2 -> 3 schedule).
 
+Not in the paper, off by default (``tail`` weight 0): 5. the tail's excess, the mean over TargetKG
+triplets of max(0, log q(tail) + log V), the tail token's log-probability above the uniform share
+1/V that term 1 aims at (docs/method.md, "Perplexity suppressed vs answer changed").
+
 :class:`Objective` is the interface and the step loop; :class:`ReferenceObjective` is the
 straightforward implementation (every pass a full forward of the masked model, p recomputed with
 the masks switched off: the same weights, no second model copy, a fresh mask sample per pass).
@@ -32,7 +36,7 @@ from kcs_lens.masks import WeightMask
 from kcs_lens.scoring import per_triplet_mean
 
 TailPosition = Literal["correct", "released"]
-TERMS = ("suppression", "control_kg", "control_lm", "sparsity")
+TERMS = ("suppression", "control_kg", "control_lm", "tail", "sparsity")
 
 
 @dataclass
@@ -44,6 +48,7 @@ class LossConfig:
     control_lm: float = 1.0
     sparsity_start: float = 2.0
     sparsity_end: float = 3.0
+    tail: float = 0.0  # weight of term 5 (not in the paper; 0: off)
     use_suppression: bool = True
     use_control_kg: bool = True
     use_control_lm: bool = True
@@ -66,10 +71,16 @@ class LossConfig:
         return replace(self, **ABLATIONS[ablation])
 
     def enabled_terms(self, **losses: Callable[[], Tensor]) -> list[tuple[str, float, Callable[[], Tensor]]]:
-        """(name, weight, loss function) of the enabled KL terms, in method.md's order; ``losses``
-        maps each of ``suppression``, ``control_kg``, ``control_lm`` to a function computing it."""
-        on = {"suppression": self.use_suppression, "control_kg": self.use_control_kg, "control_lm": self.use_control_lm}
-        return [(t, getattr(self, t), losses[t]) for t in TERMS[:3] if on[t]]
+        """(name, weight, loss function) of the enabled masked terms, in method.md's order; ``losses``
+        maps each of ``suppression``, ``control_kg``, ``control_lm``, ``tail`` to a function computing
+        it. The tail term runs only with a positive weight, and goes with the suppression ablation."""
+        on = {
+            "suppression": self.use_suppression,
+            "control_kg": self.use_control_kg,
+            "control_lm": self.use_control_lm,
+            "tail": self.use_suppression and self.tail > 0,
+        }
+        return [(t, getattr(self, t), losses[t]) for t in TERMS[:4] if on[t]]
 
 
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -85,6 +96,12 @@ def kl_uniform_to_q(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
     """KL(U || q) = -log V - mean_v log q_v, per row."""
     logq = torch.log_softmax(logits.float(), dim=-1)
     return -math.log(logits.shape[-1]) - logq.mean(-1)
+
+
+def tail_excess(logits: Float[Tensor, "n vocab"], tails: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """max(0, log q(tail) + log V) per row: how far the tail's log-probability is above 1/V."""
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, tails[:, None].to(logits.device))[:, 0]
+    return torch.relu(logq + math.log(logits.shape[-1]))
 
 
 def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
@@ -124,6 +141,10 @@ class Objective:
         """Term 3: mean over all positions of KL(p || q) on ControlLM blocks."""
         raise NotImplementedError
 
+    def tail(self, target: TripletBatch) -> Tensor:
+        """Term 5 (not in the paper): mean over triplets of max(0, log q(tail) + log V)."""
+        raise NotImplementedError
+
     def density(self) -> Tensor:
         """Term 4 (unweighted): the expected density, mean sigmoid(logits)."""
         return self.masks.expected_density()
@@ -151,6 +172,7 @@ class Objective:
                 suppression=lambda: self.suppression(target),
                 control_kg=lambda: self.control_kg(control),
                 control_lm=lambda: self.control_lm(blocks),
+                tail=lambda: self.tail(target),
             ):
                 with record_function(f"kcs.{term}.forward"):  # labels for bench/profile_step.py
                     loss = fn()
@@ -203,6 +225,10 @@ class ReferenceObjective(Objective):
         b = scored(target, self.config.tail_position)
         logits = self.lm(b.tokens)
         return per_triplet_mean(kl_uniform_to_q(logits[b.score_mask]), b).mean()
+
+    def tail(self, target: TripletBatch) -> Tensor:
+        logits = self.lm(target.tokens)
+        return per_triplet_mean(tail_excess(logits[target.score_mask], target.targets[target.score_mask]), target).mean()
 
     def control_kg(self, control: TripletBatch) -> Tensor:
         b = scored(control, self.config.tail_position)

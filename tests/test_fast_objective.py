@@ -132,8 +132,10 @@ def test_each_switch_matches_reference(make_tiny_lm, data, backend, name):
         LossConfig(use_control_lm=False),
         LossConfig(use_sparsity=False),
         LossConfig(suppression=0.7, control_kg=2.0, control_lm=0.3),
+        LossConfig(tail=2.0),
+        LossConfig(tail=2.0, use_suppression=False),
     ],
-    ids=["released-tail", "no-suppression", "no-control-kg", "no-control-lm", "no-sparsity", "weights"],
+    ids=["released-tail", "no-suppression", "no-control-kg", "no-control-lm", "no-sparsity", "weights", "tail-term", "tail-ablated"],
 )
 def test_loss_options_match_reference(make_tiny_lm, data, backend, loss):
     lm = make_tiny_lm(backend)
@@ -155,7 +157,7 @@ def test_multi_token_tails_last_token_and_other_layers(make_tiny_lm, data, tiny_
             data["blocks"][:2],
         )
         for layers in ((1, 3), (0, 1, 2, 3, 4)):
-            kw = {"masks_kw": {"layers": layers}}
+            kw = {"masks_kw": {"layers": layers}, "loss": LossConfig(tail=1.0)}
             _compare(_run(lm, ReferenceObjective, get, **kw), _run(lm, FastObjective, get, **kw))
 
 

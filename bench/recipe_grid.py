@@ -1,0 +1,211 @@
+"""The bundled recipe's grid (issue 14): how TargetKG top-1 and the other criteria move with
+steps, the sparsity-weight schedule, the suppression weight, the learning rate, the objective and
+the selection rule, on the bundled model.
+
+Each grid point is a named set of DiscoveryConfig overrides on top of the bundled recipe; each
+(point, TargetKG, seed) is one ``discover`` run in this process (the model is loaded once). Every
+evaluation of every run is kept (``metrics.jsonl``), so the selection rules are compared offline
+on the same runs: ``paper-rule`` (the ratio thresholds), ``+top1`` (also TargetKG top-1 <= 0.2)
+and ``last``. Results go, one JSON line per run, to ``--out`` (resumable: finished runs are
+skipped), and a markdown table to the same path with ``.md``::
+
+    nice -n 10 .venv/bin/python bench/recipe_grid.py --points base,supp3 --targets building --seeds 84
+    .venv/bin/python bench/recipe_grid.py --table-only        # rewrite the .md from the .jsonl
+
+The targets of issue 14, checked per run on the checkpoint a rule selects: TargetKG top-1 <= 0.2,
+ControlKG-val top-1 >= 0.95, ControlKG PPL ratio <= 1.15, held-out LM PPL ratio <= 1.05,
+sparsity >= 98%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Named grid points: overrides of the bundled recipe (kcs_lens.config.BUNDLED_RECIPE).
+POINTS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "supp3": {"suppression_weight": 3.0},
+    "supp6": {"suppression_weight": 6.0},
+    "supp12": {"suppression_weight": 12.0},
+    "steps500": {"steps": 500},
+    "lr0.2": {"lr": 0.2},
+    "lr0.05": {"lr": 0.05},
+    "lam25-50": {"sparsity_start": 25.0, "sparsity_end": 50.0},
+    "lam75-100": {"sparsity_start": 75.0, "sparsity_end": 100.0},
+    "supp6-steps500": {"suppression_weight": 6.0, "steps": 500},
+    # not the paper's objective: the tail term (kcs_lens.objective.tail_excess) beside it
+    "tail1": {"tail_weight": 1.0},
+    "tail3": {"tail_weight": 3.0},
+    "tail10": {"tail_weight": 10.0},
+}
+
+TARGETS = {"target_top1": 0.2, "control_top1": 0.95, "control_ratio": 1.15, "lm_ratio": 1.05, "sparsity": 0.98}
+DEFAULT_OUT = Path(__file__).parent / "results" / "recipe_grid.jsonl"
+
+
+def meets_targets(r: dict[str, Any]) -> bool:
+    return (
+        r["target_top1"] <= TARGETS["target_top1"]
+        and r["control_top1"] >= TARGETS["control_top1"]
+        and r["control_ratio"] <= TARGETS["control_ratio"]
+        and r["lm_ratio"] <= TARGETS["lm_ratio"]
+        and r["sparsity"] >= TARGETS["sparsity"]
+    )
+
+
+def select(records: list[dict[str, Any]], rule: str) -> dict[str, Any]:
+    """The checkpoint a rule picks: sparsest qualifying (later on ties), else the last."""
+    base = lambda r: r["target_ratio"] >= 10 and r["control_ratio"] <= 1.15 and r["lm_ratio"] <= 1.05
+    ok = {
+        "paper-rule": base,
+        "+top1": lambda r: base(r) and r["target_top1"] <= 0.2,
+        "last": lambda r: False,
+    }[rule]
+    good = [r for r in records if ok(r)]
+    if good:
+        return {**max(good, key=lambda r: (r["sparsity"], r["step"])), "qualified": True}
+    return {**max(records, key=lambda r: r["step"]), "qualified": False}
+
+
+RULES = ("paper-rule", "+top1", "last")
+KEEP = ("step", "sparsity", "target_ratio", "target_top1", "target_rank", "control_ratio", "control_top1", "lm_ratio")
+
+
+def run_one(point: str, target: str, seed: int, lm: Any, workdir: Path) -> dict[str, Any]:
+    from kcs_lens.config import build_config
+    from kcs_lens.discovery import discover
+
+    over = dict(POINTS[point])
+    cfg = build_config(model="bundled", target_kg=target, seed=seed, **over)
+    out = workdir / f"{point}-{target}-{seed}"
+    t0 = time.perf_counter()
+    discover(cfg, out=out, force=True, lens_model=lm, progress=False, log=lambda s: None)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    traj = [{k: r.get(k) for k in KEEP} for r in records]
+    row = {
+        "point": point,
+        "overrides": over,
+        "target": target,
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "loadavg_1m": os.getloadavg()[0],
+        "original": json.loads((out / "summary.json").read_text())["original"],
+        "trajectory": traj,
+        "selected": {rule: {k: v for k, v in select(traj, rule).items()} for rule in RULES},
+    }
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def fmt(x: Any, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Bundled recipe grid (issue 14)",
+        "",
+        "One row per run and selection rule: the selected checkpoint's step and numbers (remaining / original "
+        "ratios for PPL). `ok` = meets all targets: TargetKG top-1 <= 0.2, ControlKG-val top-1 >= 0.95, "
+        "ControlKG PPL ratio <= 1.15, LM PPL ratio <= 1.05, sparsity >= 98%. `q` = the rule found a qualifying "
+        "checkpoint (else the last). Wall: the run's training and evaluations (model already loaded), with "
+        "the 1-minute load average of the shared machine.",
+        "",
+        "| point | overrides | TargetKG | seed | rule | step | q | sparsity % | target ratio | target top1 | "
+        "target rank | control ratio | control top1 | LM ratio | ok | wall s (load) |",
+        "|" + "---|" * 16,
+    ]
+    for r in rows:
+        for rule in RULES:
+            s = r["selected"][rule]
+            lines.append(
+                f"| {r['point']} | {json.dumps(r['overrides'])} | {r['target']} | {r['seed']} | {rule} | {s['step']} | "
+                f"{'y' if s['qualified'] else 'n'} | {100 * s['sparsity']:.2f} | {fmt(s['target_ratio'], 1)} | "
+                f"{fmt(s['target_top1'])} | {fmt(s.get('target_rank'), 1)} | {fmt(s['control_ratio'], 3)} | "
+                f"{fmt(s['control_top1'])} | {fmt(s['lm_ratio'], 3)} | {'**yes**' if meets_targets(s) else 'no'} | "
+                f"{r['wall_s']} ({r['loadavg_1m']:.1f}) |"
+            )
+    # per point and rule: how many runs meet the targets, worst case per criterion
+    lines += [
+        "",
+        "## Per point and rule (over all its runs)",
+        "",
+        "| point | rule | runs | meet all | max target top1 | min control top1 | max control ratio | max LM ratio | min sparsity % |",
+        "|" + "---|" * 9,
+    ]
+    for point in dict.fromkeys(r["point"] for r in rows):
+        grp = [r for r in rows if r["point"] == point]
+        for rule in RULES:
+            ss = [r["selected"][rule] for r in grp]
+            lines.append(
+                f"| {point} | {rule} | {len(ss)} | {sum(meets_targets(s) for s in ss)} | "
+                f"{max(s['target_top1'] for s in ss):.2f} | {min(s['control_top1'] for s in ss):.2f} | "
+                f"{max(s['control_ratio'] for s in ss):.3f} | {max(s['lm_ratio'] for s in ss):.3f} | "
+                f"{100 * min(s['sparsity'] for s in ss):.2f} |"
+            )
+    lines += ["", "## Trajectories (every evaluation: step sparsity% target-top1 control-top1 control-ratio LM-ratio)", ""]
+    for r in rows:
+        traj = "; ".join(
+            f"{t['step']}: {100 * t['sparsity']:.1f} {t['target_top1']:.2f} {t['control_top1']:.2f} "
+            f"{t['control_ratio']:.3f} {t['lm_ratio']:.3f}"
+            for t in r["trajectory"]
+        )
+        lines.append(f"- {r['point']} {r['target']} {r['seed']}: {traj}")
+    return "\n".join(lines) + "\n"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", default="base", help=f"comma list of {','.join(POINTS)}")
+    ap.add_argument("--targets", default="building", help="comma list of bundled TargetKGs")
+    ap.add_argument("--seeds", default="84", help="comma list of seeds")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON lines file (the table goes to .md beside it)")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/recipe-grid"), help="scratch run directories")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the markdown table")
+    a = ap.parse_args(argv)
+    rows = read_rows(a.out)
+    if not a.table_only:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        from kcs_lens.models import load_model
+
+        lm = load_model("bundled")
+        done = {(r["point"], r["target"], r["seed"]) for r in rows}
+        for point in a.points.split(","):
+            if point not in POINTS:
+                sys.exit(f"unknown point {point!r}; known: {', '.join(POINTS)}")
+            for target in a.targets.split(","):
+                for seed in (int(s) for s in a.seeds.split(",")):
+                    if (point, target, seed) in done:
+                        continue
+                    row = run_one(point, target, seed, lm, a.workdir)
+                    rows.append(row)
+                    with a.out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    s = row["selected"]["+top1"]
+                    print(
+                        f"{point} {target} {seed}: wall {row['wall_s']}s; +top1 rule step {s['step']} q={s['qualified']} "
+                        f"top1 {s['target_top1']:.2f} ctrl top1 {s['control_top1']:.2f} sparsity {100 * s['sparsity']:.2f}",
+                        flush=True,
+                    )
+                    a.out.with_suffix(".md").write_text(table(rows))
+    a.out.with_suffix(".md").write_text(table(rows))
+
+
+if __name__ == "__main__":
+    main()
