@@ -135,7 +135,16 @@ def test_each_switch_matches_reference(make_tiny_lm, data, backend, name):
         LossConfig(tail=2.0),
         LossConfig(tail=2.0, use_suppression=False),
     ],
-    ids=["released-tail", "no-suppression", "no-control-kg", "no-control-lm", "no-sparsity", "weights", "tail-term", "tail-ablated"],
+    ids=[
+        "released-tail",
+        "no-suppression",
+        "no-control-kg",
+        "no-control-lm",
+        "no-sparsity",
+        "weights",
+        "tail-term",
+        "tail-ablated",
+    ],
 )
 def test_loss_options_match_reference(make_tiny_lm, data, backend, loss):
     lm = make_tiny_lm(backend)
