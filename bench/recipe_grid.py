@@ -41,6 +41,7 @@ POINTS: dict[str, dict[str, Any]] = {
     "lam75-100": {"sparsity_start": 75.0, "sparsity_end": 100.0},
     "supp6-steps500": {"suppression_weight": 6.0, "steps": 500},
     # not the paper's objective: the tail term (kcs_lens.objective.tail_excess) beside it
+    "tail0.3": {"tail_weight": 0.3},
     "tail1": {"tail_weight": 1.0},
     "tail3": {"tail_weight": 3.0},
     "tail10": {"tail_weight": 10.0},
