@@ -43,6 +43,9 @@ POINTS: dict[str, dict[str, Any]] = {
     # not the paper's objective: the tail term (kcs_lens.objective.tail_excess) beside it
     "tail0.3": {"tail_weight": 0.3},
     "tail1": {"tail_weight": 1.0},
+    "tail0.3-steps500": {"tail_weight": 0.3, "steps": 500},
+    "tail0.3-lr0.2": {"tail_weight": 0.3, "lr": 0.2},
+    "tail0.3-lam75-100": {"tail_weight": 0.3, "sparsity_start": 75.0, "sparsity_end": 100.0},
     "tail3": {"tail_weight": 3.0},
     "tail10": {"tail_weight": 10.0},
 }
