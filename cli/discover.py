@@ -88,7 +88,7 @@ def print_summary(s: dict[str, Any]) -> None:
     from kcs_lens.report import before_after
 
     t = Table(title=f"{s['model']} / TargetKG {s['target_kg']} / seed {s['seed']} (step {s['selected_step']})")
-    for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio", "top-1 (orig → rem)", "mean rank (orig → rem)"):
+    for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio", "top-1 (orig → rem)", "tail rank (orig → rem)"):
         t.add_column(col, justify="right" if col != "set" else "left")
     o, r = s["original"], s["remaining"]
     for key, label in (("target", "TargetKG"), ("control", "ControlKG (val)"), ("lm", "ControlLM (held-out)")):
