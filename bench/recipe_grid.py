@@ -40,14 +40,18 @@ POINTS: dict[str, dict[str, Any]] = {
     "lam25-50": {"sparsity_start": 25.0, "sparsity_end": 50.0},
     "lam75-100": {"sparsity_start": 75.0, "sparsity_end": 100.0},
     "supp6-steps500": {"suppression_weight": 6.0, "steps": 500},
-    # not the paper's objective: the tail term (kcs_lens.objective.tail_excess) beside it
-    "tail0.3": {"tail_weight": 0.3},
-    "tail1": {"tail_weight": 1.0},
-    "tail0.3-steps500": {"tail_weight": 0.3, "steps": 500},
-    "tail0.3-lr0.2": {"tail_weight": 0.3, "lr": 0.2},
-    "tail0.3-lam75-100": {"tail_weight": 0.3, "sparsity_start": 75.0, "sparsity_end": 100.0},
-    "tail3": {"tail_weight": 3.0},
-    "tail10": {"tail_weight": 10.0},
+    # not the paper's objective: the tail term (kcs_lens.objective.tail_excess) beside it;
+    # "tail*" points use its uniform-share form, "margin*" its margin form (the default kind)
+    "margin1": {"tail_weight": 1.0},
+    "margin1-lam75-100": {"tail_weight": 1.0, "sparsity_start": 75.0, "sparsity_end": 100.0},
+    "margin3": {"tail_weight": 3.0},
+    "tail0.3": {"tail_weight": 0.3, "tail_kind": "uniform"},
+    "tail1": {"tail_weight": 1.0, "tail_kind": "uniform"},
+    "tail0.3-steps500": {"tail_weight": 0.3, "tail_kind": "uniform", "steps": 500},
+    "tail0.3-lr0.2": {"tail_weight": 0.3, "tail_kind": "uniform", "lr": 0.2},
+    "tail0.3-lam75-100": {"tail_weight": 0.3, "tail_kind": "uniform", "sparsity_start": 75.0, "sparsity_end": 100.0},
+    "tail3": {"tail_weight": 3.0, "tail_kind": "uniform"},
+    "tail10": {"tail_weight": 10.0, "tail_kind": "uniform"},
 }
 
 TARGETS = {"target_top1": 0.2, "control_top1": 0.95, "control_ratio": 1.15, "lm_ratio": 1.05, "sparsity": 0.98}

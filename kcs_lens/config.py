@@ -146,9 +146,13 @@ class DiscoveryConfig:
     sparsity_end: float = opt(3.0, "sparsity weight at the last step, linear from mid-training (paper: 3.0)", check=non_negative)
     tail_weight: float = opt(
         0.0,
-        "weight of the tail term, mean over TargetKG triplets of max(0, log q(tail) + log V): the tail's log-prob above "
-        "the uniform share (NOT in the paper; 0 = off, the paper's objective; docs/method.md)",
+        "weight of the tail term on TargetKG (NOT in the paper; 0 = off, the paper's objective; docs/method.md)",
         check=non_negative,
+    )
+    tail_kind: Literal["margin", "uniform"] = opt(
+        "margin",
+        "tail term: margin = max(0, tail logit - best other logit + 1), positive while the tail is the answer; "
+        "uniform = max(0, log q(tail) + log V), the tail's log-prob above 1/V",
     )
     tail_position: Literal["correct", "released"] = opt(
         "correct", "correct (logits at the last prefix token) or released (the authors' off-by-one, for fidelity)"
@@ -200,6 +204,7 @@ class DiscoveryConfig:
             sparsity_start=self.sparsity_start,
             sparsity_end=self.sparsity_end,
             tail=self.tail_weight,
+            tail_kind=self.tail_kind,
             tail_position=self.tail_position,
         ).ablated(self.ablation)
 

@@ -257,7 +257,7 @@ class FastObjective(Objective):
     def tail(self, target: TripletBatch) -> Tensor:
         x, sm, _ = self._kg_inputs(target, need_p=False)
         tails = target.targets[:, : sm.shape[1]][sm]
-        return per_triplet_mean(tail_excess(self._masked_kg_logits(x, sm), tails), target).mean()
+        return per_triplet_mean(tail_excess(self._masked_kg_logits(x, sm), tails, self.config.tail_kind), target).mean()
 
     def control_kg(self, control: TripletBatch) -> Tensor:
         b = scored(control, self.config.tail_position)

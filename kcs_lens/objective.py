@@ -8,9 +8,11 @@ next-token distribution and q the remaining model's:
 3. ControlLM maintenance:  mean over all token positions of KL(p || q);
 4. sparsity:               mean sigmoid(logits), weighted by lambda(t) (2 -> 3 schedule).
 
-Not in the paper, off by default (``tail`` weight 0): 5. the tail's excess, the mean over TargetKG
-triplets of max(0, log q(tail) + log V), the tail token's log-probability above the uniform share
-1/V that term 1 aims at (docs/method.md, "Perplexity suppressed vs answer changed").
+Not in the paper, off by default (``tail`` weight 0): 5. the tail term, the mean over TargetKG
+triplets of ``margin``: max(0, z(tail) - max_{v != tail} z(v) + 1), i.e. the tail's logit above the
+best other token's (minus a 1-nat margin): positive exactly while the tail is, or nearly is, the
+model's answer; or ``uniform``: max(0, log q(tail) + log V), the tail's log-probability above the
+uniform share that term 1 aims at (docs/method.md, "Perplexity suppressed vs answer changed").
 
 :class:`Objective` is the interface and the step loop; :class:`ReferenceObjective` is the
 straightforward implementation (every pass a full forward of the masked model, p recomputed with
@@ -36,6 +38,8 @@ from kcs_lens.masks import WeightMask
 from kcs_lens.scoring import per_triplet_mean
 
 TailPosition = Literal["correct", "released"]
+TailKind = Literal["margin", "uniform"]
+TAIL_MARGIN = 1.0  # nats: the tail's logit must end this far below the best other token's
 TERMS = ("suppression", "control_kg", "control_lm", "tail", "sparsity")
 
 
@@ -49,6 +53,7 @@ class LossConfig:
     sparsity_start: float = 2.0
     sparsity_end: float = 3.0
     tail: float = 0.0  # weight of term 5 (not in the paper; 0: off)
+    tail_kind: TailKind = "margin"
     use_suppression: bool = True
     use_control_kg: bool = True
     use_control_lm: bool = True
@@ -98,10 +103,17 @@ def kl_uniform_to_q(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
     return -math.log(logits.shape[-1]) - logq.mean(-1)
 
 
-def tail_excess(logits: Float[Tensor, "n vocab"], tails: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """max(0, log q(tail) + log V) per row: how far the tail's log-probability is above 1/V."""
-    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, tails[:, None].to(logits.device))[:, 0]
-    return torch.relu(logq + math.log(logits.shape[-1]))
+def tail_excess(logits: Float[Tensor, "n vocab"], tails: Int[Tensor, " n"], kind: TailKind = "margin") -> Float[Tensor, " n"]:
+    """Per row, ``margin``: max(0, z(tail) - max_{v != tail} z(v) + TAIL_MARGIN), the tail's lead over
+    the best other token (log q differences equal logit differences); ``uniform``: max(0, log q(tail)
+    + log V), how far the tail's log-probability is above 1/V."""
+    z = logits.float()
+    t = tails[:, None].to(z.device)
+    zt = z.gather(-1, t)[:, 0]
+    if kind == "uniform":
+        return torch.relu(zt - torch.logsumexp(z, -1) + math.log(z.shape[-1]))
+    best_other = z.scatter(-1, t, float("-inf")).amax(-1)
+    return torch.relu(zt - best_other + TAIL_MARGIN)
 
 
 def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
@@ -142,7 +154,7 @@ class Objective:
         raise NotImplementedError
 
     def tail(self, target: TripletBatch) -> Tensor:
-        """Term 5 (not in the paper): mean over triplets of max(0, log q(tail) + log V)."""
+        """Term 5 (not in the paper): mean over triplets of :func:`tail_excess` (``config.tail_kind``)."""
         raise NotImplementedError
 
     def density(self) -> Tensor:
@@ -228,7 +240,8 @@ class ReferenceObjective(Objective):
 
     def tail(self, target: TripletBatch) -> Tensor:
         logits = self.lm(target.tokens)
-        return per_triplet_mean(tail_excess(logits[target.score_mask], target.targets[target.score_mask]), target).mean()
+        rows = tail_excess(logits[target.score_mask], target.targets[target.score_mask], self.config.tail_kind)
+        return per_triplet_mean(rows, target).mean()
 
     def control_kg(self, control: TripletBatch) -> Tensor:
         b = scored(control, self.config.tail_position)
