@@ -45,6 +45,8 @@ POINTS: dict[str, dict[str, Any]] = {
     "margin1": {"tail_weight": 1.0},
     "margin1-lam75-100": {"tail_weight": 1.0, "sparsity_start": 75.0, "sparsity_end": 100.0},
     "margin3": {"tail_weight": 3.0},
+    "margin0.3-lam75-100": {"tail_weight": 0.3, "sparsity_start": 75.0, "sparsity_end": 100.0},
+    "margin0.5-lam75-100": {"tail_weight": 0.5, "sparsity_start": 75.0, "sparsity_end": 100.0},
     "tail0.3": {"tail_weight": 0.3, "tail_kind": "uniform"},
     "tail1": {"tail_weight": 1.0, "tail_kind": "uniform"},
     "tail0.3-steps500": {"tail_weight": 0.3, "tail_kind": "uniform", "steps": 500},
