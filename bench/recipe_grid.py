@@ -28,8 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Named grid points: overrides of the bundled recipe (kcs_lens.config.BUNDLED_RECIPE).
+# The bundled recipe before issue 14, in the keys that issue 14 changed: every grid point except
+# "default" starts from it, so the rows stay reproducible after the recipe changed.
+PRE_ISSUE14 = {"sparsity_start": 50.0, "sparsity_end": 75.0, "tail_weight": 0.0, "select_max_target_top1": None}
+
+# Named grid points: overrides of the pre-issue-14 bundled recipe.
 POINTS: dict[str, dict[str, Any]] = {
+    "default": {},  # the bundled recipe as it is now (kcs_lens.config.BUNDLED_RECIPE), no overrides
     "base": {},
     "supp3": {"suppression_weight": 3.0},
     "supp6": {"suppression_weight": 6.0},
@@ -85,6 +90,16 @@ def select(records: list[dict[str, Any]], rule: str) -> dict[str, Any]:
 
 
 RULES = ("paper-rule", "+top1", "last")
+RECIPE_KEYS = (
+    "steps",
+    "lr",
+    "sparsity_start",
+    "sparsity_end",
+    "suppression_weight",
+    "tail_weight",
+    "tail_kind",
+    "select_max_target_top1",
+)
 KEEP = ("step", "sparsity", "target_ratio", "target_top1", "target_rank", "control_ratio", "control_top1", "lm_ratio")
 
 
@@ -93,7 +108,10 @@ def run_one(point: str, target: str, seed: int, lm: Any, workdir: Path) -> dict[
     from kcs_lens.discovery import discover
 
     over = dict(POINTS[point])
-    cfg = build_config(model="bundled", target_kg=target, seed=seed, **over)
+    start = {} if point == "default" else {k: v for k, v in PRE_ISSUE14.items() if v is not None}
+    cfg = build_config(model="bundled", target_kg=target, seed=seed, **{**start, **over})
+    if point != "default" and "select_max_target_top1" not in over:
+        cfg.select_max_target_top1 = None  # as before issue 14 (None cannot be passed as "not given")
     out = workdir / f"{point}-{target}-{seed}"
     t0 = time.perf_counter()
     discover(cfg, out=out, force=True, lens_model=lm, progress=False, log=lambda s: None)
@@ -103,6 +121,7 @@ def run_one(point: str, target: str, seed: int, lm: Any, workdir: Path) -> dict[
     row = {
         "point": point,
         "overrides": over,
+        "config": {k: getattr(cfg, k) for k in RECIPE_KEYS},
         "target": target,
         "seed": seed,
         "wall_s": round(wall, 1),
