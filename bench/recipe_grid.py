@@ -134,6 +134,27 @@ def run_one(point: str, target: str, seed: int, lm: Any, workdir: Path) -> dict[
     return row
 
 
+def row_from_run(run: Path, wall_s: float | None = None) -> dict[str, Any]:
+    """A 'default' row from a finished run directory (e.g. bench/discover_wall.sh's)."""
+    cfg = json.loads((run / "config.json").read_text())["config"]
+    summary = json.loads((run / "summary.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    traj = [{k: r.get(k) for k in KEEP} for r in records]
+    return {
+        "point": "default",
+        "overrides": {},
+        "config": {k: cfg[k] for k in RECIPE_KEYS},
+        "target": cfg["target_kg"],
+        "seed": cfg["seed"],
+        "wall_s": wall_s,
+        "loadavg_1m": os.getloadavg()[0],
+        "original": summary["original"],
+        "trajectory": traj,
+        "selected": {rule: select(traj, rule) for rule in RULES},
+        "from_run": str(run),
+    }
+
+
 def fmt(x: Any, nd: int = 2) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -160,7 +181,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{'y' if s['qualified'] else 'n'} | {100 * s['sparsity']:.2f} | {fmt(s['target_ratio'], 1)} | "
                 f"{fmt(s['target_top1'])} | {fmt(s.get('target_rank'), 1)} | {fmt(s['control_ratio'], 3)} | "
                 f"{fmt(s['control_top1'])} | {fmt(s['lm_ratio'], 3)} | {'**yes**' if meets_targets(s) else 'no'} | "
-                f"{r['wall_s']} ({r['loadavg_1m']:.1f}) |"
+                f"{r['wall_s'] if r['wall_s'] is not None else '-'} ({r['loadavg_1m']:.1f}) |"
             )
     # per point and rule: how many runs meet the targets, worst case per criterion
     lines += [
@@ -205,8 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON lines file (the table goes to .md beside it)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/recipe-grid"), help="scratch run directories")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the markdown table")
+    ap.add_argument("--from-run", type=Path, help="add an existing run directory of the default recipe as a 'default' row")
     a = ap.parse_args(argv)
     rows = read_rows(a.out)
+    if a.from_run:
+        rows.append(row_from_run(a.from_run))
+        with a.out.open("a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
     if not a.table_only:
         import torch
 

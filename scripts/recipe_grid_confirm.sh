@@ -7,7 +7,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench/results/recipe_grid_confirm.jsonl}
 ALL=building,change,communication,fruit,location
 # SKIP: TARGET-SEED pairs already measured elsewhere (e.g. by the screening stage)
-for seed in 84 1318 735; do
+for seed in ${SEEDS:-84 1318 735}; do
   for target in ${TARGETS:-${ALL//,/ }}; do
     [[ " $SKIP " == *" $target-$seed "* ]] && continue
     $PY bench/recipe_grid.py --points "${POINT:-base}" --targets $target --seeds $seed --out "$OUT" --workdir runs/recipe-grid-confirm || exit 1
