@@ -213,10 +213,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def confirm_table(rows: list[dict[str, Any]]) -> str:
+    """docs/method.md's table: the bundled recipe's runs (point 'default', and screen rows with the
+    same settings), the checkpoint its own rule selects ('+top1'), one row per TargetKG and seed."""
+    same = {"tail_weight": 0.5, "sparsity_start": 75.0, "sparsity_end": 100.0}
+    runs = [r for r in rows if r["point"] == "default" or r["overrides"] == same]
+    runs = sorted({(r["target"], r["seed"]): r for r in runs}.values(), key=lambda r: (r["target"], r["seed"]))
+    out = [
+        "| TargetKG | seed | step | sparsity % | TargetKG PPL ratio | TargetKG top-1 | mean tail rank | ControlKG ratio | "
+        "ControlKG top-1 | LM ratio | all targets |",
+        "|" + "---|" * 11,
+    ]
+    for r in runs:
+        s = r["selected"]["+top1"]
+        out.append(
+            f"| {r['target']} | {r['seed']} | {s['step']} | {100 * s['sparsity']:.2f} | {s['target_ratio']:.1f} | "
+            f"{s['target_top1']:.2f} | {fmt(s.get('target_rank'), 1)} | {s['control_ratio']:.3f} | {s['control_top1']:.2f} | "
+            f"{s['lm_ratio']:.3f} | {'yes' if meets_targets(s) else '**no**'} |"
+        )
+    return "\n".join(out)
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:  # the rules as they are now (the stored choice may predate a fix, e.g. EPS)
+        r["selected"] = {rule: select(r["trajectory"], rule) for rule in RULES}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,8 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON lines file (the table goes to .md beside it)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/recipe-grid"), help="scratch run directories")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the markdown table")
+    ap.add_argument("--confirm-table", nargs="+", type=Path, help="print docs/method.md's table from these .jsonl files")
     ap.add_argument("--from-run", type=Path, help="add an existing run directory of the default recipe as a 'default' row")
     a = ap.parse_args(argv)
+    if a.confirm_table:
+        print(confirm_table([r for p in a.confirm_table for r in read_rows(p)]))
+        return
     rows = read_rows(a.out)
     if a.from_run:
         rows.append(row_from_run(a.from_run))
