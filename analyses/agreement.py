@@ -146,3 +146,32 @@ def unit_summary(values: Float[np.ndarray, "prompt unit"], boot: np.ndarray) -> 
         means = _boot_means(values, boot)
         lo, hi = np.nanpercentile(means, 2.5, axis=0), np.nanpercentile(means, 97.5, axis=0)
     return {"mean": mean, "se": se, "ci95_low": lo, "ci95_high": hi, "n": n}
+
+
+def decision_agreement(
+    decisions: np.ndarray, scores: Float[np.ndarray, "... unit"], boot: np.ndarray | None = None
+) -> dict[str, Any]:
+    """How well |scores| of another method single out the units a head-granularity subnetwork
+    holds (``decisions``, boolean per unit): AUROC (probability that a unit in the subnetwork
+    scores above one outside it, ties 1/2) and precision@k (share of the k top-scoring units
+    that are in the subnetwork, k = number of units in it). ``scores``: [prompt, unit] (bootstrap
+    CI over prompts with ``boot``) or [unit]. None where the subnetwork holds no unit or all."""
+    d = np.asarray(decisions, bool)
+    k = int(d.sum())
+    out: dict[str, Any] = {"n_units": int(d.size), "n_in_subnetwork": k}
+    if k == 0 or k == d.size:
+        return {**out, "auroc": {"value": None, "ci95": None}, "precision@k": {"value": None, "ci95": None}}
+
+    def stats_of(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # x: [n, unit]
+        x = np.abs(np.nan_to_num(x, nan=0.0))
+        r = stats.rankdata(x, axis=-1)  # average ranks: ties count 1/2
+        auc = (r[:, d].sum(-1) - k * (k + 1) / 2) / (k * (d.size - k))
+        prec = (topk_mask(x, k) & d).sum(-1) / k
+        return auc, prec
+
+    point = stats_of(np.atleast_2d(_mean(scores)))
+    draws = stats_of(_boot_means(scores, boot)) if boot is not None and np.ndim(scores) > 1 else None
+    for i, name in enumerate(("auroc", "precision@k")):
+        ci = [float(np.percentile(draws[i], 2.5)), float(np.percentile(draws[i], 97.5))] if draws is not None else None
+        out[name] = {"value": float(point[i][0]), "ci95": ci}
+    return out

@@ -69,6 +69,8 @@ PAIRS = (
     ("density", "knockout"),
     ("patching", "attribution"),
 )
+# head-granularity runs: the mask probability of each head (mean over an MLP layer's neurons)
+HEAD_PAIRS = (("mask", "patching"), ("mask", "attribution"), ("mask", "dla"), ("mask", "knockout"))
 
 
 def kg_sets(info: RunInfo, lm: LensModel, kg: str, log: Callable[[str], None]) -> dict[str, TripletSet]:
@@ -164,13 +166,18 @@ def analyse_set(
         "attribution": agr.flatten_units(attr.heads, attr.mlp),
         "dla": agr.flatten_units(dla.heads, dla.mlp),
     }
+    by_head = "head_prob" in st  # head granularity: compare the per-head decisions one to one
+    pairs = PAIRS + HEAD_PAIRS if by_head else PAIRS
+    if by_head:
+        per_prompt["mask"] = agr.flatten_units(np.nan_to_num(st["head_prob"]), np.nan_to_num(st["mlp_prob"]))
     with t("agreement"):
         boot = agr.bootstrap_indices(len(clean), n_bootstrap, seed)
         agreement = {
-            scope: {f"{a} vs {b}": agr.compare_scores(per_prompt[a], per_prompt[b], units, boot) for a, b in PAIRS}
+            scope: {f"{a} vs {b}": agr.compare_scores(per_prompt[a], per_prompt[b], units, boot) for a, b in pairs}
             for scope, units in _units_scope(st).items()
         }
         summaries = {m: agr.unit_summary(per_prompt[m], boot) for m in METHODS if m != "density"}
+        heads_out = head_decisions(st, per_prompt, boot) if by_head else None
 
     L, H = lm.shape.n_layers, lm.shape.n_heads
     prompts_out = []
@@ -211,8 +218,34 @@ def analyse_set(
         },
         "unit_summary": {m: {k: v for k, v in s.items()} for m, s in summaries.items()},
         "agreement": agreement,
+        **({"head_decisions": heads_out} if heads_out is not None else {}),
         "timing_s": t.seconds,
         "_clean": clean,  # dropped before writing JSON
+    }
+
+
+def head_decisions(st: dict[str, Any], per_prompt: dict[str, np.ndarray], boot: np.ndarray) -> dict[str, Any]:
+    """Head granularity, one to one: for every head of the masked layers, the subnetwork's decision
+    and mask probability beside each method's mean effect; and per method, how well its |effect|
+    singles out the heads in the subnetwork (AUROC, precision@k; :func:`agreement.decision_agreement`)."""
+    L, H = st["head"].shape
+    masked = np.isfinite(st["head_prob"]).ravel()
+    idx = np.flatnonzero(masked)
+    inside = st["head"].ravel()[idx] > 0.5
+    methods = ("knockout", "patching", "attribution", "dla")
+    heads = [
+        {
+            "head": f"L{i // H}H{i % H}",
+            "in_subnetwork": bool(inside[j]),
+            "mask_prob": float(st["head_prob"].ravel()[i]),
+            **{m: float(np.nanmean(per_prompt[m][:, i])) if np.isfinite(per_prompt[m][:, i]).any() else None for m in methods},
+        }
+        for j, i in enumerate(idx)
+    ]
+    return {
+        "in_subnetwork": list(st["head_decisions"]),
+        "heads": heads,
+        "agreement": {m: agr.decision_agreement(inside, per_prompt[m][:, idx], boot) for m in methods},
     }
 
 

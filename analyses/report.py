@@ -134,6 +134,29 @@ def agreement_table(res: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def head_decisions_table(res: dict[str, Any]) -> str:
+    """Head-granularity runs: each method's |effect| against the subnetwork's heads, and the heads."""
+    hd = res.get("head_decisions")
+    if not hd:
+        return ""
+    rows = [[_e(m), str(a["n_in_subnetwork"]), _stat(a["auroc"]), _stat(a["precision@k"])] for m, a in hd["agreement"].items()]
+    heads = [h for h in hd["heads"] if h["in_subnetwork"]]
+    return (
+        "<h3>Heads in the subnetwork vs each method (head granularity, one to one)</h3>"
+        f"<p>In the subnetwork: {_e(', '.join(hd['in_subnetwork']) or 'no head')}.</p>"
+        + _table(["method", "heads in subnetwork", "AUROC of |effect|", "precision@k"], rows, "agree")
+        + _table(
+            ["head", "mask prob", "knock-out", "patching", "attribution patching", "DLA"],
+            [
+                [_e(h["head"]), _num(h["mask_prob"], "{:.3f}")]
+                + [_num(h[m]) for m in ("knockout", "patching", "attribution", "dla")]
+                for h in heads
+            ],
+            "units",
+        )
+    )
+
+
 def _units_table(data: dict[str, Any], res: dict[str, Any], n: int = 12) -> str:
     units = data["units"]
     dens = np.concatenate([np.asarray(data["structure"]["head"], float).ravel(), np.asarray(data["structure"]["mlp"], float)])
@@ -234,6 +257,7 @@ def _set_section(v: Views, data: dict[str, Any], name: str, primary: bool) -> st
         _heatmaps(data, name),
         "<h3>Agreement (magnitudes; 95% bootstrap CI over prompts)</h3>",
         agreement_table(res),
+        head_decisions_table(res),
         "<h3>Units where the subnetwork acts most (knock-out), mean [95% CI]</h3>",
         _units_table(data, res),
     ]

@@ -5,6 +5,12 @@ Density = share of a component's *masked* weights that belong to the subnetwork.
 (one logit per input row) are expanded to the canonical weight shape first, so every number
 counts weights. Components in layers or matrices that were not masked get NaN (nothing could be
 removed there); :func:`unit_density` maps them to 0 for the all-units comparison.
+
+A ``head``-granularity subnetwork is read from its decisions directly: a head's density is 1 when
+the head is in the subnetwork and 0 otherwise (also under grouped-query attention, where its
+shared K/V weights follow the all-query-heads rule), an MLP neuron's likewise, an MLP layer's is
+the share of its neurons; ``head_prob`` / ``mlp_prob`` are the mask probabilities sigmoid(logit)
+per head and (mean) per MLP layer, and ``head_decisions`` lists the heads in the subnetwork.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from jaxtyping import Float
 
 from kcs_lens.canonical import ATTN_MATRICES as HEAD_MATRICES
 from kcs_lens.canonical import MLP_MATRICES, ModelShape, weight_name
+from kcs_lens.masks import HEAD_UNITS, parse_unit_name
 from kcs_lens.subnetwork import Subnetwork
 
 
@@ -32,6 +39,7 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
     full = sub.full_binary()
     head = {m: np.full((L, H), np.nan) for m in HEAD_MATRICES}
     head_num, head_den = np.zeros((L, H)), np.zeros((L, H))
+    attn_num, attn_den = np.zeros(L), np.zeros(L)
     mlp = {m: np.full(L, np.nan) for m in MLP_MATRICES}
     mlp_num, mlp_den = np.zeros(L), np.zeros(L)
     layer_num, layer_den = np.zeros(L), np.zeros(L)
@@ -42,6 +50,10 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
             if b is None:
                 continue
             per_head = b.flatten(1).float()  # [H, ...]: head is dim 0 for Q, K, V and O
+            attn_num[l] += float(b.sum())
+            attn_den[l] += b.numel()
+            if per_head.shape[0] != H:  # grouped-query K/V: each query head reads its group's K/V head
+                per_head = per_head.repeat_interleave(H // per_head.shape[0], 0)
             head[m][l] = per_head.mean(1).numpy()
             head_num[l] += per_head.sum(1).numpy()
             head_den[l] += per_head.shape[1]
@@ -52,8 +64,8 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
             mlp[m][l] = float(b.float().mean())
             mlp_num[l] += float(b.sum())
             mlp_den[l] += b.numel()
-        layer_num[l] = head_num[l].sum() + mlp_num[l]
-        layer_den[l] = head_den[l].sum() + mlp_den[l]
+        layer_num[l] = attn_num[l] + mlp_num[l]  # each weight once (shared K/V heads too)
+        layer_den[l] = attn_den[l] + mlp_den[l]
         w_in, w_out = full.get(weight_name(l, "W_in")), full.get(weight_name(l, "W_out"))
         if w_in is not None or w_out is not None:
             # neuron j: its input column of W_in [d_model, d_mlp] and its output row of W_out [d_mlp, d_model]
@@ -71,7 +83,25 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
         mlp_comb = np.where(mlp_den > 0, mlp_num / np.maximum(mlp_den, 1), np.nan)
         layer = np.where(layer_den > 0, layer_num / np.maximum(layer_den, 1), np.nan)
     st = sub.stats
+    extra: dict[str, Any] = {}
+    units = sub.units
+    if units is not None:  # head granularity: one decision per head / neuron, read directly
+        head_prob, mlp_prob = np.full((L, H), np.nan), np.full(L, np.nan)
+        decisions = []
+        for n, u in units.items():
+            l, kind = parse_unit_name(n)
+            p = torch.sigmoid(u.float())
+            if kind == HEAD_UNITS:
+                combined[l] = (u > 0).float().numpy()
+                head_prob[l] = p.numpy()
+                decisions += [f"L{l}H{h}" for h in (u > 0).nonzero().flatten().tolist()]
+            else:
+                neurons[str(l)] = (u > 0).float().tolist()
+                mlp_comb[l] = float((u > 0).float().mean())
+                mlp_prob[l] = float(p.mean())
+        extra = {"head_prob": head_prob, "mlp_prob": mlp_prob, "head_decisions": decisions}
     return {
+        **extra,
         "granularity": sub.mask_config.granularity,
         "masked_layers": list(sub.mask_config.layers),
         "masked_matrices": list(sub.mask_config.matrices),

@@ -27,6 +27,14 @@ def print_agreement(data: dict[str, Any]) -> None:
         for pair, s in rows.items():
             t.add_row(pair, fmt(s["spearman"]), fmt(s["kendall"]), fmt(s.get("jaccard@5")), fmt(s.get("jaccard@10")))
         c.print(t)
+        hd = res.get("head_decisions")
+        if hd:  # head-granularity run: its heads against each method, one to one
+            t = Table(title=f"{name}: heads in the subnetwork ({', '.join(hd['in_subnetwork']) or 'none'}) vs |effect|")
+            for col in ("method", "AUROC", "precision@k"):
+                t.add_column(col, justify="left" if col == "method" else "right")
+            for m, a in hd["agreement"].items():
+                t.add_row(m, fmt(a["auroc"]), fmt(a["precision@k"]))
+            c.print(t)
 
 
 def register(app: typer.Typer) -> None:
@@ -36,22 +44,25 @@ def register(app: typer.Typer) -> None:
         kg: str = typer.Option("target", "--kg", help="prompts: target (the run's TargetKG), control, or any KG spec"),
         out: Optional[Path] = typer.Option(None, "--out", help="output directory (default RUN/compare-<kg>)"),
         corrupt: str = typer.Option("swap", "--corrupt", help="swap (head entity swapped within the KG), zero or mean"),
-        n_bootstrap: int = typer.Option(200, "--n-bootstrap", help="bootstrap resamples over prompts"),
-        seed: int = typer.Option(0, "--seed", help="seed of the bootstrap intervals and of the head-swap corruption"),
-        max_prompts: int = typer.Option(64, "--max-prompts", help="first N prompts of each set (0 = all)"),
-        top_heads: int = typer.Option(3, "--top-heads", help="heads shown in the attention views"),
-        attention_prompts: int = typer.Option(2, "--attention-prompts", help="prompts with attention views"),
+        n_bootstrap: int = typer.Option(200, "--n-bootstrap", min=1, help="bootstrap resamples over prompts"),
+        seed: int = typer.Option(0, "--seed", min=0, help="seed of the bootstrap intervals and of the head-swap corruption"),
+        max_prompts: int = typer.Option(64, "--max-prompts", min=0, help="first N prompts of each set (0 = all)"),
+        top_heads: int = typer.Option(3, "--top-heads", min=1, help="heads shown in the attention views"),
+        attention_prompts: int = typer.Option(2, "--attention-prompts", min=0, help="prompts with attention views"),
         control: bool = typer.Option(True, "--control/--no-control", help="also analyse the ControlKG (specificity)"),
         backend: Optional[str] = typer.Option(None, help="bridge (TransformerLens 4.x) or hooked (3.x)"),
         device: Optional[str] = typer.Option(
             None, "--device", help="torch device, e.g. cpu or cuda (default: the run's --device)"
         ),
         threads: Optional[int] = typer.Option(
-            None, "--threads", help="torch CPU threads (default: 1 for small models, else torch's)"
+            None, "--threads", min=1, help="torch CPU threads (default: 1 for small models, else torch's)"
         ),
     ) -> None:
         """Compare a subnetwork with activation patching, attribution and knock-out; write an offline HTML report."""
-        from kcs_lens.analyses.compare import compare_circuits
+        from kcs_lens.analyses.compare import compare_circuits, kg_key
+        from kcs_lens.files import check_output_dir
+
+        check_output_dir(out or run / f"compare-{kg_key(kg)}", "--out")  # before the analysis, not after
 
         data = compare_circuits(
             run,

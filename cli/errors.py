@@ -1,7 +1,8 @@
 """The CLI's one error convention, applied to every command by :class:`App`.
 
-- :class:`~kcs_lens.errors.KcsLensError` (bad input or state): its message as one ``error:`` line
-  on stderr, exit code 2.
+- :class:`~kcs_lens.errors.KcsLensError` (bad input or state), an ``OSError`` (disk full, no
+  permission) or a bad flag value (click's usage errors): one ``error:`` line on stderr, exit code 2.
+- :class:`~kcs_lens.errors.KcsLensWarning`: one ``note:`` line on stderr; the command goes on.
 - Anything else is a bug: one line naming the exception and a log file holding the traceback,
   exit code 1. ``kcs-lens --debug ...`` (or ``KCS_LENS_DEBUG=1``) lets the traceback through.
 """
@@ -11,12 +12,14 @@ import functools
 import os
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
-from kcs_lens.errors import KcsLensError
+from kcs_lens.errors import KcsLensError, KcsLensWarning
 
 EXIT_BAD_INPUT = 2
 EXIT_BUG = 1
@@ -60,9 +63,17 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", KcsLensWarning)
+                warnings.showwarning = _show_note
+                return fn(*args, **kwargs)
         except KcsLensError as e:
             fail(str(e))
+        except BrokenPipeError:  # `kcs-lens kg show | head`: Typer exits quietly
+            raise
+        except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}")
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
@@ -79,12 +90,54 @@ def guarded(fn: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def _show_note(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    if isinstance(category, type) and issubclass(category, KcsLensWarning):
+        typer.echo(f"note: {message}", err=True)
+    else:
+        warnings._showwarnmsg_impl(warnings.WarningMessage(message, category, filename, lineno, file, line))  # type: ignore[attr-defined]
+
+
+# click's UsageError as Typer uses it (Typer >= 0.20 vendors its own click): BadParameter's base.
+UsageError: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineUsageError(UsageError):
+    """A bad flag or argument (click's parsing and range checks) shown as one ``error:`` line."""
+
+    def show(self, file: Any = None) -> None:
+        where = f" (see: {self.ctx.command_path} --help)" if self.ctx is not None else ""
+        typer.echo(f"error: {self.format_message()}{where}", err=True)
+
+
+class OneLineErrorGroup(TyperGroup):
+    """The app's command group: usage errors of every command below it become one line."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            raise _one_line(e) from None
+
+
+def _one_line(e: UsageError) -> UsageError:
+    if isinstance(e, OneLineUsageError):
+        return e
+    return OneLineUsageError(" ".join(e.format_message().split()), e.ctx)
+
+
 class App(typer.Typer):
     """A Typer app whose commands all run under :func:`guarded`. Help is plain click text (rich's
     help panels truncate long flags and words when there is no terminal)."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("rich_markup_mode", None)
+        kwargs.setdefault("cls", OneLineErrorGroup)
         kwargs.setdefault("context_settings", {"max_content_width": 120})
         super().__init__(**kwargs)
 

@@ -101,7 +101,10 @@ def evaluate(
 ) -> None:
     """Original vs remaining model vs the subnetwork alone: tail PPL, ranks, log-probs, top-k; sparsity and density."""
     from kcs_lens.evaluation import evaluate_run
+    from kcs_lens.files import check_output_file
 
+    if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
+        check_output_file(json_out or Path(run) / "evaluation.json", "--json")
     res = evaluate_run(
         run,
         kgs=kg or (),
@@ -122,7 +125,7 @@ def evaluate(
 def baseline(
     run: Path = RUN_ARG,
     draws: int = typer.Option(5, "--draws", min=1, help="number of random subnetworks"),
-    seed: int = typer.Option(0, "--seed", help="seed of the first draw (draw i uses seed + i)"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the first draw (draw i uses seed + i)"),
     kg: Optional[List[str]] = KG_OPT,
     paraphrases: Optional[List[str]] = PARA_OPT,
     subnetwork: Optional[Path] = SUB_OPT,
@@ -135,7 +138,10 @@ def baseline(
     from rich.table import Table
 
     from kcs_lens.evaluation import baseline_run
+    from kcs_lens.files import check_output_file
 
+    if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
+        check_output_file(json_out or Path(run) / "baseline.json", "--json")
     res = baseline_run(
         run,
         draws=draws,
@@ -204,8 +210,11 @@ def overlap(
     """Union, intersection and at-least-k-of-n of several seeds' subnetworks; Jaccard; shared share per layer / matrix."""
     from rich.table import Table
 
+    from kcs_lens.files import check_output_dir
     from kcs_lens.overlap import overlap_runs
 
+    if out is not None:
+        check_output_dir(out, "--out", new=True)
     res = overlap_runs(runs, out=out, evaluate=do_eval, model=model, backend=backend, device=device, log=typer.echo)
     c = _console()
     names = [f"{i}: {Path(r['run']).name} ({Path(str(r['target_kg'])).stem}/s{r['seed']})" for i, r in enumerate(res["runs"])]
@@ -245,17 +254,35 @@ def overlap(
 
 
 def report(
-    runs: List[Path] = typer.Argument(..., help="run directories, or folders of run directories"),
-    out: Path = typer.Option(..., "--out", help="FILE: writes FILE.md, FILE.csv and FILE.png"),
+    runs: List[Path] = typer.Argument(
+        ..., help="run directories, folders of run directories, or one study directory (kcs-lens sweep)"
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="FILE: writes FILE.md, FILE.csv and FILE.png (required for runs; a study: default DIR/study)"
+    ),
     draws: int = typer.Option(5, "--draws", min=1, help="random-baseline draws per run"),
-    seed: int = typer.Option(0, "--seed", help="seed of the first random draw"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the first random draw"),
     recompute: bool = typer.Option(False, "--recompute", help="ignore RUN/evaluation.json and RUN/baseline.json"),
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot."""
+    """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot;
+    on a study directory the study report (groups over seeds, seed overlap, unfinished cells)."""
+    from kcs_lens.errors import ConfigError
+    from kcs_lens.files import check_output_file
     from kcs_lens.report import report_runs
+    from kcs_lens.sweep import is_study
 
-    res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
+    if len(runs) == 1 and is_study(runs[0]):
+        from kcs_lens.sweep.study import study_report
+
+        res = study_report(runs[0], out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
+    else:
+        if out is None:
+            raise ConfigError("report: --out FILE is required for run directories (only a study directory has a default)")
+        base = out.with_suffix("") if out.suffix in (".md", ".csv", ".png") else out
+        for suffix in (".md", ".csv", ".png"):
+            check_output_file(base.with_name(base.name + suffix), "--out")
+        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
     typer.echo(Path(res["files"][0]).read_text())
     typer.echo("wrote " + ", ".join(res["files"]))
 
@@ -273,7 +300,9 @@ def export(
 ) -> None:
     """Write an HF checkpoint (AutoModelForCausalLM.from_pretrained) with the chosen weights zeroed."""
     from kcs_lens.export import export_run
+    from kcs_lens.files import check_output_dir
 
+    check_output_dir(out, "--out", new=True)
     path = export_run(run, out, remove=remove, subnetwork=subnetwork, model=model, backend=backend, device=device)  # type: ignore[arg-type]
     typer.echo(f"wrote {path} (removed: {remove}); load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 

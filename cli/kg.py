@@ -91,8 +91,11 @@ def wordnet_cmd(
 ) -> None:
     """Build a TargetKG like the paper's: a connected IsA neighbourhood of a WordNet synset."""
     from kcs_lens.data.wordnet import build_control_kg, build_target_kg, kg_synsets, open_wordnet
-    from kcs_lens.files import atomic_write_bytes
+    from kcs_lens.files import atomic_write_bytes, check_output_dir
 
+    if min_triplets > max_triplets:
+        raise KGError(f"--min-triplets {min_triplets} is larger than --max-triplets {max_triplets}")
+    check_output_dir(out, "--out")
     wn = open_wordnet(wordnet_dir)
     target = build_target_kg(wn, root, up=up, down=down, min_triplets=min_triplets, max_triplets=max_triplets, seed=seed)
     files = {out / f"target_{root.split('.')[0]}.jsonl": target}

@@ -10,9 +10,10 @@ import typing
 
 import typer
 
-from kcs_lens.cli import compare, discover, evaluate
+from kcs_lens.cli import compare, discover, downstream, evaluate
 from kcs_lens.cli.errors import App
 from kcs_lens.cli.kg import kg_app
+from kcs_lens.cli.sweep import sweep_app
 
 app = App(
     help="Knowledge-critical subnetworks (Bayazit et al., EMNLP 2024) for TransformerLens models.",
@@ -20,6 +21,7 @@ app = App(
     pretty_exceptions_enable=False,
 )
 app.add_typer(kg_app, name="kg")
+app.add_typer(sweep_app, name="sweep")
 
 
 @app.callback(invoke_without_command=True)
@@ -34,7 +36,7 @@ def main(
         typer.echo(ctx.get_help())
 
 
-for module in (discover, evaluate, compare):
+for module in (discover, evaluate, compare, downstream):
     module.register(app)
 
 if __name__ == "__main__":  # pragma: no cover

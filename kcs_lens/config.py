@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin
 from kcs_lens.canonical import MATRICES
 from kcs_lens.errors import ConfigError
 from kcs_lens.files import read_mapping
-from kcs_lens.masks import GRANULARITIES
+from kcs_lens.masks import DEPRECATED_GRANULARITIES, GRANULARITIES, normalize_granularity
 from kcs_lens.models import BUNDLED_NAMES
 from kcs_lens.objective import ABLATIONS, LossConfig
 
@@ -78,8 +78,11 @@ def in_range(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = Fal
     return check
 
 
+MAX_INT = 2**31 - 1  # counts beyond this are meaningless (and overflow int32 tensors)
+
+
 def at_least(lo: int) -> Check:
-    return lambda x: None if _finite(x) and x >= lo else f"an integer >= {lo}"
+    return lambda x: None if _finite(x) and lo <= x <= MAX_INT else f"an integer in [{lo}, {MAX_INT}]"
 
 
 def seed_range(x: Any) -> str | None:
@@ -88,6 +91,10 @@ def seed_range(x: Any) -> str | None:
 
 def non_empty(x: Any) -> str | None:
     return None if isinstance(x, str) and x.strip() else "a non-empty string"
+
+
+# Loss weights beyond this overflow float32 losses (a non-finite loss at step 0); the recipes use <= 75.
+WEIGHT = in_range(0, 1e6)
 
 
 def opt(default: Any, help: str, *, check: Check | None = None, flag: str | None = None, factory: Any = None) -> Any:
@@ -130,7 +137,12 @@ class DiscoveryConfig:
         "all", "score all tail tokens (teacher forcing) or only the last (the paper's data has one-token tails)"
     )
     # mask
-    granularity: str = opt("weight", f"mask granularity: {', '.join(GRANULARITIES)}")
+    granularity: str = opt(
+        "weight",
+        "mask granularity: weight (one logit per weight), row (one per input row of each matrix: a residual "
+        "dimension for W_Q/W_K/W_V/W_in, an MLP neuron for W_out; 'neuron' is its deprecated name) or head "
+        "(one per attention head and per MLP neuron)",
+    )
     layers: str = opt("top-half", "masked blocks: top-half (paper), all, a range 6-11, or a list 6,7,8", check=non_empty)
     matrices: list[str] = opt(None, f"masked matrices, a comma list of {','.join(MATRICES)}", factory=lambda: list(MATRICES))
     init_prob: float = opt(
@@ -138,7 +150,7 @@ class DiscoveryConfig:
         "initial probability of a weight in the sampled subnetwork (paper: 0.45)",
         check=in_range(0, 1, open_lo=True, open_hi=True),
     )
-    tau: float = opt(1.0, "Gumbel-sigmoid temperature (paper: 1.0)", check=positive)
+    tau: float = opt(1.0, "Gumbel-sigmoid temperature (paper: 1.0)", check=in_range(0, 1000, open_lo=True))
     share_sample: bool = opt(
         False,
         "one mask sample per step for all three passes (NOT the paper's default: fresh noise per pass)",
@@ -146,15 +158,15 @@ class DiscoveryConfig:
     )
     # loss
     ablation: str = opt("full", f"loss ablation: {', '.join(ABLATIONS)}")
-    suppression_weight: float = opt(1.5, "weight of KL(U||q) on TargetKG (paper: 1.5)", check=non_negative)
-    control_kg_weight: float = opt(1.0, "weight of KL(p||q) on ControlKG (paper: 1.0)", check=non_negative)
-    control_lm_weight: float = opt(1.0, "weight of KL(p||q) on ControlLM (paper: 1.0)", check=non_negative)
-    sparsity_start: float = opt(2.0, "sparsity weight until mid-training (paper: 2.0)", check=non_negative)
-    sparsity_end: float = opt(3.0, "sparsity weight at the last step, linear from mid-training (paper: 3.0)", check=non_negative)
+    suppression_weight: float = opt(1.5, "weight of KL(U||q) on TargetKG (paper: 1.5)", check=WEIGHT)
+    control_kg_weight: float = opt(1.0, "weight of KL(p||q) on ControlKG (paper: 1.0)", check=WEIGHT)
+    control_lm_weight: float = opt(1.0, "weight of KL(p||q) on ControlLM (paper: 1.0)", check=WEIGHT)
+    sparsity_start: float = opt(2.0, "sparsity weight until mid-training (paper: 2.0)", check=WEIGHT)
+    sparsity_end: float = opt(3.0, "sparsity weight at the last step, linear from mid-training (paper: 3.0)", check=WEIGHT)
     tail_weight: float = opt(
         0.0,
         "weight of the tail term on TargetKG (NOT in the paper; 0 = off, the paper's objective; docs/method.md)",
-        check=non_negative,
+        check=WEIGHT,
     )
     tail_kind: Literal["margin", "uniform"] = opt(
         "margin",
@@ -167,7 +179,7 @@ class DiscoveryConfig:
     # optimization
     recipe: Recipe = opt("auto", "auto (bundled recipe for the bundled model, paper otherwise), paper or bundled")
     steps: int = opt(40_000, "training steps (paper: 40000)", check=at_least(1))
-    lr: float = opt(0.2, "Adam learning rate on the mask logits (paper: 0.2)", check=positive)
+    lr: float = opt(0.2, "Adam learning rate on the mask logits (paper: 0.2)", check=in_range(0, 1000, open_lo=True))
     warmup_frac: float = opt(0.1, "linear warm-up share of the steps (paper: 0.1)", check=in_range(0, 1))
     target_batch: int = opt(250, "TargetKG triplets per step (paper: the whole TargetKG, <= 250)", check=at_least(1))
     control_batch: int = opt(250, "ControlKG triplets per step, cycling (paper: 250)", check=at_least(1))
@@ -179,7 +191,9 @@ class DiscoveryConfig:
         "fast", "fast (default: the same losses and gradients, cheaper) or reference (the straightforward implementation)"
     )
     autocast: Literal["none", "bf16"] = opt("none", "none or bf16 (CUDA and the fast objective only; losses stay fp32)")
-    lm_cache_mb: float = opt(0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=non_negative)
+    lm_cache_mb: float = opt(
+        0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=in_range(0, 1e9)
+    )
     # bookkeeping
     eval_every: int = opt(100, "evaluate the deterministic mask every N steps (paper: 100)", check=at_least(1))
     checkpoint_every: int = opt(
@@ -235,24 +249,7 @@ class DiscoveryConfig:
     def validate(self) -> "DiscoveryConfig":
         """Check every value against its type and constraint (naming the option), then the relations."""
         for f in fields(self):
-            setattr(self, f.name, coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name], where=_flag(f.name)))
-            check = f.metadata.get("check")
-            v = getattr(self, f.name)
-            bad = check(v) if check is not None and v is not None else None
-            if bad:
-                raise ConfigError(f"{_flag(f.name)} {_show(v)}: must be {bad}")
-        choices = {
-            "granularity": GRANULARITIES,
-            "ablation": tuple(ABLATIONS),
-            "backend": ("bridge", "hooked"),
-        }
-        for name, allowed in choices.items():
-            v = getattr(self, name)
-            if v is not None and v not in allowed:
-                raise ConfigError(f"{_flag(name)} {v!r}: expected one of {', '.join(allowed)}")
-        bad = [m for m in self.matrices if m not in MATRICES]
-        if bad or not self.matrices:
-            raise ConfigError(f"--matrices {','.join(self.matrices)!r}: expected a non-empty subset of {','.join(MATRICES)}")
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name), where=_flag(f.name)))
         if self.checkpoint_every % self.eval_every:
             raise ConfigError(
                 f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every ({self.eval_every}) "
@@ -275,6 +272,32 @@ class DiscoveryConfig:
 
 FIELD_NAMES = {f.name for f in fields(DiscoveryConfig)}
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(DiscoveryConfig)
+_FIELDS = {f.name: f for f in fields(DiscoveryConfig)}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "granularity": tuple(GRANULARITIES),
+    "ablation": tuple(ABLATIONS),
+    "backend": ("bridge", "hooked"),
+}
+
+
+def check_setting(name: str, value: Any, *, where: str) -> Any:
+    """One setting checked on its own (type, constraint, allowed values), as ``validate`` does for
+    every field; errors name ``where`` (an option, or a file and key). Returns the coerced value."""
+    if name not in FIELD_NAMES:
+        raise ConfigError(f"{where}: unknown setting {name!r}; valid settings are {sorted(FIELD_NAMES)}")
+    v = coerce(name, value, FIELD_TYPES[name], where=where)
+    if name == "granularity":
+        v = DEPRECATED_GRANULARITIES.get(v, v)  # old runs: 'neuron'
+    check = _FIELDS[name].metadata.get("check")
+    bad = check(v) if check is not None and v is not None else None
+    if bad:
+        raise ConfigError(f"{where} {_show(v)}: must be {bad}")
+    allowed = _CHOICES.get(name)
+    if allowed is not None and v is not None and v not in allowed:
+        raise ConfigError(f"{where} {v!r}: expected one of {', '.join(allowed)}")
+    if name == "matrices" and (not v or any(m not in MATRICES for m in v)):
+        raise ConfigError(f"{where} {','.join(v)!r}: expected a non-empty subset of {','.join(MATRICES)}")
+    return v
 
 
 def field_default(name: str) -> Any:
@@ -365,6 +388,8 @@ def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
         recipe = "bundled" if merged.get("model", field_default("model")) in BUNDLED_NAMES else "paper"
     values = {**(BUNDLED_RECIPE if recipe == "bundled" else {}), **merged}
     cfg = DiscoveryConfig(**{k: coerce(k, v, FIELD_TYPES[k], where=_flag(k)) for k, v in values.items()})
+    if cfg.granularity in DEPRECATED_GRANULARITIES:
+        cfg.granularity = normalize_granularity(cfg.granularity, warn=True)
     cfg.recipe = recipe
     return cfg.validate()
 

@@ -1,8 +1,9 @@
 """The discovery run: data -> masked model -> training loop -> checkpoints -> selected subnetwork.
 
-Read top to bottom: :func:`discover` prepares a run directory (:mod:`kcs_lens.runs` owns its
+Read top to bottom: :func:`discover` opens and locks a run directory (:mod:`kcs_lens.runs` owns its
 layout), :class:`Run` loads the model and the run's data, then :meth:`Run.train` is the whole loop
-(Adam on mask logits, warm-up, periodic evaluation and checkpoints, resumable), and
+(Adam on mask logits, warm-up, periodic evaluation and checkpoints, resumable from any crash:
+:meth:`Run.load_state`), and
 :meth:`Run.finish` selects a checkpoint (:mod:`kcs_lens.selection`) and writes
 ``subnetwork.safetensors`` and ``summary.json``. The loss is :mod:`kcs_lens.objective`.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import shutil
 import signal
 import threading
 import time
@@ -25,14 +25,14 @@ from torch import Tensor
 from kcs_lens.backends import LensModel
 from kcs_lens.config import DiscoveryConfig, build_config
 from kcs_lens.data.triplets import TripletBatch
-from kcs_lens.errors import ConfigError, NonFiniteLoss, RunError
+from kcs_lens.errors import ConfigError, KcsLensError, NonFiniteLoss, OutputError, RunError
 from kcs_lens.fast_objective import FastObjective
 from kcs_lens.files import atomic_write_bytes
 from kcs_lens.masks import MaskConfig, WeightMask, resolve_layers
 from kcs_lens.models import load_model
 from kcs_lens.objective import Objective, ReferenceObjective
 from kcs_lens.progress import Progress
-from kcs_lens.runs import RunData, RunDir, load_run_data, package_versions
+from kcs_lens.runs import RunData, RunDir, abandon_run_dir, load_run_data, open_run_dir, package_versions
 from kcs_lens.scoring import lm_nll, tail_scores
 from kcs_lens.selection import meets_criteria, select_checkpoint, selection_rule
 from kcs_lens.subnetwork import Subnetwork
@@ -99,11 +99,18 @@ class Run:
         mc = MaskConfig(layers, tuple(cfg.matrices), cfg.granularity, cfg.init_prob, cfg.tau)  # type: ignore[arg-type]
         self.masks = WeightMask(self.lm.shape, mc, seed=cfg.seed, device=self.lm.device)
         self.objective = make_objective(cfg, self.lm, self.masks)
-        self.opt = torch.optim.Adam(self.masks.parameters(), lr=cfg.lr)
-        warm = max(1, int(cfg.warmup_frac * cfg.steps))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+        self.warm = max(1, int(cfg.warmup_frac * cfg.steps))
+        self._new_optimizer()
         self.step = 0
         self.original: dict[str, float] = {}
+
+    def _new_optimizer(self) -> None:
+        self.opt = torch.optim.Adam(self.masks.parameters(), lr=self.cfg.lr)
+        warm = self.warm  # a plain function: LambdaLR does not save it in state.pt
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        return step > 0 and (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps)
 
     # --- files (layout: kcs_lens.runs.RunDir) -----------------------------------------------
     def write_config(self) -> None:
@@ -134,18 +141,81 @@ class Run:
         atomic_write_bytes(self.dir.state, buf.getvalue())
 
     def load_state(self) -> None:
+        """Continue where the run stopped, whatever stopped it. Temporary files of an interrupted
+        write are removed. ``state.pt`` (written before each mask checkpoint) gives an exact
+        continuation; its mask checkpoint is rewritten if it is missing. Without a usable
+        ``state.pt``: the newest intact mask checkpoint with a fresh optimizer state (a warning),
+        else step 0. Metrics after the resumed step are dropped (those steps are redone)."""
+        for p in self.dir.remove_temporary():
+            self.log(f"removed {p} (left by an interrupted write)")
+        state, problem = self._read_state()
+        if state is not None:
+            self._apply_state(state)
+            if self.is_checkpoint_step(self.step) and not self.dir.checkpoint(self.step).exists():
+                self.save_mask_checkpoint()  # the state was written; the process stopped before its mask checkpoint
+        else:
+            self._fall_back(problem)
+        self.dir.truncate_metrics(self.step)
+
+    def _read_state(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The saved state, or None and what is wrong with it (None: it was never written)."""
         path = self.dir.state
         if not path.exists():
-            raise RunError(f"{self.dir.path}: cannot resume, {path} is missing (the run never reached a checkpoint)")
-        state = torch.load(path, map_location=self.lm.device, weights_only=False)
+            return None, None
+        try:
+            state = torch.load(path, map_location=self.lm.device, weights_only=False)
+            logits = state["logits"]
+            if set(logits) != set(self.masks.names) or any(logits[n].shape != p.shape for n, p in self.masks.items()):
+                return None, f"{path} does not match this run's masks"
+            for k in ("step", "opt", "sched", "generator", "original"):
+                state[k]  # noqa: B018 (a KeyError marks a damaged file)
+            return state, None
+        except Exception as e:  # truncated, corrupted or foreign file
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            return None, f"{path} is damaged ({type(e).__name__}: {first})"
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for n, p in self.masks.items():
                 p.copy_(state["logits"][n])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.masks.generator.set_state(state["generator"])
+        try:
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.masks.generator.set_state(state["generator"])
+        except Exception as e:
+            raise RunError(f"{self.dir.state}: the optimizer state does not fit this run ({type(e).__name__}: {e})") from None
         self.step, self.original = state["step"], state["original"]
-        self.dir.truncate_metrics(self.step)  # records after the checkpoint belong to steps that will be redone
+
+    def _fall_back(self, problem: str | None) -> None:
+        """No usable state.pt: the newest intact mask checkpoint, else step 0."""
+        for step in sorted(self.dir.checkpoint_steps(), reverse=True):
+            path = self.dir.checkpoint(step)
+            try:
+                logits = Subnetwork.load(path).logits
+                if set(logits) != set(self.masks.names) or any(logits[n].shape != p.shape for n, p in self.masks.items()):
+                    raise RunError(f"{path} does not match this run's masks")
+            except KcsLensError as e:
+                self.log(f"warning: skipping damaged checkpoint {path} ({e})")
+                continue
+            with torch.no_grad():
+                for n, p in self.masks.items():
+                    p.copy_(logits[n].to(p.device, p.dtype))
+            self._new_optimizer()
+            self.sched.last_epoch = step
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg.lr * min(1.0, (step + 1) / self.warm)
+            self.masks.generator.manual_seed(self.cfg.seed + 1_000_003 * step)
+            self.step, self.original = step, {}
+            why = problem or f"{self.dir.state} is missing"
+            self.log(
+                f"warning: {why}; resuming from the mask checkpoint at step {step} with a fresh optimizer and "
+                "noise state (the result can differ from an uninterrupted run)"
+            )
+            return
+        if problem:
+            self.log(f"warning: {problem} and there is no intact mask checkpoint; starting again from step 0")
+        else:
+            self.log(f"{self.dir.path} never reached a checkpoint; starting from step 0")
 
     def save_mask_checkpoint(self) -> None:
         Subnetwork.from_mask(self.masks, self.lm, seed=self.cfg.seed, step=self.step).save(self.dir.checkpoint(self.step))
@@ -215,9 +285,9 @@ class Run:
                         running = {}
                         self.dir.append_metrics(rec)
                         bar.note(rec)
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    if self.is_checkpoint_step(self.step):
+                        self.save_state()  # first: a state without its mask checkpoint is resumable exactly
                         self.save_mask_checkpoint()
-                        self.save_state()
                         if not cfg.keep_all_checkpoints:
                             self.prune_checkpoints()
             if self.step < cfg.steps:  # stopped by stop_after: resumable from exactly here
@@ -295,16 +365,34 @@ def _sigint_deferred(bar: Progress) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> None:
+def _run(
+    cfg: DiscoveryConfig,
+    rd: RunDir,
+    resume: bool,
+    force: bool,
+    lens_model: LensModel | None,
+    stop_after: int | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any] | None, Run]:
+    """The run in a directory this process holds (:func:`discover` opened and locked it)."""
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg, rd.path, lm=lens_model, log=log)
     if resume:
-        if not (out / "config.json").exists():
-            raise RunError(f"--resume {out}: not a run directory (config.json missing)")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise RunError(f"run directory {out} exists; pass --resume {out} to continue it or --force to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if run.lm.fingerprint() != rd.read_config()["model_fingerprint"]:
+            raise RunError(f"--resume {rd.path}: the model's weights differ from the run's (fingerprint mismatch)")
+        run.load_state()
+    else:
+        kept = rd.clear() if force else []
+        if kept:
+            log(f"note: --force kept {len(kept)} entries of {rd.path} that kcs-lens did not write: {[p.name for p in kept]}")
+        run.write_config()
+    run.masks.attach(run.lm)
+    try:
+        done = run.train(stop_after=stop_after, progress=progress)
+    finally:
+        run.masks.detach()
+    return (run.finish() if done else None), run
 
 
 def discover(
@@ -325,31 +413,34 @@ def discover(
     :class:`~kcs_lens.config.DiscoveryConfig`; ``discover(resume="runs/loc")`` continues a run. ``lens_model`` reuses a model already loaded.
     """
     if resume is not None:
-        out_dir = Path(resume)
-        prepare_run_dir(out_dir, resume=True, force=False)
-        cfg = RunDir(out_dir).read_discovery_config()
+        rd, lock, created = open_run_dir(resume, resume=True, force=False)
+        try:
+            cfg = rd.read_discovery_config()
+        except BaseException:
+            lock.release()
+            raise
     else:
         cfg = config or build_config(**overrides)
         if config is not None and overrides:
             raise ConfigError("pass either a DiscoveryConfig or keyword overrides, not both")
         out_dir = Path(out) if out else Path("runs") / f"{Path(str(cfg.target_kg)).stem}-seed{cfg.seed}"
-        prepare_run_dir(out_dir, resume=False, force=force)
-    torch.manual_seed(cfg.seed)
-    run = Run(cfg, out_dir, lm=lens_model, log=log)
-    if resume is not None:
-        run.load_state()
-        if run.lm.fingerprint() != run.dir.read_config()["model_fingerprint"]:
-            raise RunError(f"--resume {out_dir}: the model's weights differ from the run's (fingerprint mismatch)")
-    else:
-        run.write_config()
-    run.masks.attach(run.lm)
+        rd, lock, created = open_run_dir(out_dir, resume=False, force=force)
     try:
-        done = run.train(stop_after=stop_after, progress=progress)
+        try:
+            summary, run = _run(cfg, rd, resume is not None, force, lens_model, stop_after, progress, log)
+        except (OSError, OutputError) as e:  # disk full, permissions, ...: the last complete checkpoint is kept
+            msg = str(e) if isinstance(e, OutputError) else f"{e.filename or rd.path}: {e.strerror or e}"
+            if rd.config.exists():
+                msg += f"; the last complete checkpoint is kept (continue with: kcs-lens discover --resume {rd.path})"
+            raise OutputError(msg) from None
+    except BaseException:
+        if resume is None:
+            abandon_run_dir(rd, lock, created)  # removes the folder again only if nothing was written
+        raise
     finally:
-        run.masks.detach()
-    if not done:
+        lock.release()
+    if summary is None:
         return None
-    summary = run.finish()
-    summary["run_dir"] = str(out_dir)
+    summary["run_dir"] = str(rd.path)
     summary["load_s"] = run.load_s
     return summary

@@ -51,3 +51,12 @@ class ExportError(KcsLensError):
 
 class OutputError(KcsLensError):
     """An output path that cannot be created or written, or that the tool must not replace."""
+
+
+class KcsLensWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one
+    ``note:`` line."""
+
+
+class TaskError(KcsLensError):
+    """Bad downstream-task input (questions, links, groups); the message names the file and line."""

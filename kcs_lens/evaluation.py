@@ -204,13 +204,17 @@ def evaluate_run(
 
 
 def random_like(sub: Subnetwork, generator: torch.Generator) -> Subnetwork:
-    """A subnetwork with, in every matrix, as many members as ``sub`` (weights, or rows at neuron
-    granularity) placed uniformly at random."""
+    """A subnetwork with, in every matrix, as many members as ``sub`` (weights, or rows at row
+    granularity) placed uniformly at random; at head granularity as many heads and MLP neurons
+    per block."""
+    units = sub.unit_binary()
     out = {}
-    for n, b in sub.binary().items():
+    for n, b in (units if units is not None else sub.binary()).items():
         flat = torch.zeros(b.numel(), dtype=torch.bool)
         flat[torch.randperm(b.numel(), generator=generator)[: int(b.sum())]] = True
         out[n] = flat.view(b.shape)
+    if units is not None:
+        return sub.with_unit_binary(out, random_baseline=True)
     return sub.with_binary(out, random_baseline=True)
 
 

@@ -309,7 +309,9 @@ class FastObjective(Objective):
             self._shared = None
 
     def density(self) -> Tensor:
-        return self._noise.density() if self.sw.fused_noise and self._noise is not None else self.masks.expected_density()
+        if self.sw.fused_noise and self._noise is not None and self.masks.plain_density:  # head: weighted density
+            return self._noise.density()
+        return self.masks.expected_density()
 
     # --- bookkeeping -----------------------------------------------------------------------
     def prepare(self, target: TripletBatch | None = None, control: TripletBatch | None = None, chunk: int = 256) -> None:

@@ -64,6 +64,52 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]
     return path
 
 
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe(path: Path, option: str) -> None:
+    """OutputError unless files can be created where ``path`` (a file or folder to write) goes."""
+    base = _nearest_existing(path.parent if path.name else path)
+    if not base.is_dir():
+        raise OutputError(f"{option} {path}: cannot create it, {base} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".kcs-lens-probe.", suffix=TMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{option} {path}: cannot create files in {base} ({e.strerror or e})") from None
+
+
+def check_output_file(path: str | os.PathLike[str], option: str) -> Path:
+    """Fail now, naming ``option``, if ``path`` cannot be written later (call before long work)."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{option} {p}: is a directory, expected a file name")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise OutputError(f"{option} {p}: exists and is not writable")
+    _probe(p, option)
+    return p
+
+
+def check_output_dir(path: str | os.PathLike[str], option: str, *, new: bool = False) -> Path:
+    """Fail now, naming ``option``, if the folder ``path`` cannot be created or written (``new``:
+    it must not exist yet)."""
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        if new:
+            raise OutputError(f"{option} {p}: exists; this command writes a new folder (remove it or choose another)")
+        if not p.is_dir():
+            raise OutputError(f"{option} {p}: exists and is not a directory")
+        _probe(p / "x", option)
+    else:
+        _probe(p, option)
+    return p
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

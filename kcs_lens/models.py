@@ -147,7 +147,27 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
+def check_spec(spec: str) -> None:
+    """Whether a model spec can be loaded here, checked without loading any weights (a ModelLoadError
+    saying why not): the files of a local directory, a Hub model in the cache when offline."""
+    if _local_dir(spec) is None:
+        _hub_config(spec)
+
+
 def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
+    local = _local_dir(spec)
+    if local is None:
+        return _load_hub(spec)
+    path, kind = local
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return hf, tok, {"kind": kind, "path": str(path.resolve()), "hf_config": hf.config.to_diff_dict()}
+
+
+def _local_dir(spec: str) -> tuple[Path, str] | None:
+    """The checked checkpoint directory of a bundled or local spec, None for a Hub name."""
     if spec in BUNDLED_NAMES:
         if not (BUNDLED_DIR / "config.json").exists():
             raise ModelLoadError(
@@ -157,7 +177,7 @@ def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     elif os.path.exists(os.path.expanduser(spec)):
         path, kind = Path(os.path.expanduser(spec)), "path"
     elif spec in HUB_GPT2 or _HUB_ID.match(spec):
-        return _load_hub(spec)
+        return None
     else:
         raise ModelLoadError(
             f"model {spec!r}: no such directory, and not a Hugging Face model id. Use 'bundled', a local "
@@ -177,11 +197,7 @@ def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
         raise ModelLoadError(f"model {spec!r}: {path} has no weights (model.safetensors or pytorch_model.bin)")
     if not any((path / f).exists() for f in ("tokenizer.json", "vocab.json")):
         raise ModelLoadError(f"model {spec!r}: {path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    hf = GPT2LMHeadModel.from_pretrained(str(path))
-    tok = AutoTokenizer.from_pretrained(str(path))
-    return hf, tok, {"kind": kind, "path": str(path.resolve()), "hf_config": hf.config.to_diff_dict()}
+    return path, kind
 
 
 def _check_gpt2(spec: str, model_type: str | None) -> None:
@@ -193,6 +209,17 @@ def _check_gpt2(spec: str, model_type: str | None) -> None:
 
 
 def _load_hub(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
+    repo = HUB_GPT2.get(spec, spec)
+    _hub_config(spec)
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(repo)
+    tok = AutoTokenizer.from_pretrained(repo)
+    return hf, tok, {"kind": "hub", "repo": repo, "hf_config": hf.config.to_diff_dict()}
+
+
+def _hub_config(spec: str) -> Any:
+    """The HF config of a Hub model (checked to be GPT-2), or a ModelLoadError saying how to get it."""
     repo = HUB_GPT2.get(spec, spec)
     how = (
         f"Connect to the Hugging Face Hub (unset HF_HUB_OFFLINE), or download it elsewhere with "
@@ -207,7 +234,7 @@ def _load_hub(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
                 f"could not load model {spec!r} ({repo}) from the Hugging Face Hub: HF_HUB_OFFLINE is set and it "
                 f"is not in the local cache. {how}"
             )
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(repo)
@@ -215,9 +242,7 @@ def _load_hub(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
         raise ModelLoadError(f"could not load model {spec!r} ({repo}) from the Hugging Face Hub: {why}. {how}") from e
     _check_gpt2(spec, cfg.model_type)
-    hf = GPT2LMHeadModel.from_pretrained(repo)
-    tok = AutoTokenizer.from_pretrained(repo)
-    return hf, tok, {"kind": "hub", "repo": repo, "hf_config": hf.config.to_diff_dict()}
+    return cfg
 
 
 def from_hf(

@@ -129,6 +129,24 @@ def report_runs(
     base_out = Path(out)
     if base_out.suffix in (".md", ".csv", ".png"):
         base_out = base_out.with_suffix("")
+    rows = evaluated_rows(infos, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, device=device, log=log)
+    table = with_means(rows)
+    write_report_files(base_out, table, infos)
+    return {"rows": table, "files": [str(base_out.with_suffix(s)) for s in (".md", ".csv", ".png")]}
+
+
+def evaluated_rows(
+    infos: Sequence[RunInfo],
+    *,
+    draws: int = 5,
+    seed: int = 0,
+    recompute: bool = False,
+    lens_model: LensModel | None = None,
+    device: str | None = None,
+    log: Log = print,
+) -> list[dict[str, Any]]:
+    """One :func:`run_row` per run (in the order given), from the cached ``evaluation.json`` and
+    ``baseline.json`` when the subnetwork is unchanged, else evaluated (one model load per model)."""
     groups: dict[str, list[RunInfo]] = {}
     for r in infos:
         groups.setdefault(r.fingerprint, []).append(r)
@@ -147,9 +165,8 @@ def report_runs(
                 ev_ = ev_ or evaluate_run(r, evaluator=evr)
                 base = base or baseline_run(r, draws=draws, seed=seed, evaluator=evr)
             rows.append(run_row(r, ev_, base))
-    table = with_means(rows)
-    write_report_files(base_out, table, infos)
-    return {"rows": table, "files": [str(base_out.with_suffix(s)) for s in (".md", ".csv", ".png")]}
+    order = {str(r.dir): i for i, r in enumerate(infos)}
+    return sorted(rows, key=lambda row: order[row["run"]])
 
 
 def with_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

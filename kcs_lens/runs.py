@@ -8,10 +8,12 @@ A run directory (written by ``kcs-lens discover``)::
     subnetwork.safetensors   the selected subnetwork
     summary.json             its evaluation against the original model
     evaluation.json, baseline.json   caches written by ``evaluate``, ``baseline`` and ``report``
+    .lock                    the writer's lock (:mod:`kcs_lens.runlock`), held while a run is live
 
 :class:`RunDir` is the one owner of these names; :func:`load_run` reads a finished run
 (:class:`RunInfo`); :func:`load_run_data` builds the run's TargetKG / ControlKG / ControlLM data
 (:class:`RunData`) exactly as discovery used it, for every later command.
+:func:`open_run_dir` is the one way a writer gets a run directory: checked, created and locked.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -30,8 +34,9 @@ from torch import Tensor
 from kcs_lens.backends import LensModel
 from kcs_lens.config import DiscoveryConfig, config_from_saved
 from kcs_lens.data.triplets import TripletBatch, TripletSet, disjoint, split_control, tokenize_triplets
-from kcs_lens.errors import ConfigError, RunError, SubnetworkError
-from kcs_lens.files import atomic_write_bytes, atomic_write_json
+from kcs_lens.errors import ConfigError, KcsLensWarning, OutputError, RunError, SubnetworkError
+from kcs_lens.files import atomic_write_bytes, atomic_write_json, check_output_dir, is_temporary
+from kcs_lens.runlock import RunLock, lock_holder
 from kcs_lens.subnetwork import Subnetwork
 
 
@@ -46,6 +51,7 @@ class RunDir:
     SUMMARY = "summary.json"
     EVALUATION = "evaluation.json"
     BASELINE = "baseline.json"
+    LOCK = ".lock"
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -85,11 +91,59 @@ class RunDir:
     def baseline(self) -> Path:
         return self.path / self.BASELINE
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / self.LOCK
+
+    def lock(self) -> RunLock:
+        """Take the writer's lock (RunError naming the pid of a live holder); release it with
+        ``.release()`` or let the process end."""
+        return RunLock(self.lock_file).acquire(self.path)
+
+    def running_pid(self) -> int | None:
+        """The pid of the live process writing this run (0: pid unknown), or None."""
+        return lock_holder(self.lock_file)
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:06d}.safetensors"
 
     def checkpoint_steps(self) -> set[int]:
         return {int(p.stem.split("_")[1]) for p in self.checkpoints.glob("step_*.safetensors")}
+
+    def own_entries(self) -> list[Path]:
+        """What is in the directory apart from the lock file and temporary files."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.iterdir() if p.name != self.LOCK and not is_temporary(p))
+
+    def remove_temporary(self) -> list[Path]:
+        """Delete temporary files left by an interrupted atomic write (only while holding the lock)."""
+        gone = []
+        for d in (self.path, self.checkpoints):
+            if d.is_dir():
+                for p in d.iterdir():
+                    if is_temporary(p) and p.is_file():
+                        p.unlink(missing_ok=True)
+                        gone.append(p)
+        return gone
+
+    def run_entries(self) -> list[Path]:
+        """The entries kcs-lens writes into a run directory (what ``--force`` may delete)."""
+        fixed = (self.CONFIG, self.METRICS, self.CHECKPOINTS, self.SUBNETWORK, self.SUMMARY, self.EVALUATION, self.BASELINE)
+        out = [self.path / n for n in fixed if (self.path / n).exists()]
+        out += [p for p in self.path.glob("compare-*") if (p / "comparison.json").exists()]
+        return sorted(out)
+
+    def clear(self) -> list[Path]:
+        """Delete the run's own files (a ``--force`` rerun); returns the entries kept because
+        kcs-lens did not write them."""
+        for p in self.run_entries():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        self.remove_temporary()
+        return self.own_entries()
 
     def is_run(self) -> bool:
         """Whether this is a kcs-lens run directory (its config.json has the run's keys)."""
@@ -123,22 +177,32 @@ class RunDir:
         """The evaluation records; a partial last line (a crash mid-write) is dropped."""
         if not self.metrics.exists():
             return []
-        lines = self.metrics.read_text().splitlines()
+        try:
+            lines = self.metrics.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RunError(f"{self.metrics}: cannot read ({getattr(e, 'strerror', None) or e})") from None
         out = []
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                    raise ValueError
+                out.append(rec)
+            except ValueError:
                 if i == len(lines) - 1:
                     break  # the line being written when the process died
                 raise RunError(f"{self.metrics}:{i + 1}: not valid JSON (the file is damaged)") from None
         return out
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        line = json.dumps(record, allow_nan=False) + "\n"
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(line)
+        except OSError as e:  # a partial last line is dropped by read_metrics
+            raise OutputError(f"cannot write {self.metrics}: {e.strerror or e}") from None
 
     def truncate_metrics(self, last_step: int) -> None:
         """Keep the records up to ``last_step`` (those after a checkpoint will be redone)."""
@@ -173,9 +237,14 @@ def load_run(path: str | os.PathLike[str], subnetwork: str | os.PathLike[str] | 
     cfg = rd.read_discovery_config()
     fp = raw["model_fingerprint"]
     sub_file = Path(subnetwork) if subnetwork else rd.subnetwork
+    pid = rd.running_pid()
     if not sub_file.exists():
+        if pid is not None:
+            raise RunError(f"{rd.path}: still running ({_pid_text(pid)}); its {sub_file.name} is written when it finishes")
         hint = "" if subnetwork else f"; the run has not finished (continue it: kcs-lens discover --resume {rd.path})"
         raise RunError(f"{rd.path}: incomplete run, {sub_file.name} is missing{hint}")
+    if pid is not None:
+        warnings.warn(f"{rd.path} is still running ({_pid_text(pid)}); using {sub_file} as it is now", StillRunning, stacklevel=2)
     sub = Subnetwork.load(sub_file)
     sfp = sub.meta.get("model_fingerprint")
     if sfp and sfp != fp:
@@ -190,17 +259,90 @@ def load_run(path: str | os.PathLike[str], subnetwork: str | os.PathLike[str] | 
 
 
 def expand_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Run directories; a folder without config.json stands for the run directories inside it."""
+    """Run directories; a folder without config.json stands for the run directories inside it
+    (those still running without a subnetwork yet are skipped with a warning)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir() and not RunDir(p).config.exists():
             inner = sorted(q for q in p.iterdir() if RunDir(q).config.exists())
             if not inner:
                 raise RunError(f"{p}: neither a run directory nor a folder of run directories")
-            out += inner
+            for q in inner:
+                pid = RunDir(q).running_pid()
+                if pid is not None and not RunDir(q).subnetwork.exists():
+                    warnings.warn(f"skipping {q}: still running ({_pid_text(pid)})", StillRunning, stacklevel=2)
+                else:
+                    out.append(q)
         else:
             out.append(p)
     return out
+
+
+class StillRunning(KcsLensWarning):
+    """A reader was given a run directory whose writer is still running."""
+
+
+def _pid_text(pid: int) -> str:
+    return f"pid {pid}" if pid else "pid unknown"
+
+
+def open_run_dir(path: str | os.PathLike[str], *, resume: bool, force: bool) -> tuple[RunDir, RunLock, bool]:
+    """Check, create and lock a run directory for writing; returns it, the held lock and whether
+    this call created the folder. Refused (nothing changed): a ``--resume`` target that is not a
+    run, a folder with other content that is not a run directory (even with ``force``: only a
+    run directory is ever replaced), an existing run without ``force``, a run another process is
+    writing. ``force`` deletes nothing here: the caller clears the old run (:meth:`RunDir.clear`)
+    once the new one is ready to write."""
+    rd = RunDir(path)
+    p = rd.path
+    if resume:
+        if not p.is_dir():
+            raise RunError(f"--resume {p}: no such run directory")
+        if not rd.config.exists():
+            raise RunError(f"--resume {p}: not a run directory ({rd.CONFIG} missing)")
+        return rd, rd.lock(), False
+    check_output_dir(p, "--out")
+    entries = rd.own_entries()
+    if entries:
+        if not rd.is_run():
+            names = ", ".join(e.name for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise OutputError(
+                f"--out {p}: the folder holds other files ({names}) and is not a kcs-lens run directory; "
+                "--force only replaces run directories, so choose a new --out"
+            )
+        pid = rd.running_pid()
+        if pid is not None:
+            raise RunError(f"run directory {p} is still running ({_pid_text(pid)}); wait for it or stop it")
+        if not force:
+            raise RunError(f"run directory {p} exists; pass --resume {p} to continue it or --force to overwrite it")
+    created = not p.exists()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {p}: cannot create it ({e.strerror or e})") from None
+    try:
+        lock = rd.lock()
+    except BaseException:
+        if created:
+            shutil.rmtree(p, ignore_errors=True)
+        raise
+    return rd, lock, created
+
+
+def abandon_run_dir(rd: RunDir, lock: RunLock, created: bool) -> None:
+    """After a failure before the run wrote anything: remove the folder again if this process
+    created it (or only the lock file if the folder was there), so a rerun needs no ``--force``."""
+    if rd.config.exists() or rd.own_entries():
+        lock.release()
+        return
+    rd.remove_temporary()
+    rd.lock_file.unlink(missing_ok=True)
+    lock.release()
+    if created:
+        try:
+            rd.path.rmdir()
+        except OSError:
+            pass
 
 
 def package_versions() -> dict[str, str]:
@@ -257,6 +399,11 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
     if val_spec:
         control_val = load_kg(val_spec, **kw)
     else:
+        if cfg.control_val_size >= len(control):
+            raise ConfigError(
+                f"--control-val-size {cfg.control_val_size}: the ControlKG {cfg.control_kg!r} has only {len(control)} "
+                "triplets; the validation part must leave some for training (or pass --control-val-kg)"
+            )
         control, control_val = split_control(control, cfg.control_val_size)
     control, n1 = disjoint(target, control)
     control_val, n2 = disjoint(target, control_val)

@@ -4,7 +4,15 @@
 ``logits/<name>`` (float32, logit shape) and ``mask/<name>`` (uint8, 1 = in the subnetwork),
 plus string metadata (model spec and weight fingerprint, model shape, layer range, granularity,
 sparsity, seed, step, kcs-lens version). Logit shapes follow the canonical layout, so a
-subnetwork found on one TransformerLens backend applies on the other.
+subnetwork found on one TransformerLens backend applies on the other. Masks of ``row`` and
+``head`` granularity are stored at a shape that broadcasts to the matrix
+(:func:`~kcs_lens.masks.mask_shape`; :meth:`Subnetwork.full_binary` expands them).
+
+At ``head`` granularity the file also holds ``units/blocks.{l}.attn.heads`` ``[n_heads]`` and
+``units/blocks.{l}.mlp.neurons`` ``[d_mlp]``: the trained logits, one per attention head and per
+MLP neuron. They are the source of truth; the per-matrix logits are derived from them
+(:func:`~kcs_lens.masks.expand_unit_logits`), so every per-matrix tool reads a head run as it
+reads any other.
 """
 
 from __future__ import annotations
@@ -23,10 +31,28 @@ from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
 from kcs_lens.backends import LensModel
-from kcs_lens.canonical import ATTN_MATRICES, ModelShape, canonical_shape, parse_weight_name, total_linear_weights
+from kcs_lens.canonical import (
+    ATTN_MATRICES,
+    ModelShape,
+    canonical_shape,
+    parse_weight_name,
+    total_linear_weights,
+    weight_name,
+)
 from kcs_lens.errors import SubnetworkError
 from kcs_lens.files import atomic_save_safetensors, canonical_json
-from kcs_lens.masks import Keep, MaskConfig, MaskStats, WeightMask, mask_stats
+from kcs_lens.masks import (
+    HEAD_UNITS,
+    Keep,
+    MaskConfig,
+    MaskStats,
+    WeightMask,
+    expand_unit_logits,
+    mask_stats,
+    n_kv_heads,
+    param_names_of,
+    parse_unit_name,
+)
 
 BINARY_LOGIT = 20.0  # logits of a purely binary subnetwork (a combination, a random draw): sigmoid = 1 - 2e-9
 NEAR = 0.05  # a mask probability sigmoid(l) <= NEAR is "near 0", >= 1 - NEAR "near 1"
@@ -40,23 +66,52 @@ class Subnetwork:
     mask_config: MaskConfig
     shape: ModelShape
     meta: dict[str, Any] = field(default_factory=dict)
+    units: dict[str, Tensor] | None = None  # head granularity: logits per head / neuron (else None)
+
+    def __post_init__(self) -> None:
+        if self.mask_config.granularity != "head":
+            self.units = None
+            return
+        names = self.mask_config.model_names(self.shape)
+        if self.units is None:
+            self.units = units_from_matrix_logits(self.logits, self.mask_config, self.shape)
+        missing = [n for n in param_names_of(self.mask_config, names) if n not in self.units]
+        if missing:
+            raise SubnetworkError(f"head-granularity subnetwork without logits for {missing[:3]}")
+        self.logits = expand_unit_logits(self.units, names, n_kv_heads(self.shape))
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
     def from_mask(cls, mask: WeightMask, lm: LensModel | None = None, **meta: Any) -> "Subnetwork":
-        logits = {n: p.detach().float().cpu().clone() for n, p in mask.items()}
+        params = {n: p.detach().float().cpu().clone() for n, p in mask.items()}
         if lm is not None:
             meta.setdefault("model_spec", lm.spec)
             meta.setdefault("model_fingerprint", lm.fingerprint())
             meta.setdefault("backend", lm.backend)
-        return cls(logits, mask.config, mask.shape, meta)
+        if mask.by_unit:
+            return cls({}, mask.config, mask.shape, meta, units=params)
+        return cls(params, mask.config, mask.shape, meta)
 
     def to_mask(self, seed: int = 0, device: str | torch.device = "cpu") -> WeightMask:
         wm = WeightMask(self.shape, self.mask_config, seed=seed, device=device)
+        src = self.units if self.units is not None else self.logits
         with torch.no_grad():
             for n, p in wm.items():
-                p.copy_(self.logits[n].to(device))
+                p.copy_(src[n].to(device))
         return wm
+
+    def unit_binary(self) -> dict[str, Tensor] | None:
+        """Head granularity: {logit > 0} per head (``blocks.{l}.attn.heads``) and per MLP neuron
+        (``blocks.{l}.mlp.neurons``); None at other granularities."""
+        return None if self.units is None else {n: u > 0 for n, u in self.units.items()}
+
+    def with_unit_binary(self, units: dict[str, Tensor], **meta: Any) -> "Subnetwork":
+        """Head granularity: a subnetwork with the given heads and neurons (logits +-BINARY_LOGIT)."""
+        if self.units is None:
+            raise SubnetworkError("with_unit_binary needs a head-granularity subnetwork")
+        return Subnetwork(
+            {}, self.mask_config, self.shape, {**self.meta, **meta}, units={n: _binary_logits(b) for n, b in units.items()}
+        )
 
     # --- the subnetwork itself -------------------------------------------------------------
     def binary(self) -> dict[str, Tensor]:
@@ -100,7 +155,10 @@ class Subnetwork:
         return 1.0 - self.stats.n_sub / total_linear_weights(self.shape)
 
     def with_binary(self, binary: dict[str, Tensor], **meta: Any) -> "Subnetwork":
-        """A subnetwork with the given membership (logits +-BINARY_LOGIT: probabilities ~1 and ~0)."""
+        """A subnetwork with the given membership (logits +-BINARY_LOGIT: probabilities ~1 and ~0).
+
+        At head granularity the heads are read from W_Q / W_O and the neurons from W_in / W_gate /
+        W_out (which must agree); shared K/V heads follow the all-query-heads rule."""
         logits = {n: _binary_logits(b) for n, b in binary.items()}
         return Subnetwork(logits, self.mask_config, self.shape, {**self.meta, **meta})
 
@@ -122,9 +180,20 @@ class Subnetwork:
                 per_head.setdefault(layer, {})[matrix] = b.flatten(1).float().mean(1).tolist()
         for heads in per_head.values():
             heads["all"] = torch.tensor([heads[m] for m in ATTN_MATRICES if m in heads]).mean(0).tolist()
-        probs = torch.sigmoid(torch.cat([l.flatten().float() for l in self.logits.values()]))
+        probs = torch.sigmoid(torch.cat([l.flatten().float() for l in (self.units or self.logits).values()]))
         st = self.stats
+        units = self.unit_binary()
+        extra: dict[str, Any] = {}
+        if units is not None:  # head granularity: the decisions themselves
+            extra["units"] = {
+                "heads": {str(parse_unit_name(n)[0]): b.int().tolist() for n, b in units.items() if n.endswith(HEAD_UNITS)},
+                "n_heads_in_subnetwork": sum(int(b.sum()) for n, b in units.items() if n.endswith(HEAD_UNITS)),
+                "neurons_in_subnetwork": {
+                    str(parse_unit_name(n)[0]): int(b.sum()) for n, b in units.items() if not n.endswith(HEAD_UNITS)
+                },
+            }
         return {
+            **extra,
             "sparsity": st.sparsity,
             "sparsity_all_linear": self.sparsity_all_linear,
             "n_in_subnetwork": st.n_sub,
@@ -193,8 +262,10 @@ class Subnetwork:
     def save(self, path: str | os.PathLike) -> Path:
         tensors: dict[str, Tensor] = {}
         for n, l in self.logits.items():
-            tensors[f"logits/{n}"] = l.float()
-            tensors[f"mask/{n}"] = (l > 0).to(torch.uint8)
+            tensors[f"logits/{n}"] = l.float().contiguous()
+            tensors[f"mask/{n}"] = (l > 0).to(torch.uint8).contiguous()
+        for n, u in (self.units or {}).items():
+            tensors[f"units/{n}"] = u.float().contiguous()
         atomic_save_safetensors(tensors, path, self.metadata())
         return Path(path)
 
@@ -219,10 +290,41 @@ class Subnetwork:
         for k in ("sparsity", "sparsity_all_linear", "n_in_subnetwork", "n_masked"):
             meta.pop(k, None)
         logits = {k[len("logits/") :]: v for k, v in tensors.items() if k.startswith("logits/")}
-        missing = [n for n in mc.names if n not in logits]
+        units = {k[len("units/") :]: v for k, v in tensors.items() if k.startswith("units/")} or None
+        missing = [n for n in mc.model_names(shape) if n not in logits]
         if missing:
             raise SubnetworkError(f"{path}: logits missing for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        return cls(logits, mc, shape, meta)
+        try:
+            return cls(logits, mc, shape, meta, units=units)
+        except SubnetworkError as e:
+            raise SubnetworkError(f"{path}: {e}") from None
+
+
+def units_from_matrix_logits(logits: dict[str, Tensor], mc: MaskConfig, shape: ModelShape) -> dict[str, Tensor]:
+    """Head granularity: the per-head / per-neuron logits behind per-matrix ones (heads from W_Q,
+    else W_O, else K/V without GQA; neurons from W_in, W_gate or W_out). Every other matrix of a
+    unit must agree on membership (shared K/V heads are not checked under GQA: they follow the
+    rule); otherwise the masks are not head-structured -> SubnetworkError."""
+    n_kv = n_kv_heads(shape)
+    order = {HEAD_UNITS: ("W_Q", "W_O", "W_K", "W_V"), "neurons": ("W_in", "W_gate", "W_out")}
+    units: dict[str, Tensor] = {}
+    for name in param_names_of(mc, mc.model_names(shape)):
+        layer, kind = parse_unit_name(name)
+        mats = [m for m in order[kind] if m in mc.matrices and weight_name(layer, m) in logits]
+        given = [(m, logits[weight_name(layer, m)].flatten()) for m in mats]
+        if kind == HEAD_UNITS and n_kv != shape.n_heads:
+            given = [(m, t) for m, t in given if m not in ("W_K", "W_V")]
+        if not given:
+            raise SubnetworkError(f"{name}: a head-granularity subnetwork needs W_Q or W_O logits under grouped-query attention")
+        (m0, u), *rest = given
+        for m, t in rest:
+            if t.shape != u.shape or not torch.equal(t > 0, u > 0):
+                raise SubnetworkError(
+                    f"block {layer}: {m} and {m0} disagree on which {kind} are in the subnetwork; at head granularity "
+                    f"every matrix of a {'head' if kind == HEAD_UNITS else 'neuron'} is in or out together"
+                )
+        units[name] = u.clone()
+    return units
 
 
 def _binary_logits(b: Tensor) -> Tensor:

@@ -9,10 +9,11 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 status=0
 for line in ${KCS_TL_LINES:-4 3}; do
-  if [ "$line" = 4 ]; then venv=.venv; cons=constraints.txt; else venv=.venv-tl3; cons=constraints-tl3.txt; fi
+  # Ray (the optional extra of `kcs-lens sweep --executor ray`) is tested on the 4.x line only.
+  if [ "$line" = 4 ]; then venv=.venv; cons=constraints.txt; extras=test,ray; else venv=.venv-tl3; cons=constraints-tl3.txt; extras=test; fi
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
   t0=$(date +%s)
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$cons" -e ".[test]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$cons" -e ".[$extras]"
   echo "== TransformerLens line $line: installed in $(( $(date +%s) - t0 )) s ($("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformer-lens"))'))"
   # The slow tests (full bundled discovery, GPT-2-small shape) do not depend on the TL line: 4.x only.
   if [ "$line" = 4 ]; then

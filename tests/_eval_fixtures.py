@@ -23,7 +23,7 @@ def write_run(
     ``base``: a subnetwork dict to start from (for overlapping seeds); each logit is redrawn with
     probability 0.5."""
     from kcs_lens.config import build_config
-    from kcs_lens.masks import MaskConfig, mask_shape, resolve_layers
+    from kcs_lens.masks import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
     from kcs_lens.subnetwork import Subnetwork
 
     cfg = build_config(
@@ -32,15 +32,21 @@ def write_run(
     mc = MaskConfig(resolve_layers(cfg.layers, lm.shape.n_layers), tuple(cfg.matrices), cfg.granularity)
     g = torch.Generator().manual_seed(seed)
     logits = {}
-    for n in mc.names:
+    for n in mc.model_names(lm.shape):
         shp = mask_shape(lm.shape, n.split(".")[-1], cfg.granularity)
         new = torch.where(torch.rand(shp, generator=g) < density, 3.0, -3.0)
         if base is not None:
             new = torch.where(torch.rand(shp, generator=g) < 0.5, base[n], new)
         logits[n] = new
-    sub = Subnetwork(
-        logits, mc, lm.shape, {"model_spec": str(model_dir), "model_fingerprint": lm.fingerprint(), "seed": seed, "step": 12}
-    )
+    meta = {"model_spec": str(model_dir), "model_fingerprint": lm.fingerprint(), "seed": seed, "step": 12}
+    if mc.granularity == "head":  # one logit per head / neuron; the matrices follow
+        units = {
+            n: torch.where(torch.rand(param_shape(lm.shape, n, "head"), generator=g) < density, 3.0, -3.0)
+            for n in param_names_of(mc, mc.model_names(lm.shape))
+        }
+        sub = Subnetwork({}, mc, lm.shape, meta, units=units)
+    else:
+        sub = Subnetwork(logits, mc, lm.shape, meta)
     path.mkdir(parents=True)
     (path / "config.json").write_text(
         json.dumps({"config": cfg.to_dict(), "model_fingerprint": lm.fingerprint(), "mask": mc.to_dict()})

@@ -24,7 +24,7 @@ def make_run_dir(path: Path, lm, cfg_kwargs: dict, *, density: float = 0.1, gran
     """config.json + subnetwork.safetensors of a random subnetwork (``density`` of the logits) for
     the discovery config ``cfg_kwargs`` (e.g. ``tiny_run_kwargs(...)``; ``{}`` = the bundled model)."""
     from kcs_lens.config import build_config
-    from kcs_lens.masks import MaskConfig, mask_shape, resolve_layers
+    from kcs_lens.masks import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
     from kcs_lens.subnetwork import Subnetwork
 
     cfg = build_config(**{**cfg_kwargs, "granularity": granularity, "seed": seed})
@@ -32,9 +32,17 @@ def make_run_dir(path: Path, lm, cfg_kwargs: dict, *, density: float = 0.1, gran
     g = torch.Generator().manual_seed(seed)
     logits = {
         n: torch.where(torch.rand(mask_shape(lm.shape, n.split(".")[-1], granularity), generator=g) < density, 2.0, -2.0)
-        for n in mc.names
+        for n in mc.model_names(lm.shape)
     }
-    sub = Subnetwork(logits, mc, lm.shape, {"model_spec": cfg.model, "model_fingerprint": lm.fingerprint()})
+    meta = {"model_spec": cfg.model, "model_fingerprint": lm.fingerprint()}
+    if mc.granularity == "head":  # one logit per head / neuron; the matrices follow
+        units = {
+            n: torch.where(torch.rand(param_shape(lm.shape, n, "head"), generator=g) < density, 2.0, -2.0)
+            for n in param_names_of(mc, mc.model_names(lm.shape))
+        }
+        sub = Subnetwork({}, mc, lm.shape, meta, units=units)
+    else:
+        sub = Subnetwork(logits, mc, lm.shape, meta)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(
         json.dumps({"config": cfg.to_dict(), "model_fingerprint": lm.fingerprint(), "mask": mc.to_dict()})
@@ -161,7 +169,7 @@ def test_dla_components_sum_to_the_logit_difference(make_tiny_lm, tiny_kg, backe
 # ------------------------------------------------------------------------------------------
 # Knock-out and structure
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("granularity", ["weight", "row"])
 def test_knockout_localises_a_one_head_subnetwork(make_tiny_lm, tiny_kg, granularity):
     from kcs_lens.analyses.knockout import knockout
     from kcs_lens.analyses.structure import structure

@@ -14,7 +14,7 @@ from kcs_lens import Subnetwork, discover, load_model
 from kcs_lens.config import ConfigError, build_config
 from kcs_lens.data.loaders import load_kg
 from kcs_lens.data.triplets import tokenize_triplets
-from kcs_lens.errors import KGError, MaskError, NonFiniteLoss, RunError
+from kcs_lens.errors import KGError, MaskError, NonFiniteLoss, OutputError, RunError
 from kcs_lens.selection import select_checkpoint
 
 
@@ -196,13 +196,15 @@ def test_bad_input(tmp_path, tiny_kg, tiny_model_dir):
     out = tmp_path / "run"
     out.mkdir()
     (out / "x").write_text("x")
-    with pytest.raises(RunError, match="--resume .* or --force"):
-        discover(out=out, **kw)
+    for force in (False, True):  # --force never deletes a folder that is not a run directory
+        with pytest.raises(OutputError, match="not a kcs-lens run directory"):
+            discover(out=out, force=force, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["x"]
     with pytest.raises(MaskError, match="out of range"):
         discover(out=tmp_path / "a", **(kw | {"layers": "3-7"}))
     with pytest.raises(ConfigError, match="--granularity 'block'"):
         discover(out=tmp_path / "b", **(kw | {"granularity": "block"}))
-    with pytest.raises(RunError, match="not a run directory"):
+    with pytest.raises(RunError, match="no such run directory"):
         discover(resume=tmp_path / "nothing")
     with pytest.raises(ConfigError, match="multiple of --eval-every"):
         build_config(**(kw | {"checkpoint_every": 4}))
@@ -290,7 +292,8 @@ def test_config_file_and_flags(tmp_path):
     assert (cfg.steps, cfg.seed, cfg.lr) == (77, 9, 0.1)  # CLI flags win over the file
     y = tmp_path / "c.yaml"
     y.write_text("discover:\n  granularity: neuron\n")
-    assert build_config(y).granularity == "neuron"
+    with pytest.warns(FutureWarning, match="'neuron' is deprecated"):
+        assert build_config(y).granularity == "row"  # the old name of row granularity
     assert build_config(model="gpt2-medium").steps == 40_000  # the paper's recipe for GPT-2
     assert build_config().recipe == "bundled"
     bad = tmp_path / "bad.toml"

@@ -81,8 +81,8 @@ def test_subnetwork_stats_density_per_layer_matrix_head(tiny_lm):
 def test_neuron_granularity_counts_rows(tiny_lm):
     from kcs_lens.masks import MaskConfig, mask_shape
 
-    s, mc = tiny_lm.shape, MaskConfig((3,), granularity="neuron")
-    logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "neuron"), -1.0) for n in mc.names}
+    s, mc = tiny_lm.shape, MaskConfig((3,), granularity="row")
+    logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "row"), -1.0) for n in mc.names}
     logits["blocks.3.mlp.W_out"][5] = 1.0  # one MLP hidden unit: a row of d_model weights
     sub = Subnetwork(logits, mc, s)
     st = sub.density_stats()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from kcs_lens.errors import ExportError, SubnetworkError
 from kcs_lens.evaluation import Evaluator, evaluate_run
 from kcs_lens.export import export_model, export_run, hf_keep_multipliers
-from kcs_lens.masks import MaskConfig, mask_shape
+from kcs_lens.masks import MaskConfig, mask_shape, param_names_of, param_shape
 from kcs_lens.models import available_backends
 from kcs_lens.runs import load_run
 from kcs_lens.subnetwork import Subnetwork
@@ -25,7 +25,16 @@ pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the
 def random_sub(shape, layers, granularity="weight", density=0.3, seed=0) -> Subnetwork:
     mc = MaskConfig(tuple(layers), granularity=granularity)
     g = torch.Generator().manual_seed(seed)
-    logits = {n: torch.rand(mask_shape(shape, n.split(".")[-1], granularity), generator=g) - (1 - density) for n in mc.names}
+    if granularity == "head":  # one logit per head / neuron
+        units = {
+            n: torch.rand(param_shape(shape, n, granularity), generator=g) - (1 - density)
+            for n in param_names_of(mc, mc.model_names(shape))
+        }
+        return Subnetwork({}, mc, shape, units=units)
+    logits = {
+        n: torch.rand(mask_shape(shape, n.split(".")[-1], granularity), generator=g) - (1 - density)
+        for n in mc.model_names(shape)
+    }
     return Subnetwork(logits, mc, shape)
 
 
@@ -36,7 +45,7 @@ def hf_model(path):
 
 
 @pytest.mark.parametrize("backend", available_backends())
-@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("granularity", ["weight", "row", "head"])
 def test_exported_logits_equal_masked_lens_model(tmp_path, make_tiny_lm, backend, granularity):
     lm = make_tiny_lm(backend=backend)
     sub = random_sub(lm.shape, (1, 2, 3), granularity)

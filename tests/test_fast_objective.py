@@ -210,10 +210,11 @@ def test_multi_token_tails_last_token_and_other_layers(make_tiny_lm, data, tiny_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_neuron_granularity(make_tiny_lm, data, backend):
+@pytest.mark.parametrize("granularity", ["row", "head"])
+def test_row_and_head_granularity(make_tiny_lm, data, backend, granularity):
     lm = make_tiny_lm(backend)
     get = _batches(data)
-    kw = {"masks_kw": {"granularity": "neuron"}}
+    kw = {"masks_kw": {"granularity": granularity}}
     _compare(_run(lm, ReferenceObjective, get, **kw), _run(lm, FastObjective, get, **kw))
 
 

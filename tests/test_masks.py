@@ -1,4 +1,4 @@
-"""Weight and neuron masks on both backends: exactness, gradients, hooks, detaching."""
+"""Weight, row and head masks on both backends: exactness, gradients, hooks, detaching."""
 
 from __future__ import annotations
 
@@ -24,15 +24,15 @@ def _random_logits(wm: WeightMask, seed: int = 1) -> None:
 def _zero_by_hand(lm, wm: WeightMask, keep: str = "remaining") -> None:
     """Zero the weights of a plain model the way the eval mask should."""
     with torch.no_grad():
-        for n, p in wm.items():
+        for n, b in wm.binary().items():  # per matrix, at every granularity
             site = lm.site(n)
             full = canonical_shape(lm.shape, parse_weight_name(n)[1])
-            sub = (p > 0).float().expand(full)
+            sub = b.float().expand(full)
             site.native_weight().mul_(site.to_native(1 - sub if keep == "remaining" else sub))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("granularity", ["weight", "row", "head"])
 def test_eval_masks_are_exact(backend, granularity, make_tiny_lm):
     lm = make_tiny_lm(backend)
     x = torch.randint(0, lm.shape.d_vocab, (2, 12))
@@ -70,11 +70,11 @@ def test_gradients_reach_exactly_the_mask_logits(backend, make_tiny_lm):
 def test_neuron_mask_broadcasts_over_rows(make_tiny_lm):
     lm = make_tiny_lm()
     s = lm.shape
-    assert mask_shape(s, "W_in", "neuron") == (s.d_model, 1)
-    assert mask_shape(s, "W_out", "neuron") == (s.d_mlp, 1)  # one logit per MLP hidden unit
-    assert mask_shape(s, "W_Q", "neuron") == (1, s.d_model, 1)
-    assert mask_shape(s, "W_O", "neuron") == (s.n_heads, s.d_head, 1)
-    wm = WeightMask(s, MaskConfig((3,), matrices=("W_out",), granularity="neuron")).attach(lm)
+    assert mask_shape(s, "W_in", "row") == (s.d_model, 1)
+    assert mask_shape(s, "W_out", "row") == (s.d_mlp, 1)  # one logit per MLP hidden unit
+    assert mask_shape(s, "W_Q", "row") == (1, s.d_model, 1)
+    assert mask_shape(s, "W_O", "row") == (s.n_heads, s.d_head, 1)
+    wm = WeightMask(s, MaskConfig((3,), matrices=("W_out",), granularity="row")).attach(lm)
     with torch.no_grad():
         wm.logit("blocks.3.mlp.W_out")[7, 0] = 5.0  # hidden unit 7 in the subnetwork
     site = lm.site("blocks.3.mlp.W_out")
@@ -136,8 +136,7 @@ def test_bad_mask_configs(make_tiny_lm):
         resolve_layers("2-9", 4)
     with pytest.raises(MaskError, match="unknown granularity"):
         MaskConfig((1,), granularity="block")
-    with pytest.raises(MaskError, match="reserved"):
-        MaskConfig((1,), granularity="head")
+    assert MaskConfig((1,), granularity="neuron").granularity == "row"  # old runs: the deprecated name
     with pytest.raises(MaskError, match="unknown matrices"):
         MaskConfig((1,), matrices=("W_X",))
     assert resolve_layers(None, 12) == tuple(range(6, 12))

@@ -75,7 +75,7 @@ def test_overlap_refuses_incompatible_runs(tmp_path, seeds, tiny_lm, tiny_kg, ti
     layers = write_run(tmp_path / "layers", tiny_lm, tiny_kg, tiny_model_dir, layers="1-3")
     with pytest.raises(SubnetworkError, match="layers"):
         overlap_runs([seeds[0], layers])
-    gran = write_run(tmp_path / "gran", tiny_lm, tiny_kg, tiny_model_dir, granularity="neuron")
+    gran = write_run(tmp_path / "gran", tiny_lm, tiny_kg, tiny_model_dir, granularity="row")
     with pytest.raises(SubnetworkError, match="granularity"):
         overlap_runs([seeds[0], gran])
     other_dir = tmp_path / "other_model"

@@ -142,8 +142,10 @@ def test_unknown_synset_is_a_clear_error(wn):
 
 @needs_wordnet
 def test_too_few_triplets_is_an_error(wn):
-    with pytest.raises(ValueError, match="need at least"):
+    with pytest.raises(ValueError, match="min_triplets \\(41\\) is larger than max_triplets \\(40\\)"):
         build_target_kg(wn, "building.n.01", max_triplets=40, min_triplets=41)
+    with pytest.raises(ValueError, match="only [0-9]+ IsA triplets .* need at least 900"):  # what exists, not the cap
+        build_target_kg(wn, "building.n.01", up=0, down=1, max_triplets=1000, min_triplets=900)
 
 
 # ------------------------------------------------------------------ ControlKG

@@ -168,7 +168,11 @@ def load_text_blocks(
     WikiText-2: held-out = its ``heldout_split`` ('validation' or 'test').
     """
     split = _check_split(split)
+    if max_blocks is not None and max_blocks < 1:
+        raise KGError(f"{source}: max_blocks must be >= 1, got {max_blocks}")
     docs = text_documents(source, split, heldout_split=heldout_split)
+    if not docs:
+        raise KGError(f"text source {source!r}: no text (the file or folder is empty)")
     ids = tokenize_documents(docs, tokenizer)
     is_local = source.lower() not in WIKITEXT_NAMES and source != "bundled"
     if is_local:

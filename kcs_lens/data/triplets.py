@@ -22,6 +22,13 @@ _log = logging.getLogger("kcs_lens.data")
 TailScoring = Literal["all", "last"]
 
 
+def triplet_key(head: str, relation: str, tail: str) -> tuple[str, str, str]:
+    """The identity of a triplet wherever triplets are compared (``disjoint``, downstream links):
+    head, relation and tail, lower-cased, with runs of whitespace collapsed."""
+    norm = lambda s: " ".join(s.lower().split())
+    return (norm(head), norm(relation), norm(tail))
+
+
 @dataclass(frozen=True)
 class Triplet:
     head: str
@@ -39,8 +46,7 @@ class Triplet:
     @property
     def key(self) -> tuple[str, str, str]:
         """Identity used for overlap checks: case- and space-insensitive (head, relation, tail)."""
-        norm = lambda s: " ".join(s.lower().split())
-        return (norm(self.head), norm(self.relation), norm(self.tail))
+        return triplet_key(self.head, self.relation, self.tail)
 
     @property
     def prefix(self) -> str:

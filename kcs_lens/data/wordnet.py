@@ -336,6 +336,8 @@ def build_target_kg(
     Raises ``WordNetError`` (ValueError) for an unknown root, ValueError when fewer than
     ``min_triplets`` triplets can be built.
     """
+    if min_triplets > max_triplets:  # else "only N triplets" would report the cap, not what exists
+        raise WordNetError(f"min_triplets ({min_triplets}) is larger than max_triplets ({max_triplets})")
     rs = _get_synset(wn, root)
     excl = set(exclude_synsets)
     excl_heads = set(exclude_heads)

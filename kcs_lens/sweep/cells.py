@@ -1,0 +1,204 @@
+"""One cell of a study: where it stands (from its run directory and its status file) and running
+it (:func:`run_cell`, the one function every executor calls, in a worker process or a Ray task).
+
+A cell's run directory is ``DIR/<name>`` (a normal run directory, :mod:`kcs_lens.runs`); its
+status file ``DIR/.cells/<name>.json`` records the last attempt (running with pid and host, done,
+failed with the error) and ``DIR/.cells/<name>.log`` the discovery's messages and tracebacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from kcs_lens.errors import KcsLensError
+from kcs_lens.files import atomic_write_json
+from kcs_lens.runs import RunDir
+from kcs_lens.sweep.plan import Cell, identity
+
+STATUS_DIR = ".cells"
+# What a cell's run directory says about it (``cell_state``).
+DONE, PARTIAL, FRESH, CONFLICT = "done", "partial", "fresh", "conflict"
+
+
+def run_dir(study_dir: str | Path, cell: Cell) -> RunDir:
+    return RunDir(Path(study_dir) / cell.name)
+
+
+def status_file(study_dir: str | Path, cell: Cell) -> Path:
+    return Path(study_dir) / STATUS_DIR / f"{cell.name}.json"
+
+
+def log_file(study_dir: str | Path, cell: Cell) -> Path:
+    return Path(study_dir) / STATUS_DIR / f"{cell.name}.log"
+
+
+def read_status(study_dir: str | Path, cell: Cell) -> dict[str, Any]:
+    try:
+        d = json.loads(status_file(study_dir, cell).read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(study_dir: str | Path, cell: Cell, **fields: Any) -> None:
+    atomic_write_json(status_file(study_dir, cell), {"cell": cell.name, **fields})
+
+
+def cell_state(study_dir: str | Path, cell: Cell) -> str:
+    """``done`` (finished with the planned config), ``partial`` (a resumable checkpoint), ``fresh``
+    (nothing usable: start it) or ``conflict`` (a run directory with other settings)."""
+    rd = run_dir(study_dir, cell)
+    if not rd.is_run():
+        return FRESH
+    if identity(rd.read_config()["config"]) != cell.identity():
+        return CONFLICT
+    if rd.summary.exists() and rd.subnetwork.exists():
+        return DONE
+    return PARTIAL if rd.state.exists() else FRESH
+
+
+def last_record(rd: RunDir) -> dict[str, Any]:
+    try:
+        recs = rd.read_metrics()
+    except KcsLensError:
+        return {}
+    return recs[-1] if recs else {}
+
+
+def result_of(study_dir: str | Path, cell: Cell) -> dict[str, Any]:
+    """The headline numbers of a finished cell (from its summary.json)."""
+    s = json.loads(run_dir(study_dir, cell).summary.read_text())
+    return {
+        "sparsity": s["sparsity"],
+        "target_ratio": s["ratio"]["target_ratio"],
+        "control_ratio": s["ratio"]["control_ratio"],
+        "lm_ratio": s["ratio"]["lm_ratio"],
+        "meets_criteria": s["meets_criteria"],
+        "selected_step": s["selected_step"],
+    }
+
+
+ModelLoader = Callable[[str, "str | None", str], Any]
+
+
+def run_cell(
+    study_dir: str | Path,
+    cell: Cell,
+    *,
+    device: str | None = None,
+    load: ModelLoader | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume, or skip) one cell; never raises for the cell's own errors: returns
+    ``{"name", "state": done|failed|skipped, "elapsed", "result" | "error", "resumed_from"}`` and
+    records it in the cell's status file. ``device`` replaces the cell's ``device`` setting;
+    ``load(model, backend, device)`` returns a (cached) LensModel, else discovery loads it.
+    ``force``: a run directory with other settings is started over (else the cell fails)."""
+    from kcs_lens.discovery import discover
+
+    t0 = time.time()
+    prev = read_status(study_dir, cell)
+    attempt = int(prev.get("attempt", 0)) + 1
+    base = {"name": cell.name, "attempt": attempt}
+    where = {"pid": os.getpid(), "host": socket.gethostname()}
+    rd = run_dir(study_dir, cell)
+    logf = log_file(study_dir, cell)
+    logf.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        with open(logf, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    try:
+        state = cell_state(study_dir, cell)
+        if state == DONE:
+            return {**base, "state": "skipped", "elapsed": 0.0, "result": result_of(study_dir, cell), "resumed_from": None}
+        if state == CONFLICT and not force:
+            raise KcsLensError(
+                f"{rd.path} holds a run with other settings than the plan's; move it away or rerun the sweep with --force"
+            )
+        cfg = cell.discovery_config()
+        if device is not None:
+            cfg = dataclasses.replace(cfg, device=device).validate()
+        resumed_from = None
+        if state == PARTIAL:
+            import torch
+
+            resumed_from = int(torch.load(rd.state, map_location="cpu", weights_only=False)["step"])
+        write_status(
+            study_dir,
+            cell,
+            state="running",
+            attempt=attempt,
+            **where,
+            device=cfg.device,
+            started=t0,
+            resumed_from=resumed_from,
+        )
+        log(f"attempt {attempt}: " + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting"))
+        lm = load(cfg.model, cfg.backend, cfg.device) if load is not None else None
+        if state == PARTIAL:
+            discover(resume=rd.path, lens_model=lm, log=log)
+        else:
+            discover(cfg, out=rd.path, force=True, lens_model=lm, log=log)
+        result = result_of(study_dir, cell)
+        elapsed = time.time() - t0
+        write_status(
+            study_dir, cell, state="done", attempt=attempt, elapsed=elapsed, result=result, resumed_from=resumed_from, **where
+        )
+        log(f"done in {elapsed:.1f} s: {result}")
+        return {**base, "state": "done", "elapsed": elapsed, "result": result, "resumed_from": resumed_from}
+    except Exception as e:  # the cell's failure is recorded; the study goes on
+        err = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        log(f"failed: {err}\n{traceback.format_exc()}")
+        elapsed = time.time() - t0
+        write_status(study_dir, cell, state="failed", attempt=attempt, elapsed=elapsed, error=err, **where)
+        return {**base, "state": "failed", "elapsed": elapsed, "error": err}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe(study_dir: str | Path, cell: Cell) -> dict[str, Any]:
+    """One row of ``sweep status``: state (pending / running / interrupted / done / failed), step
+    of its steps, sparsity at the last evaluation, and the last error."""
+    st = read_status(study_dir, cell)
+    rd = run_dir(study_dir, cell)
+    state = cell_state(study_dir, cell)
+    rec = last_record(rd) if rd.is_run() else {}
+    row: dict[str, Any] = {
+        "cell": cell.name,
+        "step": rec.get("step", 0),
+        "steps": cell.config["steps"],
+        "sparsity": rec.get("sparsity"),
+        "error": st.get("error", ""),
+        "attempt": st.get("attempt", 0),
+    }
+    if state == DONE:
+        row.update(state="done", step=row["steps"], sparsity=result_of(study_dir, cell)["sparsity"], error="")
+    elif state == CONFLICT:
+        row.update(state="failed", error="its run directory has other settings than the plan's")
+    elif st.get("state") == "running":
+        gone = st.get("host") == socket.gethostname() and not _alive(int(st.get("pid", 0)))
+        row["state"] = "interrupted" if gone else "running"
+        if gone:
+            row["error"] = f"process {st.get('pid')} ended without finishing (killed?); rerun the sweep to resume"
+    elif st.get("state") == "failed":
+        row["state"] = "failed"
+    else:
+        row["state"] = "interrupted" if state == PARTIAL else "pending"
+    return row

@@ -1,0 +1,284 @@
+"""The study report (``kcs-lens report DIR`` on a sweep directory): the cells grouped by everything
+but the seed; per group the mean ± std over seeds of sparsity and dPPL (TargetKG, ControlKG,
+ControlLM) with the random baseline beside them, and the seeds' overlap (Jaccard, union,
+intersection, each removed and evaluated). Per-run rows come from :mod:`kcs_lens.report`
+(``evaluated_rows``, ``mean_row``, ``markdown``), so its columns and caches are the study's too.
+Writes ``study.md``, ``study.csv``, ``study.json``, ``study-density.png``, ``study-tradeoff.png``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from kcs_lens import report
+from kcs_lens.files import atomic_write_bytes, atomic_write_json
+from kcs_lens.runs import RunInfo, load_run
+from kcs_lens.sweep.cells import DONE, cell_state, describe
+from kcs_lens.sweep.plan import Cell, identity, load_plan
+
+Log = Callable[[str], None]
+OVERLAP_CACHE = ".cells/overlap"
+COMBOS = ("union", "intersection")
+
+
+def group_key(cell: Cell) -> str:
+    return identity({k: v for k, v in cell.config.items() if k != "seed"})
+
+
+def group_label(cell: Cell) -> str:
+    parts = [p for p in cell.name.split("/") if p != f"seed{cell.config['seed']}"]
+    return "/".join(parts) or cell.name
+
+
+def study_report(
+    study_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    draws: int = 5,
+    seed: int = 0,
+    recompute: bool = False,
+    device: str | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Evaluate (or reuse the caches of) every finished cell and write the study report files to
+    ``out`` (default ``DIR/study``: ``DIR/study.md`` ...). Unfinished cells are listed."""
+    study_dir = Path(study_dir)
+    plan = load_plan(study_dir)
+    base = Path(out) if out is not None else study_dir / "study"
+    if base.suffix in (".md", ".csv", ".json", ".png"):
+        base = base.with_suffix("")
+    done = [c for c in plan.cells if cell_state(study_dir, c) == DONE]
+    pending = [describe(study_dir, c) for c in plan.cells if c not in done]
+    infos = [load_run(study_dir / c.name) for c in done]
+    rows = report.evaluated_rows(infos, draws=draws, seed=seed, recompute=recompute, device=device, log=log) if infos else []
+    groups: dict[str, dict[str, Any]] = {}
+    for c in plan.cells:
+        g = groups.setdefault(group_key(c), {"group": group_label(c), "planned": 0, "cells": [], "infos": [], "rows": []})
+        g["planned"] += 1
+    for c, info, row in zip(done, infos, rows):
+        row["cell"], row["group"] = c.name, group_label(c)
+        g = groups[group_key(c)]
+        g["cells"].append(c)
+        g["infos"].append(info)
+        g["rows"].append(row)
+    models: dict[str, Any] = {}
+    summary = []
+    for g in groups.values():
+        if not g["rows"]:
+            summary.append({"group": g["group"], "n_seeds": 0, "n_planned": g["planned"]})
+            continue
+        m = report.mean_row(g["rows"])
+        m.update(group=g["group"], n_seeds=len(g["rows"]), n_planned=g["planned"], seeds=[r["seed"] for r in g["rows"]])
+        if len(g["infos"]) > 1:
+            m["overlap"] = seed_overlap(study_dir, g, models, device=device, recompute=recompute, log=log)
+        summary.append(m)
+    res = {"study": plan.study, "dir": str(study_dir), "groups": summary, "runs": rows, "not_finished": pending}
+    files = write_study(base, res, infos, groups)
+    res["files"] = files
+    return res
+
+
+def seed_overlap(
+    study_dir: Path, g: dict[str, Any], models: dict[str, Any], *, device: str | None, recompute: bool, log: Log
+) -> dict[str, Any]:
+    """Jaccard of the group's seeds, and the union, at-least-k-of-n and intersection of their subnetworks
+    removed and evaluated (cached by the members' subnetworks)."""
+    from kcs_lens.evaluation import Evaluator
+    from kcs_lens.overlap import at_least, check_compatible, combination_name, overlap_stats
+
+    infos: list[RunInfo] = g["infos"]
+    shas = [i.subnetwork.membership_sha() for i in infos]
+    cache = study_dir / OVERLAP_CACHE / f"{g['group']}.json"
+    if not recompute and cache.exists():
+        try:
+            d = json.loads(cache.read_text())
+            if d.get("shas") == shas:
+                return d
+        except ValueError:
+            pass
+    check_compatible(infos)
+    subs = [i.subnetwork for i in infos]
+    stats = overlap_stats(subs)
+    first = infos[0]
+    if first.fingerprint not in models:
+        from kcs_lens.models import load_model
+
+        models[first.fingerprint] = load_model(
+            first.config.model, backend=first.config.backend, device=device or first.config.device
+        )
+    log(f"evaluating the union and intersection of {len(infos)} seeds of {g['group']}")
+    ev = Evaluator(first, lens_model=models[first.fingerprint], log=log)
+    out: dict[str, Any] = {
+        "shas": shas,
+        "jaccard_mean": stats["jaccard_mean"],
+        "jaccard": stats["jaccard"],
+        "shared": stats["all"],
+    }
+    for k in range(1, len(subs) + 1):  # union, at least 2 of n, ..., intersection
+        name = combination_name(k, len(subs))
+        comb = at_least(subs, k)
+        rem = ev.metrics(comb, ("remaining",))["remaining"]
+        out[name] = {"sparsity": comb.sparsity, **{f"dppl_{s}": rem[s]["dppl"] for s, _ in report.KEYS}}
+    atomic_write_json(cache, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------
+def _pm(r: dict[str, Any], k: str, scale: float = 1.0, fmt: str = "{:+.3g}") -> str:
+    s = fmt.format(scale * r[k])
+    sd = r.get(f"{k}_seed_std")
+    return s if not sd else f"{s} ± {scale * sd:.2g}"
+
+
+def markdown(res: dict[str, Any], infos: list[RunInfo]) -> str:
+    groups = res["groups"]
+    n_cells = sum(g["n_planned"] for g in groups)
+    lines = [f"# Study `{res['dir']}`", "", f"Study file `{res['study']}`: {n_cells} cells, {len(res['runs'])} finished."]
+    lines += [
+        "",
+        "Per group (all settings equal but the seed): mean ± std over the finished seeds. dPPL = PPL(remaining model) - "
+        "PPL(original); random = the same number of weights removed at random in every masked matrix.",
+        "",
+    ]
+    head = ["group", "seeds", "sparsity %", "dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM"]
+    head += ["random dPPL TargetKG", "random dPPL ControlKG", "random dPPL ControlLM", "criteria met"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        if not g["n_seeds"]:
+            lines.append(f"| {g['group']} | 0/{g['n_planned']} |" + " |" * (len(head) - 2))
+            continue
+        cells = [g["group"], f"{g['n_seeds']}/{g['n_planned']}", _pm(g, "sparsity", 100, "{:.2f}")]
+        cells += [_pm(g, f"dppl_{k}") for k, _ in report.KEYS] + [_pm(g, f"random_dppl_{k}") for k, _ in report.KEYS]
+        cells.append("yes" if g["meets_criteria"] else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    ov = [g for g in groups if "overlap" in g]
+    if ov:
+        lines += ["", "## Seeds: overlap, union and intersection removed", ""]
+        lines += ["The seeds' subnetworks combined and removed (at least k of n seeds: in study.json).", ""]
+        head = ["group", "seeds", "Jaccard (mean pair)"]
+        head += [f"{c} {x}" for c in COMBOS for x in ("sparsity %", "dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM")]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for g in ov:
+            o = g["overlap"]
+            cells = [g["group"], str(g["n_seeds"]), f"{o['jaccard_mean']:.3f}"]
+            for c in COMBOS:
+                cells += [f"{100 * o[c]['sparsity']:.2f}"] + [f"{o[c][f'dppl_{k}']:+.3g}" for k, _ in report.KEYS]
+            lines.append("| " + " | ".join(cells) + " |")
+    if res["not_finished"]:
+        lines += [
+            "",
+            "## Cells not finished (not in the tables)",
+            "",
+            "| cell | state | step | last error |",
+            "|---|---|---|---|",
+        ]
+        for r in res["not_finished"]:
+            lines.append(f"| {r['cell']} | {r['state']} | {r['step']}/{r['steps']} | {r['error'] or ''} |")
+    if infos:
+        detail = report.markdown(report.with_means(res["runs"]), infos)
+        lines += ["", "## Per run", ""] + [("#" + x if x.startswith("#") else x) for x in detail.splitlines()[2:]]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(res: dict[str, Any], groups: dict[str, dict[str, Any]]) -> str:
+    """The per-run rows and one mean row per group (``report``'s columns), with the overlap columns."""
+    extra = ["group", "cell", "n_seeds", "n_planned", "jaccard_mean"]
+    extra += [f"{c}_{x}" for c in COMBOS for x in ["sparsity"] + [f"dppl_{k}" for k, _ in report.KEYS]]
+    cols = extra + report.CSV_COLUMNS + [f"{k}_seed_std" for k in report.NUMERIC] + ["run"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    means = {g["group"]: g for g in res["groups"]}
+    for g in groups.values():
+        for r in g["rows"]:
+            w.writerow({c: r.get(c, "") for c in cols})
+        m = means[g["group"]]
+        if m.get("n_seeds"):
+            flat = dict(m)
+            o = m.get("overlap")
+            if o:
+                flat["jaccard_mean"] = o["jaccard_mean"]
+                flat.update({f"{c}_{k}": v for c in COMBOS for k, v in o[c].items()})
+            w.writerow({c: flat.get(c, "") for c in cols})
+    return buf.getvalue()
+
+
+def density_png(groups: dict[str, dict[str, Any]]) -> bytes:
+    """Per group: the density (% of weights kept in the subnetwork) per layer and matrix, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [g for g in groups.values() if g["infos"]]
+    cols = min(3, max(1, len(done)))
+    nrows = max(1, -(-len(done) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, g in zip(axes.flat, done):
+        per = [i.subnetwork.density_stats()["density"]["per_layer_matrix"] for i in g["infos"]]
+        layers = sorted(per[0], key=int)
+        mats = list(per[0][layers[0]])
+        grid = [[100 * sum(p[l][m] for p in per) / len(per) for m in mats] for l in layers]
+        ax.axis("on")
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(mats)), mats, rotation=45, fontsize=7)
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax.set_ylabel("layer")
+        ax.set_title(f"{g['group']} ({len(per)} seeds)", fontsize=8)
+        fig.colorbar(im, ax=ax, label="density %")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def tradeoff_png(res: dict[str, Any]) -> bytes:
+    """Sparsity against dPPL on TargetKG and on the controls, one point per group (± std over seeds),
+    the random baseline in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gs = [g for g in res["groups"] if g.get("n_seeds")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (k, label) in zip(axes, report.KEYS):
+        for g in gs:
+            x, xe = 100 * g["sparsity"], 100 * g["sparsity_seed_std"]
+            ax.errorbar(x, g[f"dppl_{k}"], xerr=xe, yerr=g[f"dppl_{k}_seed_std"], fmt="o", capsize=3, label=g["group"])
+            ax.errorbar(x, g[f"random_dppl_{k}"], yerr=g[f"random_dppl_{k}_std"], fmt="x", color="grey", capsize=2)
+        ax.set_xlabel("sparsity % (of masked weights)")
+        ax.set_ylabel(f"dPPL {label}")
+        ax.set_title(f"{label} (x: random baseline)")
+        ax.grid(alpha=0.3)
+    if gs:
+        axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_study(base: Path, res: dict[str, Any], infos: list[RunInfo], groups: dict[str, dict[str, Any]]) -> list[str]:
+    files = {
+        ".md": markdown(res, infos).encode(),
+        ".csv": csv_text(res, groups).encode(),
+    }
+    out = []
+    for suffix, data in files.items():
+        out.append(str(atomic_write_bytes(base.with_suffix(suffix), data)))
+    slim = {**res, "runs": [{k: v for k, v in r.items() if k != "config"} for r in res["runs"]]}
+    out.append(str(atomic_write_json(base.with_suffix(".json"), slim)))
+    if infos:
+        out.append(str(atomic_write_bytes(base.parent / f"{base.name}-density.png", density_png(groups))))
+        out.append(str(atomic_write_bytes(base.parent / f"{base.name}-tradeoff.png", tradeoff_png(res))))
+    return out

@@ -1,0 +1,117 @@
+"""Head granularity on a tiny Llama-family model (grouped-query attention 4 query / 2 K/V heads,
+gated MLP): removing heads and neurons equals zeroing their slices by hand, the fast objective
+equals the reference. Needs the model families (tests/_family_fixtures.py); skipped without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+family_fixtures = pytest.importorskip("_family_fixtures")
+
+from kcs_lens.canonical import ModelShape, canonical_shape, weight_name  # noqa: E402
+from kcs_lens.masks import MaskConfig, WeightMask  # noqa: E402
+from kcs_lens.subnetwork import Subnetwork  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not hasattr(ModelShape, "kv_heads"), reason="model families (GQA shapes) not merged")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return family_fixtures.make_family_dir("llama", tmp_path_factory.mktemp("fam"))
+
+
+def _load(d):
+    from kcs_lens.models import load_model
+
+    return load_model(str(d), backend="bridge")
+
+
+def _zero(lm, layer: int, matrix: str, index) -> None:
+    site = lm.site(weight_name(layer, matrix))
+    keep = torch.ones(canonical_shape(lm.shape, matrix))
+    keep[index] = 0
+    with torch.no_grad():
+        site.native_weight().mul_(site.to_native(keep))
+
+
+def test_gqa_head_removal_equals_zeroing_slices_by_hand(llama_dir):
+    lm = _load(llama_dir)
+    s = lm.shape
+    assert (s.n_heads, s.kv_heads, s.gated_mlp) == (4, 2, True)
+    x = torch.randint(3, s.d_vocab, (2, 10))
+    wm = WeightMask(s, MaskConfig((1,), granularity="head")).attach(lm)
+    with torch.no_grad():
+        for _, p in wm.items():
+            p.fill_(-2.0)
+        wm.logit("blocks.1.attn.heads")[[0, 1, 2]] = 2.0  # K/V head 0 (query heads 0, 1) complete, K/V head 1 not
+        wm.logit("blocks.1.mlp.neurons")[5] = 2.0
+        removed = lm(x)
+    sub = Subnetwork.from_mask(wm, lm)
+    wm.detach()
+    assert sub.binary()["blocks.1.attn.W_K"].flatten().tolist() == [True, False]
+    ref = _load(llama_dir)
+    for m in ("W_Q", "W_O"):
+        _zero(ref, 1, m, [0, 1, 2])
+    for m in ("W_K", "W_V"):
+        _zero(ref, 1, m, 0)
+    for m in ("W_in", "W_gate"):
+        _zero(ref, 1, m, (slice(None), 5))
+    _zero(ref, 1, "W_out", 5)
+    with torch.no_grad():
+        torch.testing.assert_close(removed, ref(x), atol=1e-5, rtol=0)
+        with sub.applied(lm):
+            torch.testing.assert_close(lm(x), removed, atol=0, rtol=0)
+
+
+def test_gqa_fast_objective_equals_reference_at_head_granularity(llama_dir):
+    from kcs_lens.data.triplets import Triplet, tokenize_triplets
+    from kcs_lens.fast_objective import FastObjective
+    from kcs_lens.objective import LossConfig, ReferenceObjective
+
+    lm = _load(llama_dir)
+    tok = lm.tokenizer
+    rows = [Triplet(f"dog{i}", "IsA", "animal", f"A dog{i} is an animal") for i in range(4)]
+    ctl = [Triplet(f"cat{i}", "IsA", "fruit", f"A cat{i} is a fruit") for i in range(6)]
+    target, control = tokenize_triplets(rows, tok), tokenize_triplets(ctl, tok)
+    blocks = torch.randint(3, lm.shape.d_vocab, (2, 12))
+    out = {}
+    for cls in (ReferenceObjective, FastObjective):
+        wm = WeightMask(lm.shape, MaskConfig((0, 1), granularity="head"), seed=5)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, p in wm.items():
+                p.copy_(torch.randn(p.shape, generator=g))
+        wm.attach(lm)
+        try:
+            losses = cls(lm, wm, LossConfig()).step(target, control, blocks, 0, 10)
+            out[cls.__name__] = (losses, {n: p.grad.clone() for n, p in wm.items()})
+        finally:
+            wm.detach()
+    (lr, gr), (lf, gf) = out["ReferenceObjective"], out["FastObjective"]
+    for k in lr:
+        assert lf[k] == pytest.approx(lr[k], rel=1e-5, abs=1e-7), k
+    for n in gr:
+        torch.testing.assert_close(gf[n], gr[n], rtol=1e-4, atol=1e-6 + 1e-5 * float(gr[n].abs().max()))
+
+
+def test_gqa_head_run_structure_and_knockout(llama_dir):
+    """compare-circuits' structure and knock-out read a GQA head run per query head."""
+    from kcs_lens.analyses.knockout import knockout
+    from kcs_lens.analyses.prompts import build_prompts
+    from kcs_lens.analyses.structure import structure
+    from kcs_lens.data.triplets import Triplet
+
+    lm = _load(llama_dir)
+    units = {
+        "blocks.1.attn.heads": torch.tensor([2.0, 2.0, 2.0, -2.0]),
+        "blocks.1.mlp.neurons": torch.full((lm.shape.d_mlp,), -2.0),
+    }
+    units["blocks.1.mlp.neurons"][3] = 2.0
+    sub = Subnetwork({}, MaskConfig((1,), granularity="head"), lm.shape, units=units)
+    st = structure(sub)
+    assert st["head"][1].tolist() == [1.0, 1.0, 1.0, 0.0] and st["head_decisions"] == ["L1H0", "L1H1", "L1H2"]
+    assert st["head_by_matrix"]["W_K"][1].tolist() == [1.0, 1.0, 0.0, 0.0]  # K/V head 0 (query heads 0, 1) removed
+    prompts = build_prompts([Triplet(f"dog{i}", "IsA", "animal", f"A dog{i} is an animal") for i in range(3)], lm.tokenizer)
+    ko = knockout(lm, sub, prompts)
+    assert ko.heads.shape == (3, lm.shape.n_layers, 4) and (ko.heads[:, 1, 3] == 0).all()
