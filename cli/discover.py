@@ -80,21 +80,29 @@ def register(app: typer.Typer) -> None:
 
 
 def print_summary(s: dict[str, Any]) -> None:
+    """The final table: PPL (the paper's measure) and the answers (top-1 accuracy and mean rank of
+    the tail's first token), original -> remaining; '-' where an older summary.json lacks a value."""
     from rich.console import Console
     from rich.table import Table
 
+    from kcs_lens.report import before_after
+
     t = Table(title=f"{s['model']} / TargetKG {s['target_kg']} / seed {s['seed']} (step {s['selected_step']})")
-    for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio"):
+    for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio", "top-1 (orig → rem)", "tail rank (orig → rem)"):
         t.add_column(col, justify="right" if col != "set" else "left")
+    o, r = s["original"], s["remaining"]
     for key, label in (("target", "TargetKG"), ("control", "ControlKG (val)"), ("lm", "ControlLM (held-out)")):
+        answers = key != "lm"
         t.add_row(
             label,
-            f"{s['original'][f'{key}_ppl']:.3f}",
-            f"{s['remaining'][f'{key}_ppl']:.3f}",
+            f"{o[f'{key}_ppl']:.3f}",
+            f"{r[f'{key}_ppl']:.3f}",
             f"{s['delta'][f'{key}_dppl']:+.3f}",
             f"{s['ratio'][f'{key}_ratio']:.3f}",
+            before_after(o.get(f"{key}_top1"), r.get(f"{key}_top1")) if answers else "",
+            before_after(o.get(f"{key}_rank"), r.get(f"{key}_rank"), ".1f") if answers else "",
         )
-    c = Console(width=max(100, Console().width))
+    c = Console(width=max(120, Console().width))
     c.print(t)
     c.print(
         f"sparsity {100 * s['sparsity']:.2f}% of masked weights ({100 * s['sparsity_all_linear']:.2f}% of all linear weights); "

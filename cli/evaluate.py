@@ -33,14 +33,15 @@ def _label(name: str) -> str:
 
 
 def _f(x: Any, spec: str = ".3f") -> str:
-    return "" if x is None else format(x, spec)
+    """A table cell; '-' for a value the run's files lack (older runs, or no original to compare)."""
+    return "-" if x is None else format(x, spec)
 
 
 def metrics_table(res: dict[str, Any], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ("set", "model", "PPL", "dPPL", "ratio", "rank", "d rank mean [min,max]", "d logprob mean [min,max]", "top1/5/10"):
+    for c in ("set", "model", "PPL", "dPPL", "ratio", "top1/5/10", "rank", "d rank mean [min,max]", "d logprob mean [min,max]"):
         t.add_column(c, justify="left" if c in ("set", "model") else "right")
     m = res["metrics"]
     for s in m["original"]:
@@ -53,12 +54,12 @@ def metrics_table(res: dict[str, Any], title: str):
                 _label(s) if v == "original" else "",
                 v,
                 _f(x["ppl"]),
-                _f(x.get("dppl"), "+.3f"),
-                _f(x.get("ppl_ratio")),
-                _f(x.get("rank_mean"), ".1f"),
+                _f(x.get("dppl"), "+.3f") if v != "original" else "",
+                _f(x.get("ppl_ratio")) if v != "original" else "",
+                "" if s == "lm" else "/".join(_f(x.get(f"top{k}"), ".2f") for k in (1, 5, 10)),
+                "" if s == "lm" else _f(x.get("rank_mean"), ".1f"),
                 rng("drank", 1, 0),
                 rng("dlogprob", 2, 2),
-                "" if "top1" not in x else f"{x['top1']:.2f}/{x['top5']:.2f}/{x['top10']:.2f}",
             )
     return t
 
@@ -169,9 +170,11 @@ def baseline(
         "random dlogp",
         "run top1",
         "random top1",
+        "run rank",
+        "random rank",
     ):
         t.add_column(col, justify="left" if col in ("set", "model") else "right")
-    pm = lambda v, s, k: f"{mean[v][s][k]:{'+' if k[0] == 'd' else ''}.4g} ± {std[v][s][k]:.2g}" if k in mean[v][s] else ""
+    pm = lambda v, s, k: f"{mean[v][s][k]:{'+' if k[0] == 'd' else ''}.4g} ± {std[v][s][k]:.2g}" if k in mean[v][s] else "-"
     for s in own["original"]:
         for v in ("remaining", "subnetwork"):
             o = own[v][s]
@@ -186,6 +189,8 @@ def baseline(
                 pm(v, s, "dlogprob_mean"),
                 _f(o.get("top1"), ".2f"),
                 pm(v, s, "top1"),
+                _f(o.get("rank_mean"), ".1f"),
+                pm(v, s, "rank_mean"),
             )
     c = _console()
     c.print(t)

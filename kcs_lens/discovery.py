@@ -56,16 +56,17 @@ def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
 # Evaluation with the deterministic mask
 # ------------------------------------------------------------------------------------------
 def evaluate_split(lm: LensModel, data: RunData) -> dict[str, float]:
-    """Tail PPL on target and control validation, LM PPL on held-out text, for what ``lm`` is now."""
-    t = tail_scores(lm, data.target_batch)
-    c = tail_scores(lm, data.control_val_batch)
-    return {
-        "target_ppl": t.ppl,
-        "control_ppl": c.ppl,
-        "lm_ppl": math.exp(lm_nll(lm, data.lm_heldout)),
-        "target_top1": t.topk(1),
-        "control_top1": c.topk(1),
-    }
+    """Tail PPL, top-1 accuracy and mean rank of the tail's first token on TargetKG and ControlKG
+    validation, LM PPL on held-out text, for what ``lm`` is now (:class:`~kcs_lens.scoring.TailScores`)."""
+    out: dict[str, float] = {}
+    for name, batch in (("target", data.target_batch), ("control", data.control_val_batch)):
+        out.update({f"{name}_{k}": v for k, v in tail_scores(lm, batch).headline().items()})
+    out["lm_ppl"] = math.exp(lm_nll(lm, data.lm_heldout))
+    return out
+
+
+# What summary.json keeps of the selected evaluation (older runs' records lack the ranks).
+REMAINING_KEYS = ("target_ppl", "control_ppl", "lm_ppl", "target_top1", "control_top1", "target_rank", "control_rank")
 
 
 def with_ratios(rem: dict[str, float], orig: dict[str, float]) -> dict[str, float]:
@@ -339,7 +340,7 @@ class Run:
             "sparsity": sub.sparsity,
             "sparsity_all_linear": sub.sparsity_all_linear,
             "original": self.original,
-            "remaining": {k: chosen[k] for k in ("target_ppl", "control_ppl", "lm_ppl", "target_top1", "control_top1")},
+            "remaining": {k: chosen[k] for k in REMAINING_KEYS if k in chosen},
             "delta": {k: chosen[k] for k in ("target_dppl", "control_dppl", "lm_dppl")},
             "ratio": {k: chosen[k] for k in ("target_ratio", "control_ratio", "lm_ratio")},
             "data": self.data.sizes(),

@@ -62,7 +62,7 @@ from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.fast_ops import FusedNoise, RowCache, chunked_unembed_kl, final_at, row_keys
 from kcs_lens.masks import WeightMask, gumbel_sigmoid_ste
-from kcs_lens.objective import LossConfig, Objective, kl_p_to_q, kl_uniform_to_q, scored
+from kcs_lens.objective import LossConfig, Objective, kl_p_to_q, kl_uniform_to_q, scored, tail_excess
 from kcs_lens.scoring import per_triplet_mean
 
 
@@ -237,6 +237,13 @@ class FastObjective(Objective):
         assert logp is not None
         return kl_p_to_q(logp, logits)
 
+    def _masked_kg_logits(self, x: Tensor, sm: Tensor) -> Tensor:
+        """Logits of the remaining model (one fresh sample) at the scored positions, row-major."""
+        with self._with_sample(self._current_sample()), self._autocast():
+            if self.sw.scored_only:
+                return self.lm.unembed(self.lm.final_norm(final_at(self.lm, x, self.layer, sm, self._select_last)))
+            return self.lm.unembed(self.lm.final_norm(self.lm.run_blocks(x, self.layer)))[sm]
+
     def _current_sample(self) -> dict[str, Tensor]:
         if self._shared is not None:
             return self._shared
@@ -250,6 +257,11 @@ class FastObjective(Objective):
         b = scored(target, self.config.tail_position)
         x, sm, _ = self._kg_inputs(b, need_p=False)
         return per_triplet_mean(self._masked_kg_kl(x, sm, "uniform", None), b).mean()
+
+    def tail(self, target: TripletBatch) -> Tensor:
+        x, sm, _ = self._kg_inputs(target, need_p=False)
+        tails = target.targets[:, : sm.shape[1]][sm]
+        return per_triplet_mean(tail_excess(self._masked_kg_logits(x, sm), tails, self.config.tail_kind), target).mean()
 
     def control_kg(self, control: TripletBatch) -> Tensor:
         b = scored(control, self.config.tail_position)

@@ -8,6 +8,12 @@ next-token distribution and q the remaining model's:
 3. ControlLM maintenance:  mean over all token positions of KL(p || q);
 4. sparsity:               mean sigmoid(logits), weighted by lambda(t) (2 -> 3 schedule).
 
+Not in the paper, off by default (``tail`` weight 0): 5. the tail term, the mean over TargetKG
+triplets of ``margin``: max(0, z(tail) - max_{v != tail} z(v) + 1), i.e. the tail's logit above the
+best other token's (minus a 1-nat margin): positive exactly while the tail is, or nearly is, the
+model's answer; or ``uniform``: max(0, log q(tail) + log V), the tail's log-probability above the
+uniform share that term 1 aims at (docs/method.md, "Perplexity suppressed vs answer changed").
+
 :class:`Objective` is the interface and the step loop; :class:`ReferenceObjective` is the
 straightforward implementation (every pass a full forward of the masked model, p recomputed with
 the masks switched off: the same weights, no second model copy, a fresh mask sample per pass).
@@ -32,7 +38,9 @@ from kcs_lens.masks import WeightMask
 from kcs_lens.scoring import per_triplet_mean
 
 TailPosition = Literal["correct", "released"]
-TERMS = ("suppression", "control_kg", "control_lm", "sparsity")
+TailKind = Literal["margin", "uniform"]
+TAIL_MARGIN = 1.0  # nats: the tail's logit must end this far below the best other token's
+TERMS = ("suppression", "control_kg", "control_lm", "tail", "sparsity")
 
 
 @dataclass
@@ -44,6 +52,8 @@ class LossConfig:
     control_lm: float = 1.0
     sparsity_start: float = 2.0
     sparsity_end: float = 3.0
+    tail: float = 0.0  # weight of term 5 (not in the paper; 0: off)
+    tail_kind: TailKind = "margin"
     use_suppression: bool = True
     use_control_kg: bool = True
     use_control_lm: bool = True
@@ -66,10 +76,16 @@ class LossConfig:
         return replace(self, **ABLATIONS[ablation])
 
     def enabled_terms(self, **losses: Callable[[], Tensor]) -> list[tuple[str, float, Callable[[], Tensor]]]:
-        """(name, weight, loss function) of the enabled KL terms, in method.md's order; ``losses``
-        maps each of ``suppression``, ``control_kg``, ``control_lm`` to a function computing it."""
-        on = {"suppression": self.use_suppression, "control_kg": self.use_control_kg, "control_lm": self.use_control_lm}
-        return [(t, getattr(self, t), losses[t]) for t in TERMS[:3] if on[t]]
+        """(name, weight, loss function) of the enabled masked terms, in method.md's order; ``losses``
+        maps each of ``suppression``, ``control_kg``, ``control_lm``, ``tail`` to a function computing
+        it. The tail term runs only with a positive weight, and goes with the suppression ablation."""
+        on = {
+            "suppression": self.use_suppression,
+            "control_kg": self.use_control_kg,
+            "control_lm": self.use_control_lm,
+            "tail": self.use_suppression and self.tail > 0,
+        }
+        return [(t, getattr(self, t), losses[t]) for t in TERMS[:4] if on[t]]
 
 
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -85,6 +101,19 @@ def kl_uniform_to_q(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
     """KL(U || q) = -log V - mean_v log q_v, per row."""
     logq = torch.log_softmax(logits.float(), dim=-1)
     return -math.log(logits.shape[-1]) - logq.mean(-1)
+
+
+def tail_excess(logits: Float[Tensor, "n vocab"], tails: Int[Tensor, " n"], kind: TailKind = "margin") -> Float[Tensor, " n"]:
+    """Per row, ``margin``: max(0, z(tail) - max_{v != tail} z(v) + TAIL_MARGIN), the tail's lead over
+    the best other token (log q differences equal logit differences); ``uniform``: max(0, log q(tail)
+    + log V), how far the tail's log-probability is above 1/V."""
+    z = logits.float()
+    t = tails[:, None].to(z.device)
+    zt = z.gather(-1, t)[:, 0]
+    if kind == "uniform":
+        return torch.relu(zt - torch.logsumexp(z, -1) + math.log(z.shape[-1]))
+    best_other = z.scatter(-1, t, float("-inf")).amax(-1)
+    return torch.relu(zt - best_other + TAIL_MARGIN)
 
 
 def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
@@ -124,6 +153,10 @@ class Objective:
         """Term 3: mean over all positions of KL(p || q) on ControlLM blocks."""
         raise NotImplementedError
 
+    def tail(self, target: TripletBatch) -> Tensor:
+        """Term 5 (not in the paper): mean over triplets of :func:`tail_excess` (``config.tail_kind``)."""
+        raise NotImplementedError
+
     def density(self) -> Tensor:
         """Term 4 (unweighted): the expected density, mean sigmoid(logits)."""
         return self.masks.expected_density()
@@ -151,6 +184,7 @@ class Objective:
                 suppression=lambda: self.suppression(target),
                 control_kg=lambda: self.control_kg(control),
                 control_lm=lambda: self.control_lm(blocks),
+                tail=lambda: self.tail(target),
             ):
                 with record_function(f"kcs.{term}.forward"):  # labels for bench/profile_step.py
                     loss = fn()
@@ -203,6 +237,11 @@ class ReferenceObjective(Objective):
         b = scored(target, self.config.tail_position)
         logits = self.lm(b.tokens)
         return per_triplet_mean(kl_uniform_to_q(logits[b.score_mask]), b).mean()
+
+    def tail(self, target: TripletBatch) -> Tensor:
+        logits = self.lm(target.tokens)
+        rows = tail_excess(logits[target.score_mask], target.targets[target.score_mask], self.config.tail_kind)
+        return per_triplet_mean(rows, target).mean()
 
     def control_kg(self, control: TripletBatch) -> Tensor:
         b = scored(control, self.config.tail_position)

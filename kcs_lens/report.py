@@ -24,6 +24,28 @@ Log = Callable[[str], None]
 
 
 KEYS = (("target", "TargetKG"), ("control", "ControlKG"), ("lm", "ControlLM"))
+# Triplet sets whose answers (top-1 accuracy, mean rank of the tail's first token) the tables show,
+# original -> remaining model (kcs_lens.scoring.TailScores.headline).
+ANSWER_SETS = (("target", "TargetKG"), ("control", "ControlKG"), ("paraphrases", "paraphrases"))
+ANSWER_METRICS = (("top1", "top-1"), ("rank", "rank"))
+_EVAL_NAME = {"top1": "top1", "rank": "rank_mean"}  # the names in evaluation.json (evaluation.set_metrics)
+
+
+def answer_columns(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """``{top1,rank}_{original,remaining}_{set}`` from an evaluation's metrics; None where the
+    evaluation lacks the set (no paraphrases) or the metric (older files)."""
+    out: dict[str, float | None] = {}
+    for s, _ in ANSWER_SETS:
+        for m, _ in ANSWER_METRICS:
+            for v in ("original", "remaining"):
+                out[f"{m}_{v}_{s}"] = metrics.get(v, {}).get(s, {}).get(_EVAL_NAME[m])
+    return out
+
+
+def before_after(orig: float | None, rem: float | None, spec: str = ".2f") -> str:
+    """``orig -> rem`` for a table cell; ``-`` for a missing value (older run files)."""
+    f = lambda x: "-" if x is None else format(x, spec)
+    return f"{f(orig)} → {f(rem)}"
 
 
 def _cached(path: Path, sha: str, draws: int | None = None) -> dict[str, Any] | None:
@@ -59,6 +81,7 @@ def run_row(info: RunInfo, ev_: dict[str, Any], base: dict[str, Any]) -> dict[st
     for k, _ in KEYS:
         row.update({f"dppl_{k}": rem[k]["dppl"], f"ratio_{k}": rem[k]["ppl_ratio"], f"random_dppl_{k}": b_mean[k]["dppl"]})
         row.update({f"random_dppl_{k}_std": b_std[k]["dppl"], f"ppl_original_{k}": ev_["metrics"]["original"][k]["ppl"]})
+    row.update(answer_columns(ev_["metrics"]))
     row["random_draws"] = base["draws"]
     row["config"] = info.config.to_dict()
     row["density_per_layer"] = ev_["subnetwork"]["density"]["per_layer"]
@@ -70,6 +93,7 @@ NUMERIC = (
     + [f"{p}{k}" for p in ("dppl_", "ratio_") for k, _ in KEYS]
     + [f"random_dppl_{k}{s}" for k, _ in KEYS for s in ("", "_std")]
     + [f"ppl_original_{k}" for k, _ in KEYS]
+    + [f"{m}_{v}_{s}" for s, _ in ANSWER_SETS for m, _ in ANSWER_METRICS for v in ("original", "remaining")]
 )
 
 
@@ -80,9 +104,9 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
         seed="mean", run="", meets_criteria=all(bool(r["meets_criteria"]) for r in rows), random_draws=rows[0]["random_draws"]
     )
     for k in NUMERIC:
-        xs = [r[k] for r in rows]
-        m[k] = statistics.fmean(xs)
-        m[f"{k}_seed_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        xs = [r[k] for r in rows if r.get(k) is not None]  # missing in older runs' files
+        m[k] = statistics.fmean(xs) if xs else None
+        m[f"{k}_seed_std"] = (statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else None
     return m
 
 
@@ -174,7 +198,9 @@ def markdown(table: list[dict[str, Any]], infos: list[RunInfo]) -> str:
     lines.append(
         "dPPL = PPL(remaining model) - PPL(original) on TargetKG, ControlKG (validation) and held-out ControlLM text. "
         "Random = the same number of weights removed uniformly at random in every masked matrix (mean ± std over draws). "
-        "Mean rows: mean ± std over seeds."
+        "Top-1 = share of triplets whose tail's first token is the model's top prediction (the answer), rank = its "
+        "mean rank (0 = top), original → remaining model: a PPL ratio can be large while the answer survives. "
+        "Mean rows: mean ± std over seeds; - = not in the run's files (older runs)."
     )
     if sel:
         lines += ["", f"Checkpoint selection: {sel}."]
@@ -202,6 +228,8 @@ def markdown(table: list[dict[str, Any]], infos: list[RunInfo]) -> str:
             "random dPPL TargetKG",
             "random dPPL ControlKG",
             "random dPPL ControlLM",
+            *[f"top-1 {label} (original → remaining)" for _, label in ANSWER_SETS],
+            "rank TargetKG (original → remaining)",
             "criteria met",
         ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -222,6 +250,8 @@ def markdown(table: list[dict[str, Any]], infos: list[RunInfo]) -> str:
             cells += [
                 _fmt(r[f"random_dppl_{k}"], r[f"random_dppl_{k}_std"] if not mean else sd(f"random_dppl_{k}")) for k, _ in KEYS
             ]
+            cells += [before_after(r.get(f"top1_original_{k}"), r.get(f"top1_remaining_{k}")) for k, _ in ANSWER_SETS]
+            cells.append(before_after(r.get("rank_original_target"), r.get("rank_remaining_target"), ".1f"))
             cells.append("yes" if r["meets_criteria"] else "no")
             lines.append("| " + " | ".join(cells) + " |")
         lines += config_note(rows) + ablation_lines(rows)

@@ -5,7 +5,8 @@ the original, the remaining model and the subnetwork alone (set the mask's mode 
 
 One definition of a triplet set's perplexity, used everywhere (``discover``, ``evaluate``, ``kg
 show``; docs/method.md): PPL = exp(mean over triplets of each triplet's mean NLL over its scored
-tail tokens). For one-token tails this is exp(mean NLL of the tails).
+tail tokens). For one-token tails this is exp(mean NLL of the tails). Beside it every table
+reports the top-1 accuracy and mean rank of the tail's first token (:meth:`TailScores.headline`).
 """
 
 from __future__ import annotations
@@ -51,12 +52,20 @@ class TailScores:
         return math.exp(float(self.nll.mean()))
 
     def topk(self, k: int) -> float:
-        """Share of triplets whose first scored tail token is among the model's top k."""
-        return float((self.first_rank < k).float().mean())
+        """Share of triplets whose first scored tail token is among the model's top k (an exact
+        fraction: 6 of 30 is 0.2, so bounds such as top-1 <= 0.2 hold at the boundary)."""
+        return int((self.first_rank < k).sum()) / self.first_rank.numel()
 
     @property
     def rank_mean(self) -> float:
         return float(self.first_rank.float().mean())
+
+    def headline(self) -> dict[str, float]:
+        """What every table shows of a triplet set: ``ppl`` (the paper's measure), ``top1`` (share of
+        triplets whose first tail token is the model's argmax: the answer) and ``rank`` (mean rank
+        of the first tail token, 0 = top). PPL can rise many-fold while the argmax stays the tail
+        (docs/method.md, "Perplexity suppressed vs answer changed")."""
+        return {"ppl": self.ppl, "top1": self.topk(1), "rank": self.rank_mean}
 
     def summary(self) -> dict[str, float]:
         return {"n": int(self.nll.numel()), "tail_ppl": self.ppl, "top1_acc": self.topk(1), "mean_rank": self.rank_mean}

@@ -12,22 +12,28 @@ from kcs_lens.errors import RunError
 
 def selection_rule(cfg: DiscoveryConfig) -> dict[str, Any]:
     """The rule and its thresholds, as written into config.json, summary.json and reports."""
+    top1 = cfg.select_max_target_top1
     return {
         "rule": "sparsest checkpoint with target PPL ratio >= min_target_ratio, control PPL ratio <= "
-        "max_control_ratio and LM PPL ratio <= max_lm_ratio (remaining / original); otherwise the last "
-        "checkpoint, flagged meets_criteria=false",
+        "max_control_ratio and LM PPL ratio <= max_lm_ratio (remaining / original)"
+        + ("" if top1 is None else ", and TargetKG top-1 accuracy of the remaining model <= max_target_top1")
+        + "; otherwise the last checkpoint, flagged meets_criteria=false",
         "min_target_ratio": cfg.select_min_target_ratio,
         "max_control_ratio": cfg.select_max_control_ratio,
         "max_lm_ratio": cfg.select_max_lm_ratio,
+        "max_target_top1": top1,
     }
 
 
 def meets_criteria(r: dict[str, Any], cfg: DiscoveryConfig) -> bool:
-    """Whether one evaluation record (a metrics.jsonl line) meets the thresholds."""
+    """Whether one evaluation record (a metrics.jsonl line) meets the thresholds. A record without
+    the TargetKG top-1 (older runs) fails a top-1 criterion: it cannot be checked."""
+    top1 = cfg.select_max_target_top1
     return (
         r["target_ratio"] >= cfg.select_min_target_ratio
         and r["control_ratio"] <= cfg.select_max_control_ratio
         and r["lm_ratio"] <= cfg.select_max_lm_ratio
+        and (top1 is None or (r.get("target_top1") is not None and r["target_top1"] <= top1))
     )
 
 

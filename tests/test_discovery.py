@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_run_kwargs
+from conftest import requires_bundled, tiny_run_kwargs
 from typer.testing import CliRunner
 
 from kcs_lens import Subnetwork, discover, load_model
@@ -239,6 +239,50 @@ def test_selection_rule():
     assert ok and chosen["step"] == 400  # sparsest that meets all bounds
     chosen, ok = select_checkpoint([rec(200, 0.99, 2, 1.0, 1.0), rec(400, 0.99, 3, 1.0, 1.0)], cfg)
     assert not ok and chosen["step"] == 400  # none qualifies: the last, flagged
+
+
+def test_selection_rule_target_top1():
+    from kcs_lens.config import DiscoveryConfig
+    from kcs_lens.selection import meets_criteria, selection_rule
+
+    rec = lambda step, sp, top1: dict(step=step, sparsity=sp, target_ratio=20, control_ratio=1.0, lm_ratio=1.0, target_top1=top1)
+    rs = [rec(200, 0.99, 0.1), rec(400, 0.995, 0.6)]
+    assert select_checkpoint(rs, DiscoveryConfig())[0]["step"] == 400  # no top-1 criterion by default
+    cfg = DiscoveryConfig(select_max_target_top1=0.2)
+    assert select_checkpoint(rs, cfg) == (rs[0], True)  # the sparser one still names the tail
+    assert select_checkpoint([rec(200, 0.99, 0.5), rec(400, 0.995, 0.6)], cfg) == (rec(400, 0.995, 0.6), False)
+    old = {k: v for k, v in rec(200, 0.99, 0.1).items() if k != "target_top1"}  # an older run's record
+    assert meets_criteria(old, DiscoveryConfig()) and not meets_criteria(old, cfg)
+    assert selection_rule(cfg)["max_target_top1"] == 0.2 and "top-1" in selection_rule(cfg)["rule"]
+    assert selection_rule(DiscoveryConfig())["max_target_top1"] is None
+    with pytest.raises(ConfigError, match="--select-max-target-top1 1.5: must be a number in \\[0, 1\\]"):
+        build_config(select_max_target_top1=1.5)
+
+
+@requires_bundled
+def test_top1_criterion_no_checkpoint_qualifies(tmp_path):
+    """On the bundled model (which knows its TargetKG: top-1 near 1), a few steps cannot take the
+    TargetKG top-1 to 0: with every other bound loose, no checkpoint qualifies, the last is kept and
+    flagged, and config.json, summary.json and the CLI table say so, with top-1 and rank."""
+    from kcs_lens.cli.main import app
+
+    out = tmp_path / "r"
+    args = ["discover", "--steps", "4", "--eval-every", "2", "--checkpoint-every", "2", "--select-min-target-ratio", "0"]
+    args += ["--select-max-control-ratio", "100", "--select-max-lm-ratio", "100", "--select-max-target-top1", "0"]
+    r = CliRunner().invoke(app, args + ["--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "NOT met (last checkpoint)" in r.output and "top-1 (orig → rem)" in r.output and "tail rank" in r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["meets_criteria"] is False and s["selected_step"] == 4
+    assert s["selection"]["max_target_top1"] == 0.0
+    assert json.loads((out / "config.json").read_text())["selection"]["max_target_top1"] == 0.0
+    assert s["original"]["target_top1"] > 0.5 and s["remaining"]["target_top1"] > 0  # the answers survive
+    assert {"target_rank", "control_rank", "control_top1"} <= set(s["remaining"]) & set(s["original"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["target_top1"] > 0 for m in metrics)
+    # the same run with the bound at its TargetKG top-1 qualifies: the top-1 bound alone failed it
+    cfg = build_config(select_min_target_ratio=0, select_max_control_ratio=100, select_max_lm_ratio=100, select_max_target_top1=1)
+    assert select_checkpoint(metrics, cfg)[1]
 
 
 def test_config_file_and_flags(tmp_path):

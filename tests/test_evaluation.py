@@ -29,6 +29,11 @@ def test_evaluate_matches_discovery_summary(real_run, tiny_lm):
         assert m["remaining"][k]["ppl"] == pytest.approx(s["remaining"][f"{k}_ppl"], rel=1e-6)
         assert m["original"][k]["ppl"] == pytest.approx(s["original"][f"{k}_ppl"], rel=1e-6)
         assert m["remaining"][k]["dppl"] == pytest.approx(s["delta"][f"{k}_dppl"], rel=1e-5, abs=1e-6)
+    for k in ("target", "control"):  # one definition of the answers (scoring.TailScores) in both files
+        for v in ("original", "remaining"):
+            assert m[v][k]["top1"] == pytest.approx(s[v][f"{k}_top1"]) and m[v][k]["rank_mean"] == pytest.approx(
+                s[v][f"{k}_rank"]
+            )
     assert res["subnetwork"]["sparsity"] == pytest.approx(s["sparsity"])
     assert json.loads((real_run / "evaluation.json").read_text())["subnetwork_sha"] == res["subnetwork_sha"]
     t = m["remaining"]["target"]
@@ -133,9 +138,11 @@ def test_cli_evaluate_and_baseline(real_run, tmp_path):
     r = cli("evaluate", real_run, "--json", tmp_path / "e.json", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "TargetKG" in r.output and "density" in r.output and (tmp_path / "e.json").exists()
+    assert "top1/5/10" in r.output and "rank" in r.output
     r = cli("baseline", real_run, "--draws", 2, "--json", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     assert "random baseline" in r.output and json.loads((tmp_path / "b.json").read_text())["draws"] == 2
+    assert "run top1" in r.output and "random rank" in r.output
 
 
 def test_bad_run_directories(tmp_path, real_run):

@@ -132,13 +132,63 @@ def test_each_switch_matches_reference(make_tiny_lm, data, backend, name):
         LossConfig(use_control_lm=False),
         LossConfig(use_sparsity=False),
         LossConfig(suppression=0.7, control_kg=2.0, control_lm=0.3),
+        LossConfig(tail=2.0),
+        LossConfig(tail=2.0, tail_kind="uniform"),
+        LossConfig(tail=2.0, use_suppression=False),
     ],
-    ids=["released-tail", "no-suppression", "no-control-kg", "no-control-lm", "no-sparsity", "weights"],
+    ids=[
+        "released-tail",
+        "no-suppression",
+        "no-control-kg",
+        "no-control-lm",
+        "no-sparsity",
+        "weights",
+        "tail-term",
+        "tail-term-uniform",
+        "tail-ablated",
+    ],
 )
 def test_loss_options_match_reference(make_tiny_lm, data, backend, loss):
     lm = make_tiny_lm(backend)
     get = _batches(data)
     _compare(_run(lm, ReferenceObjective, get, loss=loss), _run(lm, FastObjective, get, loss=loss))
+
+
+@pytest.mark.parametrize("kind", ["margin", "uniform"])
+def test_tail_term_where_the_tail_is_the_answer(make_tiny_lm, data, kind):
+    """The random tiny model rarely predicts its tails, so the hinge would be 0: score the model's
+    own argmax instead. The term is then positive, has gradients, and the fast path matches."""
+    from kcs_lens.data.triplets import TripletBatch
+
+    lm = make_tiny_lm(None)
+    t = data["target"]
+    with torch.no_grad():
+        top = lm(t.tokens)[t.score_mask].argmax(-1)
+    targets = t.targets.clone()
+    targets[t.score_mask] = top
+    answered = TripletBatch(t.tokens, targets, t.score_mask, t.lengths)
+    get = lambda s, g=_batches(data): (answered, *g(s)[1:])
+    loss = LossConfig(tail=2.0, tail_kind=kind)
+    ref = _run(lm, ReferenceObjective, get, loss=loss)
+    assert ref[0][0]["tail"] > 0
+    _compare(ref, _run(lm, FastObjective, get, loss=loss))
+    without = _run(lm, ReferenceObjective, get, loss=LossConfig())
+    assert any(not torch.equal(ref[0][1][n], without[0][1][n]) for n in without[0][1])  # it moves the masks
+
+
+def test_tail_excess_definitions():
+    import math
+
+    from kcs_lens.objective import TAIL_MARGIN, tail_excess
+
+    z = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 1.0, 0.0], [1.5, 2.0, 0.0, 0.0]])
+    t = torch.tensor([0, 0, 0])
+    # margin: the tail's lead over the best other token, plus the margin, floored at 0
+    assert tail_excess(z, t).tolist() == pytest.approx([2.0 + TAIL_MARGIN, 0.0, 1.5 - 2.0 + TAIL_MARGIN])
+    # uniform: log q(tail) + log V, floored at 0 (q(tail) <= 1/V gives 0)
+    logq = torch.log_softmax(z, -1)[:, 0]
+    want = [max(0.0, float(x) + math.log(4)) for x in logq]
+    assert tail_excess(z, t, "uniform").tolist() == pytest.approx(want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -155,7 +205,7 @@ def test_multi_token_tails_last_token_and_other_layers(make_tiny_lm, data, tiny_
             data["blocks"][:2],
         )
         for layers in ((1, 3), (0, 1, 2, 3, 4)):
-            kw = {"masks_kw": {"layers": layers}}
+            kw = {"masks_kw": {"layers": layers}, "loss": LossConfig(tail=1.0)}
             _compare(_run(lm, ReferenceObjective, get, **kw), _run(lm, FastObjective, get, **kw))
 
 

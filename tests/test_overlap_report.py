@@ -159,6 +159,22 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
     stamp = (runs / "A-0" / "baseline.json").stat().st_mtime_ns
     again = report_runs([runs], tmp_path / "out" / "report2", draws=1, log=lambda m: pytest.fail(f"recomputed: {m}"))
     assert again["rows"][0]["dppl_target"] == a0["dppl_target"] and (runs / "A-0" / "baseline.json").stat().st_mtime_ns == stamp
+    # the answers beside the PPLs: top-1 and mean rank of the tail, original -> remaining, from evaluation.json
+    assert a0["top1_remaining_target"] == ev["metrics"]["remaining"]["target"]["top1"]
+    assert a0["rank_original_control"] == ev["metrics"]["original"]["control"]["rank_mean"]
+    assert mean["top1_remaining_target"] == pytest.approx((a0["top1_remaining_target"] + a1["top1_remaining_target"]) / 2)
+    assert "top-1 TargetKG (original → remaining)" in md and "rank TargetKG (original → remaining)" in md
+    assert f"{a0['top1_original_target']:.2f} → {a0['top1_remaining_target']:.2f}" in md
+    with open(tmp_path / "out" / "report.csv") as f:
+        assert "top1_remaining_target" in next(csv.reader(f))
+    # an evaluation.json written before the ranks existed: its cells read "-", the mean uses the others
+    for v in ev["metrics"].values():
+        for m in v.values():
+            m.pop("rank_mean", None)
+    (runs / "A-0" / "evaluation.json").write_text(json.dumps(ev))
+    old = report_runs([runs], tmp_path / "old", draws=1, log=lambda m: pytest.fail(f"recomputed: {m}"))
+    assert old["rows"][0]["rank_remaining_target"] is None and "- → -" in (tmp_path / "old.md").read_text()
+    assert old["rows"][2]["rank_remaining_target"] == a1["rank_remaining_target"]
 
 
 def test_cli_overlap_and_report(tmp_path, seeds):

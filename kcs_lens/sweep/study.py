@@ -146,7 +146,8 @@ def markdown(res: dict[str, Any], infos: list[RunInfo]) -> str:
         "",
     ]
     head = ["group", "seeds", "sparsity %", "dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM"]
-    head += ["random dPPL TargetKG", "random dPPL ControlKG", "random dPPL ControlLM", "criteria met"]
+    head += ["random dPPL TargetKG", "random dPPL ControlKG", "random dPPL ControlLM"]
+    head += [f"top-1 {label} (original → remaining)" for _, label in report.ANSWER_SETS] + ["criteria met"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         if not g["n_seeds"]:
@@ -154,6 +155,7 @@ def markdown(res: dict[str, Any], infos: list[RunInfo]) -> str:
             continue
         cells = [g["group"], f"{g['n_seeds']}/{g['n_planned']}", _pm(g, "sparsity", 100, "{:.2f}")]
         cells += [_pm(g, f"dppl_{k}") for k, _ in report.KEYS] + [_pm(g, f"random_dppl_{k}") for k, _ in report.KEYS]
+        cells += [report.before_after(g.get(f"top1_original_{k}"), g.get(f"top1_remaining_{k}")) for k, _ in report.ANSWER_SETS]
         cells.append("yes" if g["meets_criteria"] else "no")
         lines.append("| " + " | ".join(cells) + " |")
     ov = [g for g in groups if "overlap" in g]
