@@ -216,7 +216,7 @@ def _sub(lm, density, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = {
         n: torch.where(torch.rand(mask_shape(lm.shape, n.split(".")[-1], "weight"), generator=g) < density, 3.0, -3.0)
-        for n in mc.names
+        for n in mc.model_names(lm.shape)
     }
     return Subnetwork(logits, mc, lm.shape, {"model_fingerprint": lm.fingerprint()})
 
@@ -393,7 +393,7 @@ def test_bundled_task_runs_offline(tmp_path):
     g = torch.Generator().manual_seed(0)
     logits = {
         n: torch.where(torch.rand(mask_shape(lm.shape, n.split(".")[-1], "weight"), generator=g) < 0.02, 3.0, -3.0)
-        for n in mc.names
+        for n in mc.model_names(lm.shape)
     }
     run = tmp_path / "run"
     run.mkdir()

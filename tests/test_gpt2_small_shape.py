@@ -59,7 +59,9 @@ def test_discover_runs_on_gpt2_small_shape(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["selected_step"] == 2
     sub = Subnetwork.load(out)
-    assert sorted(sub.logits) == sorted(weight_name(l, m) for l in range(6, 12) for m in MATRICES)
+    assert sorted(sub.logits) == sorted(
+        weight_name(l, m) for l in range(6, 12) for m in MATRICES if m != "W_gate"
+    )  # GPT-2: no gated MLP
     assert sub.logits["blocks.6.attn.W_Q"].shape == (12, 768, 64) and sub.logits["blocks.11.mlp.W_out"].shape == (3072, 768)
     assert s["sparsity"] == pytest.approx(sub.sparsity) and s["sparsity_all_linear"] == pytest.approx(
         1 - sub.stats.n_sub / (12 * 12 * 768 * 768)
