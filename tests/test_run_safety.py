@@ -230,3 +230,52 @@ def test_readers_of_a_live_run(tmp_path, reference, tiny_kg):
     with warnings.catch_warnings():
         warnings.simplefilter("error", StillRunning)
         load_run(runs / "done")  # a finished run: no note
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real filesystem of a given size (tmpfs; needs root or CAP_SYS_ADMIN, else the test skips;
+    the file-size-limit test above covers the same path everywhere)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mounted: list[Path] = []
+
+    def mount(kb: int) -> Path:
+        opt = f"size={kb}k" if not mounted else f"remount,size={kb}k"
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", opt, "tmpfs", str(mnt)], capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_no_space_left_stops_with_one_line_and_resumes(small_tmpfs, reference, tiny_kg, tiny_model_dir):
+    """A real full disk (ENOSPC on a small tmpfs) while the first state.pt is written: exit 2, one
+    error line, no traceback, no temporary files; after the disk grows, --resume ends exactly where
+    the uninterrupted run ends."""
+    state_size = (reference / "checkpoints" / "state.pt").stat().st_size
+    disk = small_tmpfs(max(64, (state_size // 2) // 1024 + 48))  # config, metrics, lock fit; state.pt does not
+    out = disk / "run"
+    kw = _kwargs(tiny_kg, tiny_model_dir)
+    args = [a for k, v in kw.items() for a in (["--" + k.replace("_", "-"), str(v)] if not isinstance(v, bool) else [])]
+    cmd = _script("from kcs_lens.cli.main import app; app()") + [
+        "discover",
+        *args,
+        "--keep-all-checkpoints",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert _temporary_files(out) == []
+    small_tmpfs(64 * 1024)  # the disk grows; the run goes on from what it kept
+    discover(resume=out, log=lambda m: None)
+    _same_masks(out / "subnetwork.safetensors", reference / "subnetwork.safetensors")
