@@ -35,6 +35,19 @@ def _script(body: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(body)]
 
 
+def _discover_cmd(kw: dict, out: Path) -> list[str]:
+    """``kcs-lens discover`` in a fresh process with the non-flag settings of ``kw``."""
+    args = [a for k, v in kw.items() for a in (["--" + k.replace("_", "-"), str(v)] if not isinstance(v, bool) else [])]
+    return _script("from kcs_lens.cli.main import app; app()") + [
+        "discover",
+        *args,
+        "--keep-all-checkpoints",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+
+
 def _temporary_files(run: Path) -> list[Path]:
     return [p for p in run.rglob("*") if is_temporary(p)]
 
@@ -125,15 +138,7 @@ def test_full_disk_stops_with_one_line_and_resumes(tmp_path, reference, tiny_kg,
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    args = [a for k, v in kw.items() for a in (["--" + k.replace("_", "-"), str(v)] if not isinstance(v, bool) else [])]
-    cmd = _script("from kcs_lens.cli.main import app; app()") + [
-        "discover",
-        *args,
-        "--keep-all-checkpoints",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    cmd = _discover_cmd(kw, out)
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, preexec_fn=limit_files, timeout=600)
     assert p.returncode == 2, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
@@ -261,15 +266,7 @@ def test_no_space_left_stops_with_one_line_and_resumes(small_tmpfs, reference, t
     disk = small_tmpfs(max(64, (state_size // 2) // 1024 + 48))  # config, metrics, lock fit; state.pt does not
     out = disk / "run"
     kw = _kwargs(tiny_kg, tiny_model_dir)
-    args = [a for k, v in kw.items() for a in (["--" + k.replace("_", "-"), str(v)] if not isinstance(v, bool) else [])]
-    cmd = _script("from kcs_lens.cli.main import app; app()") + [
-        "discover",
-        *args,
-        "--keep-all-checkpoints",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    cmd = _discover_cmd(kw, out)
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
