@@ -412,7 +412,23 @@ def _hf_param_names(cfg: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ..
 # TransformerLens 3.x: HookedTransformer with TL-native parameters
 # ------------------------------------------------------------------------------------------
 class HookedLensModel(LensModel):
+    """TransformerLens 3.x ``HookedTransformer`` with TL-native, unprocessed parameters, for every
+    family :mod:`kcs_lens.hooked` maps. TL's parameter layouts are the canonical ones, so each
+    site is the parameter itself (``_W_K`` / ``_W_V`` with grouped-query attention)."""
+
     backend: Backend = "hooked"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, spec: str, source: dict[str, Any]):
+        super().__init__(model, tokenizer, spec, source)
+        # HF tensors TL holds transformed (Gemma's 1 + w norms, ...): the way back uses them
+        self.hf_originals: dict[str, Tensor] = {}
+
+    @property
+    def shape(self) -> ModelShape:
+        c = self.model.cfg
+        return ModelShape(
+            c.n_layers, c.n_heads, c.d_model, c.d_head, c.d_mlp, c.d_vocab, c.n_ctx, c.n_key_value_heads, bool(c.gated_mlp)
+        )
 
     def site(self, name: str) -> WeightSite:
         layer, matrix = parse_weight_name(name)
@@ -420,32 +436,24 @@ class HookedLensModel(LensModel):
             raise MaskError(f"{name}: {self.spec!r} has no {matrix} (its matrices: {', '.join(self.shape.matrices)})")
         blk = self.model.blocks[layer]
         module = blk.attn if matrix in ATTN_MATRICES else blk.mlp
+        attr = "_" + matrix if matrix in KV_MATRICES and self.shape.n_kv_heads is not None else matrix
         ident = lambda t: t
-        return WeightSite(name, module, matrix, to_native=ident, from_native=ident)
+        return WeightSite(name, module, attr, to_native=ident, from_native=ident)
 
     def hf_state_dict(self) -> dict[str, Tensor]:
-        m, s = self.model, self.shape
-        P = lambda mod, attr: stored_param(mod, attr).detach()
-        sd: dict[str, Tensor] = {
-            "transformer.wte.weight": m.embed.W_E,
-            "transformer.wpe.weight": m.pos_embed.W_pos,
-            "transformer.ln_f.weight": m.ln_final.w,
-            "transformer.ln_f.bias": m.ln_final.b,
-            "lm_head.weight": m.unembed.W_U.T,
-        }
-        for l in range(s.n_layers):
-            blk, p = m.blocks[l], f"transformer.h.{l}."
-            a = blk.attn
-            qkv = [einops.rearrange(P(a, w), "h m d -> m (h d)") for w in ("W_Q", "W_K", "W_V")]
-            sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = blk.ln1.w, blk.ln1.b
-            sd[p + "attn.c_attn.weight"] = torch.cat(qkv, dim=1)
-            sd[p + "attn.c_attn.bias"] = torch.cat([einops.rearrange(b, "h d -> (h d)") for b in (a.b_Q, a.b_K, a.b_V)])
-            sd[p + "attn.c_proj.weight"] = einops.rearrange(P(a, "W_O"), "h d m -> (h d) m")
-            sd[p + "attn.c_proj.bias"] = a.b_O
-            sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = blk.ln2.w, blk.ln2.b
-            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = P(blk.mlp, "W_in"), blk.mlp.b_in
-            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = P(blk.mlp, "W_out"), blk.mlp.b_out
-        return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+        from kcs_lens.hooked import tl_to_hf_state_dict
+
+        names = list(_hf_param_names(self.hf_config())[0])
+        m = self.model
+
+        def tl(name: str) -> Tensor:
+            *path, attr = name.split(".")
+            return stored_param(m.get_submodule(".".join(path)) if path else m, attr)
+
+        def canonical(layer: int, matrix: str) -> Tensor:
+            return self.site(weight_name(layer, matrix)).canonical_weight()
+
+        return tl_to_hf_state_dict(tl, canonical, self.family, self.model_type, self.shape, names, self.hf_originals)
 
     def unembed_params(self) -> tuple[Tensor, Tensor | None]:
         return self.model.unembed.W_U.T, self.model.unembed.b_U

@@ -21,13 +21,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import einops
 import torch
 from torch import Tensor, nn
 
 from kcs_lens.backends import Backend, BridgeLensModel, HookedLensModel, LensModel
 from kcs_lens.errors import ModelLoadError
 from kcs_lens.families import check_config
+from kcs_lens.hooked import hf_to_tl_state_dict, hooked_config
 
 BUNDLED_DIR = Path(__file__).parent / "bundled" / "model"
 # short name -> (model directory, how to rebuild it)
@@ -298,65 +298,36 @@ def from_hf(
                 f"({', '.join(getattr(hf.config, 'architectures', None) or [type(hf).__name__])}): {type(e).__name__}: {e}"
             ) from e
         return BridgeLensModel(bridge, tokenizer, spec, source)
-    if mt != "gpt2":
-        raise ModelLoadError(
-            f"model {spec!r}: architecture {mt!r} is supported on the TransformerLens 4 bridge only "
-            "(--backend bridge); the hooked (TransformerLens 3.x) backend supports gpt2"
-        )
-    return HookedLensModel(_hooked_from_hf(hf, tokenizer, device), tokenizer, spec, source)
+    model, originals = _hooked_from_hf(hf, tokenizer, device, spec)
+    lm = HookedLensModel(model, tokenizer, spec, source)
+    lm.hf_originals = originals
+    return lm
 
 
-def _hooked_from_hf(hf: Any, tokenizer: Any, device: str | torch.device) -> nn.Module:
+def _hooked_from_hf(hf: Any, tokenizer: Any, device: str | torch.device, spec: str = "custom") -> tuple[nn.Module, dict[str, Tensor]]:
+    """A HookedTransformer with the HF model's weights, unprocessed (:mod:`kcs_lens.hooked`), and the
+    HF tensors kept for the way back."""
+    from kcs_lens.canonical import ModelShape
+    from kcs_lens.families import family_of
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     c = hf.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer,
-        d_model=c.n_embd,
-        d_head=c.n_embd // c.n_head,
-        n_heads=c.n_head,
-        d_mlp=c.n_inner or 4 * c.n_embd,
-        d_vocab=c.vocab_size,
-        n_ctx=c.n_positions,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        eps=c.layer_norm_epsilon,
-        original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=True,
-        device=str(device),
-    )
+    mt = c.model_type
+    kw = hooked_config(c, f"model {spec!r}")
+    dtype = next(hf.parameters()).dtype
+    cfg = HookedTransformerConfig(**kw, dtype=dtype, device=str(device), init_weights=False)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_state_dict(hf_to_tl_state_dict(hf.state_dict(), cfg), strict=False)
+    shape = ModelShape(
+        cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx, cfg.n_key_value_heads, cfg.gated_mlp
+    )
+    sd, originals = hf_to_tl_state_dict(hf.state_dict(), family_of(mt), mt, shape, dict(model.named_parameters()))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    params = {n for n, _ in model.named_parameters()}
+    if unexpected or params & set(missing):
+        raise ModelLoadError(f"internal: loading {mt!r} into HookedTransformer: missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]}")
     # TL 3.x's HookedTransformer.to prints "Moving model to device" on stdout, which would
     # corrupt `--json` output; keep stdout for results.
-    return model.to(device, print_details=False).eval()
-
-
-def hf_to_tl_state_dict(sd: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
-    """HF GPT-2 state dict -> HookedTransformer (unprocessed) state dict."""
-    h = cfg.n_heads
-    out = {
-        "embed.W_E": sd["transformer.wte.weight"],
-        "pos_embed.W_pos": sd["transformer.wpe.weight"],
-        "ln_final.w": sd["transformer.ln_f.weight"],
-        "ln_final.b": sd["transformer.ln_f.bias"],
-        "unembed.W_U": sd.get("lm_head.weight", sd["transformer.wte.weight"]).T,
-        "unembed.b_U": torch.zeros(cfg.d_vocab, dtype=sd["transformer.wte.weight"].dtype),
-    }
-    for l in range(cfg.n_layers):
-        p, b = f"transformer.h.{l}.", f"blocks.{l}."
-        W = sd[p + "attn.c_attn.weight"]
-        B = sd[p + "attn.c_attn.bias"]
-        for i, x in enumerate("QKV"):
-            w = W[:, i * cfg.d_model : (i + 1) * cfg.d_model]
-            out[b + f"attn.W_{x}"] = einops.rearrange(w, "m (h d) -> h m d", h=h)
-            out[b + f"attn.b_{x}"] = einops.rearrange(B[i * cfg.d_model : (i + 1) * cfg.d_model], "(h d) -> h d", h=h)
-        out[b + "attn.W_O"] = einops.rearrange(sd[p + "attn.c_proj.weight"], "(h d) m -> h d m", h=h)
-        out[b + "attn.b_O"] = sd[p + "attn.c_proj.bias"]
-        out[b + "ln1.w"], out[b + "ln1.b"] = sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]
-        out[b + "ln2.w"], out[b + "ln2.b"] = sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]
-        out[b + "mlp.W_in"], out[b + "mlp.b_in"] = sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"]
-        out[b + "mlp.W_out"], out[b + "mlp.b_out"] = sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"]
-    return {k: v.clone() for k, v in out.items()}
+    return model.to(device, print_details=False).eval(), originals
