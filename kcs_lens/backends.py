@@ -1,7 +1,8 @@
 """The two TransformerLens backends behind one handle, :class:`LensModel`.
 
 - :class:`BridgeLensModel`: TransformerLens 4.x ``TransformerBridge`` over the native HF modules;
-- :class:`HookedLensModel`: TransformerLens 3.x ``HookedTransformer`` with TL-native parameters.
+- :class:`HookedLensModel`: TransformerLens 3.x ``HookedTransformer`` with TL-native parameters
+  (every family; the HF <-> TL mapping is :mod:`kcs_lens.hooked`).
 
 Everything that differs between them lives here: where each canonical matrix sits in the forward
 pass (:class:`WeightSite`), the HF-layout state dict, and the pieces the fast objective and the

@@ -41,7 +41,6 @@ class Family:
     name: str  # what the docs call it
     prefix: str  # of layer l's parameters
     sites: dict[str, tuple[str, str]]  # canonical matrix -> (HF parameter suffix, layout)
-    tl3: bool  # TransformerLens 3.9's HookedTransformer has a weight converter for it
     notes: str = ""
 
     def hf_name(self, layer: int, matrix: str) -> str:
@@ -73,7 +72,6 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("mlp.c_fc.weight", "conv"),
             "W_out": ("mlp.c_proj.weight", "conv"),
         },
-        tl3=True,
     ),
     "gpt_neox": Family(
         "GPT-NeoX / Pythia",
@@ -86,14 +84,13 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("mlp.dense_h_to_4h.weight", "linear"),
             "W_out": ("mlp.dense_4h_to_h.weight", "linear"),
         },
-        tl3=True,
     ),
-    "llama": Family("Llama", "model.layers.{l}.", _LLAMA_LIKE, tl3=True),
-    "mistral": Family("Mistral", "model.layers.{l}.", _LLAMA_LIKE, tl3=True),
-    "qwen2": Family("Qwen2", "model.layers.{l}.", _LLAMA_LIKE, tl3=True),
-    "qwen3": Family("Qwen3", "model.layers.{l}.", _LLAMA_LIKE, tl3=False),
-    "gemma": Family("Gemma", "model.layers.{l}.", _LLAMA_LIKE, tl3=True),
-    "gemma2": Family("Gemma 2", "model.layers.{l}.", _LLAMA_LIKE, tl3=True),
+    "llama": Family("Llama", "model.layers.{l}.", _LLAMA_LIKE),
+    "mistral": Family("Mistral", "model.layers.{l}.", _LLAMA_LIKE),
+    "qwen2": Family("Qwen2", "model.layers.{l}.", _LLAMA_LIKE),
+    "qwen3": Family("Qwen3", "model.layers.{l}.", _LLAMA_LIKE),
+    "gemma": Family("Gemma", "model.layers.{l}.", _LLAMA_LIKE),
+    "gemma2": Family("Gemma 2", "model.layers.{l}.", _LLAMA_LIKE),
     "opt": Family(
         "OPT",
         "model.decoder.layers.{l}.",
@@ -105,7 +102,6 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("fc1.weight", "linear"),
             "W_out": ("fc2.weight", "linear"),
         },
-        tl3=False,
     ),
     "gptj": Family(
         "GPT-J",
@@ -118,7 +114,6 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("mlp.fc_in.weight", "linear"),
             "W_out": ("mlp.fc_out.weight", "linear"),
         },
-        tl3=False,
     ),
 }
 

@@ -321,7 +321,9 @@ def hf_to_tl_state_dict(
     for k, p in tl_params.items():
         if k in out:
             if tuple(out[k].shape) != tuple(p.shape):
-                raise ModelLoadError(f"internal: {k} {tuple(out[k].shape)} from the HF checkpoint, expected {tuple(p.shape)} ({mt})")
+                raise ModelLoadError(
+                    f"internal: {k} {tuple(out[k].shape)} from the HF checkpoint, expected {tuple(p.shape)} ({mt})"
+                )
         elif k.split(".")[-1].startswith(("b_", "_b_")):
             out[k] = torch.zeros_like(p)
         else:

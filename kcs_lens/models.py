@@ -7,9 +7,11 @@ over either backend (:mod:`kcs_lens.backends`):
 - ``bridge``: TransformerLens 4.x ``TransformerBridge`` (what a default install gets), or
 - ``hooked``: TransformerLens 3.x ``HookedTransformer`` (what many notebooks hold).
 
-Families: every HF ``model_type`` in :data:`kcs_lens.families.FAMILIES` loads on the bridge;
-``hooked`` supports GPT-2 (and the families TransformerLens 3.9 converts, see
-:func:`_hooked_from_hf`). Anything else is refused with an error naming the architecture.
+Families: every HF ``model_type`` in :data:`kcs_lens.families.FAMILIES` loads on both backends
+(``hooked`` through our own HF -> HookedTransformer mapping, :mod:`kcs_lens.hooked`; variants it
+does not map, e.g. scaled RoPE, are refused there naming the architecture and ``--backend bridge``).
+Anything else is refused with an error naming the architecture. Default: ``hooked`` for GPT-2 where
+TransformerLens 3.x is installed, the bridge otherwise.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def default_backend() -> Backend:
 
 
 def _default_backend_for(model_type: str | None) -> Backend:
-    """:func:`default_backend`, except the bridge for families the hooked backend does not convert."""
+    """:func:`default_backend` for GPT-2; the bridge for every other family where it is installed (the
+    hooked backend loads them too, with ``--backend hooked``: the default for them stays what it was)."""
     if model_type != "gpt2" and "bridge" in available_backends():
         return "bridge"
     return default_backend()
@@ -114,6 +117,13 @@ def wrap_model(model: Any, tokenizer: Any = None, spec: str | None = None) -> Le
         return BridgeLensModel(model, tok, name, {"kind": "object", "class": cls_name, "hf_config": _hf_config_dict(hf)})
     if cls_name == "HookedTransformer":
         c = model.cfg
+        arch = getattr(c, "original_architecture", None)
+        if arch not in (None, "GPT2LMHeadModel"):
+            raise ModelLoadError(
+                f"{name}: wrapping a HookedTransformer of architecture {arch!r} is not supported (its HF config, which "
+                "export and the weights fingerprint need, is not in it); load the HF checkpoint with "
+                "load_model(PATH_OR_NAME, backend='hooked') instead"
+            )
         if getattr(c, "normalization_type", "LN") != "LN" or getattr(model, "_kcs_processed", False):
             raise ModelLoadError(
                 f"{name}: this HookedTransformer has processed weights (normalization_type="
@@ -304,7 +314,9 @@ def from_hf(
     return lm
 
 
-def _hooked_from_hf(hf: Any, tokenizer: Any, device: str | torch.device, spec: str = "custom") -> tuple[nn.Module, dict[str, Tensor]]:
+def _hooked_from_hf(
+    hf: Any, tokenizer: Any, device: str | torch.device, spec: str = "custom"
+) -> tuple[nn.Module, dict[str, Tensor]]:
     """A HookedTransformer with the HF model's weights, unprocessed (:mod:`kcs_lens.hooked`), and the
     HF tensors kept for the way back."""
     from kcs_lens.canonical import ModelShape
@@ -321,13 +333,23 @@ def _hooked_from_hf(hf: Any, tokenizer: Any, device: str | torch.device, spec: s
     cfg = HookedTransformerConfig(**kw, dtype=dtype, device=str(device), init_weights=False)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     shape = ModelShape(
-        cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx, cfg.n_key_value_heads, cfg.gated_mlp
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.d_model,
+        cfg.d_head,
+        int(cfg.d_mlp or 0),
+        cfg.d_vocab,
+        cfg.n_ctx,
+        cfg.n_key_value_heads,
+        cfg.gated_mlp,
     )
     sd, originals = hf_to_tl_state_dict(hf.state_dict(), family_of(mt), mt, shape, dict(model.named_parameters()))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     params = {n for n, _ in model.named_parameters()}
     if unexpected or params & set(missing):
-        raise ModelLoadError(f"internal: loading {mt!r} into HookedTransformer: missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]}")
+        raise ModelLoadError(
+            f"internal: loading {mt!r} into HookedTransformer: missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]}"
+        )
     # TL 3.x's HookedTransformer.to prints "Moving model to device" on stdout, which would
     # corrupt `--json` output; keep stdout for results.
     return model.to(device, print_details=False).eval(), originals

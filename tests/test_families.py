@@ -3,8 +3,9 @@ logits equal plain ``transformers``; a known mask equals weights zeroed by hand 
 the fast objective equals the reference; ``discover`` runs and ``export`` round-trips; families
 that cannot be loaded get an error naming the architecture.
 
-Runs on every installed backend that supports the family (the TransformerLens 4 bridge: all of
-them; the 3.x HookedTransformer: GPT-2).
+Runs on every installed backend: the TransformerLens 4 bridge (both TL lines) and, on the TL 3.9
+line, ``HookedTransformer``, which supports every family too; there a subnetwork found on one
+backend must give the same logits and numbers on the other.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ from kcs_lens.masks import MaskConfig, WeightMask
 from kcs_lens.models import available_backends, load_model
 from kcs_lens.objective import LossConfig, ReferenceObjective
 
-BRIDGE = "bridge" in available_backends()
+BACKENDS = available_backends()
+BRIDGE = "bridge" in BACKENDS
 pytestmark = pytest.mark.skipif(not BRIDGE, reason="the TransformerLens bridge is not installed")
 SLOW_EXCEPT_LLAMA = [pytest.param(n, marks=() if n == "llama" else pytest.mark.slow) for n in FAMILY_NAMES]
+# every backend; "hooked" (TransformerLens 3.x HookedTransformer) skips on the TL 4 line
+ON_BACKENDS = pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(b, marks=pytest.mark.skipif(b not in BACKENDS, reason=f"no {b} backend in this TransformerLens"))
+        for b in ("bridge", "hooked")
+    ],
+)
+BOTH = pytest.mark.skipif(not {"bridge", "hooked"} <= set(BACKENDS), reason="needs both backends (the TransformerLens 3.9 line)")
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +47,12 @@ def family_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lms(family_dirs):
-    cache: dict[str, object] = {}
+    cache: dict[tuple[str, str], object] = {}
 
-    def get(name):
-        if name not in cache:
-            cache[name] = load_model(str(family_dirs[name]), backend="bridge")
-        return cache[name]
+    def get(name, backend="bridge"):
+        if (name, backend) not in cache:
+            cache[name, backend] = load_model(str(family_dirs[name]), backend=backend)
+        return cache[name, backend]
 
     return get
 
@@ -57,9 +68,11 @@ def _tokens(lm, n=12, rows=3, seed=0):
     return torch.randint(3, lm.shape.d_vocab, (rows, n), generator=g)
 
 
+@ON_BACKENDS
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_logits_equal_plain_transformers(family, family_dirs, lms):
-    lm = lms(family)
+def test_logits_equal_plain_transformers(family, backend, family_dirs, lms):
+    lm = lms(family, backend)
+    assert lm.backend == backend
     toks = _tokens(lm)
     with torch.no_grad():
         ours, theirs = lm(toks), _hf(family_dirs[family])(toks).logits
@@ -113,10 +126,11 @@ def _prefix(family: str, layer: int) -> str:
     }.get(family, "model.layers.") + f"{layer}."
 
 
+@ON_BACKENDS
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_known_mask_equals_weights_zeroed_by_hand(family, granularity, family_dirs, lms):
-    lm = lms(family)
+def test_known_mask_equals_weights_zeroed_by_hand(family, granularity, backend, family_dirs, lms):
+    lm = lms(family, backend)
     s = lm.shape
     masks = WeightMask(s, MaskConfig(layers=tuple(range(s.n_layers)), granularity=granularity), seed=0)
     g = torch.Generator().manual_seed(1)
@@ -172,9 +186,10 @@ def _run_objective(lm, cls, batches, **kw):
         masks.detach()
 
 
+@ON_BACKENDS
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_fast_objective_equals_reference(family, lms):
-    lm = lms(family)
+def test_fast_objective_equals_reference(family, backend, lms):
+    lm = lms(family, backend)
     batches = _family_batches(lm)
     lr, gr, _ = _run_objective(lm, ReferenceObjective, batches)
     lf, gf, fast = _run_objective(lm, FastObjective, batches, fused_noise=False)
@@ -228,18 +243,14 @@ def _kg_files(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
-def test_discover_and_export_round_trip(family, family_dirs, lms, tmp_path):
-    from kcs_lens import Subnetwork, discover
-    from kcs_lens.export import export_run
+def _discover(lm, model_dir, backend, kg, out):
+    from kcs_lens import discover
 
-    kg = _kg_files(tmp_path)
-    lm = lms(family)
     discover(
-        out=tmp_path / "run",
+        out=out,
         lens_model=lm,
-        model=str(family_dirs[family]),
-        backend="bridge",
+        model=str(model_dir),
+        backend=backend,
         target_kg=str(kg / "target.jsonl"),
         control_kg=str(kg / "control.jsonl"),
         control_val_kg="",
@@ -255,6 +266,17 @@ def test_discover_and_export_round_trip(family, family_dirs, lms, tmp_path):
         layers="all",
         init_prob=0.9,  # logits well above 0: after 3 steps a non-empty subnetwork to remove
     )
+
+
+@ON_BACKENDS
+@pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
+def test_discover_and_export_round_trip(family, backend, family_dirs, lms, tmp_path):
+    from kcs_lens import Subnetwork
+    from kcs_lens.export import export_run
+
+    kg = _kg_files(tmp_path)
+    lm = lms(family, backend)
+    _discover(lm, family_dirs[family], backend, kg, tmp_path / "run")
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["fast_objective"]["scored_last_block"] is (family == "gpt2")
     sub = Subnetwork.load(tmp_path / "run")
@@ -267,6 +289,77 @@ def test_discover_and_export_round_trip(family, family_dirs, lms, tmp_path):
         with sub.applied(lm):
             remaining = lm(toks)
         torch.testing.assert_close(exported(toks).logits, remaining, atol=1e-5, rtol=0)
+    # the removed weights are zero in the checkpoint, every other entry is the original's
+    from kcs_lens.families import hf_multipliers
+
+    keep = {n: ~b for n, b in sub.full_binary().items()}
+    mult = hf_multipliers(lm.family, lm.shape, keep)
+    got, orig = dict(exported.named_parameters()), dict(_hf(family_dirs[family]).named_parameters())
+    for name, mu in mult.items():
+        assert torch.all(got[name][mu == 0] == 0), name
+        assert torch.equal(got[name][mu == 1], orig[name][mu == 1]), name
+
+
+# --- one subnetwork, two backends (the TransformerLens 3.9 line) ----------------------------------
+@BOTH
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_subnetwork_applies_across_backends(family, lms):
+    """Random binary masks over every canonical matrix: the same logits on the bridge and on
+    HookedTransformer, the same weights fingerprint, and the same canonical weights."""
+    from kcs_lens import Subnetwork
+
+    bridge, hooked = lms(family, "bridge"), lms(family, "hooked")
+    s = bridge.shape
+    assert hooked.shape == s and hooked.fingerprint() == bridge.fingerprint()
+    g = torch.Generator().manual_seed(7)
+    binary = {}
+    for l in range(s.n_layers):
+        for m in s.matrices:
+            name = weight_name(l, m)
+            assert torch.equal(hooked.weight(name), bridge.weight(name)), name
+            binary[name] = torch.where(torch.rand(canonical_shape(s, m), generator=g) < 0.3, 10.0, -10.0)
+    sub = Subnetwork(binary, MaskConfig(layers=tuple(range(s.n_layers))), s)
+    toks = _tokens(bridge)
+    with torch.no_grad():
+        with sub.applied(bridge, strict_fingerprint=False):
+            a = bridge(toks)
+        with sub.applied(hooked, strict_fingerprint=False):
+            b = hooked(toks)
+        plain = bridge(toks)
+    assert (a - plain).abs().max() > 1e-3
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+@BOTH
+@pytest.mark.parametrize("found_on", ["bridge", "hooked"])
+@pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
+def test_discover_on_one_backend_evaluates_on_the_other(family, found_on, family_dirs, lms, tmp_path):
+    """``discover`` (3 steps) on one backend, saved; ``evaluate`` and the remaining model's logits
+    on the other give the same numbers as on the backend it was found on."""
+    from kcs_lens import Subnetwork
+    from kcs_lens.evaluation import evaluate_run
+
+    other = "hooked" if found_on == "bridge" else "bridge"
+    kg = _kg_files(tmp_path)
+    _discover(lms(family, found_on), family_dirs[family], found_on, kg, tmp_path / "run")
+    sub = Subnetwork.load(tmp_path / "run")
+    assert sub.stats.n_sub > 0
+    a = evaluate_run(tmp_path / "run", lens_model=lms(family, found_on), save=False, log=lambda m: None)
+    b = evaluate_run(tmp_path / "run", lens_model=lms(family, other), save=False, log=lambda m: None)
+    assert a["model_fingerprint"] == b["model_fingerprint"] and a["subnetwork_sha"] == b["subnetwork_sha"]
+    for v in a["metrics"]:
+        for k in a["metrics"][v]:
+            row = a["metrics"][v][k]
+            for stat, x in row.items():  # a difference (dppl) to the original's precision
+                tol = 1e-4 * abs(row.get("ppl", 1.0)) if stat.startswith("d") else 1e-6
+                assert b["metrics"][v][k][stat] == pytest.approx(x, rel=1e-4, abs=tol), (v, k, stat)
+    toks = _tokens(lms(family, found_on))
+    with torch.no_grad():
+        with sub.applied(lms(family, found_on)):
+            x = lms(family, found_on)(toks)
+        with sub.applied(lms(family, other)):
+            y = lms(family, other)(toks)
+    torch.testing.assert_close(y, x, atol=1e-4, rtol=0)
 
 
 # --- what cannot be loaded ----------------------------------------------------------------------
@@ -306,11 +399,26 @@ def test_opt_350m_layout_is_refused_by_name(tmp_path, family_dirs):
         load_model(str(d))
 
 
-def test_hooked_backend_refuses_other_families_clearly(family_dirs):
+def test_hooked_backend_refuses_what_tl39_cannot_represent_clearly(tmp_path, family_dirs):
+    """Every family loads on HookedTransformer; a variant kcs-lens does not map there (scaled RoPE)
+    gets one line naming the architecture and the way out, and the bridge loads it."""
     if "hooked" not in available_backends():
         pytest.skip("TransformerLens 3.x HookedTransformer is not installed")
-    with pytest.raises(ModelLoadError, match="'llama' is supported on the TransformerLens 4 bridge only"):
-        load_model(str(family_dirs["llama"]), backend="hooked")
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=144,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    )
+    d = _save_tiny(tmp_path, cfg, family_dirs["llama"])
+    with pytest.raises(ModelLoadError, match=r"architecture 'llama' with rope_type 'linear' .*hooked backend.*--backend bridge"):
+        load_model(str(d), backend="hooked")
+    assert load_model(str(d), backend="bridge").backend == "bridge"
 
 
 def test_w_gate_by_name_on_a_model_without_gate(lms):
