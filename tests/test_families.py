@@ -449,3 +449,34 @@ def test_bundled_llama_loads_and_knows_its_facts():
     for name in ("building", "location", "change", "communication", "fruit"):
         first = score_tails(lm, load_kg(name), tail_scoring="all").first_rank
         assert float((first == 0).float().mean()) >= 0.9, name
+
+
+NO_BRIDGE_PATTERN = pytest.mark.xfail(
+    raises=KeyError, strict=True, reason="the bridge's OPT / GPT-J attention has no hook_pattern (views need it)"
+)
+
+
+@BOTH
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family", [pytest.param(n, marks=NO_BRIDGE_PATTERN) if n in ("opt", "gptj") else n for n in FAMILY_NAMES]
+)
+def test_compare_circuits_agrees_across_backends(family, family_dirs, lms, tmp_path):
+    """compare-circuits (knock-out, patching, attribution, DLA per head) of one run gives the same
+    numbers on the bridge and on HookedTransformer."""
+    import numpy as np
+
+    from kcs_lens.analyses.compare import compare_circuits
+
+    kg = _kg_files(tmp_path)
+    _discover(lms(family, "bridge"), family_dirs[family], "bridge", kg, tmp_path / "run")
+    res = {
+        b: compare_circuits(
+            tmp_path / "run", out=tmp_path / b, lens_model=lms(family, b), n_bootstrap=5, control=False, log=lambda m: None
+        )["sets"]["target"]["unit_mean"]
+        for b in ("bridge", "hooked")
+    }
+    for m in ("knockout", "patching", "attribution", "dla"):
+        a, b = (np.nan_to_num(np.asarray(res[x][m]["heads"], dtype=float)) for x in ("bridge", "hooked"))
+        assert a.shape == (lms(family, "bridge").shape.n_layers, lms(family, "bridge").shape.n_heads), m
+        np.testing.assert_allclose(b, a, atol=1e-4, err_msg=m)

@@ -1,6 +1,7 @@
 """Head granularity on a tiny Llama-family model (grouped-query attention 4 query / 2 K/V heads,
 gated MLP): removing heads and neurons equals zeroing their slices by hand, the fast objective
-equals the reference. The tiny model comes from tests/_family_fixtures.py."""
+equals the reference; on every installed backend (HookedTransformer's ``_W_K`` / ``_W_V`` on the
+TL 3.9 line). The tiny model comes from tests/_family_fixtures.py."""
 
 from __future__ import annotations
 
@@ -13,15 +14,25 @@ from kcs_lens.masks import MaskConfig, WeightMask
 from kcs_lens.subnetwork import Subnetwork
 
 
+def _backends():
+    from kcs_lens.models import available_backends
+
+    have = available_backends()
+    return [pytest.param(b, marks=pytest.mark.skipif(b not in have, reason=f"no {b} backend")) for b in ("bridge", "hooked")]
+
+
+ON_BACKENDS = pytest.mark.parametrize("backend", _backends())
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     return family_fixtures.make_family_dir("llama", tmp_path_factory.mktemp("fam"))
 
 
-def _load(d):
+def _load(d, backend="bridge"):
     from kcs_lens.models import load_model
 
-    return load_model(str(d), backend="bridge")
+    return load_model(str(d), backend=backend)
 
 
 def _zero(lm, layer: int, matrix: str, index) -> None:
@@ -32,8 +43,9 @@ def _zero(lm, layer: int, matrix: str, index) -> None:
         site.native_weight().mul_(site.to_native(keep))
 
 
-def test_gqa_head_removal_equals_zeroing_slices_by_hand(llama_dir):
-    lm = _load(llama_dir)
+@ON_BACKENDS
+def test_gqa_head_removal_equals_zeroing_slices_by_hand(llama_dir, backend):
+    lm = _load(llama_dir, backend)
     s = lm.shape
     assert (s.n_heads, s.kv_heads, s.gated_mlp) == (4, 2, True)
     x = torch.randint(3, s.d_vocab, (2, 10))
@@ -47,7 +59,7 @@ def test_gqa_head_removal_equals_zeroing_slices_by_hand(llama_dir):
     sub = Subnetwork.from_mask(wm, lm)
     wm.detach()
     assert sub.binary()["blocks.1.attn.W_K"].flatten().tolist() == [True, False]
-    ref = _load(llama_dir)
+    ref = _load(llama_dir, backend)
     for m in ("W_Q", "W_O"):
         _zero(ref, 1, m, [0, 1, 2])
     for m in ("W_K", "W_V"):
@@ -61,12 +73,13 @@ def test_gqa_head_removal_equals_zeroing_slices_by_hand(llama_dir):
             torch.testing.assert_close(lm(x), removed, atol=0, rtol=0)
 
 
-def test_gqa_fast_objective_equals_reference_at_head_granularity(llama_dir):
+@ON_BACKENDS
+def test_gqa_fast_objective_equals_reference_at_head_granularity(llama_dir, backend):
     from kcs_lens.data.triplets import Triplet, tokenize_triplets
     from kcs_lens.fast_objective import FastObjective
     from kcs_lens.objective import LossConfig, ReferenceObjective
 
-    lm = _load(llama_dir)
+    lm = _load(llama_dir, backend)
     tok = lm.tokenizer
     rows = [Triplet(f"dog{i}", "IsA", "animal", f"A dog{i} is an animal") for i in range(4)]
     ctl = [Triplet(f"cat{i}", "IsA", "fruit", f"A cat{i} is a fruit") for i in range(6)]
@@ -92,14 +105,15 @@ def test_gqa_fast_objective_equals_reference_at_head_granularity(llama_dir):
         torch.testing.assert_close(gf[n], gr[n], rtol=1e-4, atol=1e-6 + 1e-5 * float(gr[n].abs().max()))
 
 
-def test_gqa_head_run_structure_and_knockout(llama_dir):
+@ON_BACKENDS
+def test_gqa_head_run_structure_and_knockout(llama_dir, backend):
     """compare-circuits' structure and knock-out read a GQA head run per query head."""
     from kcs_lens.analyses.knockout import knockout
     from kcs_lens.analyses.prompts import build_prompts
     from kcs_lens.analyses.structure import structure
     from kcs_lens.data.triplets import Triplet
 
-    lm = _load(llama_dir)
+    lm = _load(llama_dir, backend)
     units = {
         "blocks.1.attn.heads": torch.tensor([2.0, 2.0, 2.0, -2.0]),
         "blocks.1.mlp.neurons": torch.full((lm.shape.d_mlp,), -2.0),
