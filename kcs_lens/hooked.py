@@ -56,20 +56,33 @@ def _g(c: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def _rope(c: Any, mt: str, where: str) -> tuple[float, float]:
-    """(rope_theta, partial_rotary_factor) of an HF config; a ModelLoadError for scaled RoPE."""
+def _rope(c: Any, mt: str, where: str) -> tuple[float, float, dict[str, Any]]:
+    """(rope_theta, partial_rotary_factor, the HookedTransformerConfig fields of its scaling) of an
+    HF config: ``default``, ``linear`` and Llama 3's ``llama3`` (NTK by parts); a ModelLoadError
+    for the other scalings (TL 3.9's YaRN / dynamic NTK are not mapped here)."""
     rp = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
     kind = rp.get("rope_type", rp.get("type", "default")) or "default"
-    if kind != "default":
+    extra: dict[str, Any] = {}
+    if kind == "linear":  # positions / factor == frequencies * factor
+        extra = {"rotary_scaling_factor": float(rp["factor"])}
+    elif kind == "llama3":
+        extra = {
+            "use_NTK_by_parts_rope": True,
+            "NTK_by_parts_factor": float(rp["factor"]),
+            "NTK_by_parts_low_freq_factor": float(rp.get("low_freq_factor", 1.0)),
+            "NTK_by_parts_high_freq_factor": float(rp.get("high_freq_factor", 4.0)),
+            "NTK_original_ctx_len": int(rp.get("original_max_position_embeddings", c.max_position_embeddings)),
+        }
+    elif kind != "default":
         raise ModelLoadError(
             f"{where}architecture {mt!r} with rope_type {kind!r} is not supported on the hooked backend "
-            "(TransformerLens 3.9); use --backend bridge"
+            "(TransformerLens 3.9; kcs-lens maps default, linear and llama3 RoPE there); use --backend bridge"
         )
     theta = rp.get("rope_theta", _g(c, "rope_theta", default=10000.0))
     part = rp.get("partial_rotary_factor", _g(c, "partial_rotary_factor", default=None))
     if part is None and mt == "gpt_neox":
         part = _g(c, "rotary_pct", default=1.0)
-    return float(theta), float(part if part is not None else 1.0)
+    return float(theta), float(part if part is not None else 1.0), extra
 
 
 def hooked_config(c: Any, where: str = "") -> dict[str, Any]:
@@ -108,9 +121,10 @@ def hooked_config(c: Any, where: str = "") -> dict[str, Any]:
                 original_architecture="GPTJForCausalLM",
             )
     elif mt == "gpt_neox":
-        theta, part = _rope(c, mt, w)
+        theta, part, scaling = _rope(c, mt, w)
         dh = c.hidden_size // c.num_attention_heads
         out = dict(
+            **scaling,
             n_layers=c.num_hidden_layers,
             d_model=c.hidden_size,
             n_heads=c.num_attention_heads,
@@ -142,12 +156,13 @@ def hooked_config(c: Any, where: str = "") -> dict[str, Any]:
         if not getattr(c, "do_layer_norm_before", True) or getattr(c, "_remove_final_layer_norm", False):
             raise ModelLoadError(f"{w}architecture 'opt' without pre-LayerNorms is not supported on the hooked backend")
     elif mt in LLAMA_LIKE:
-        theta, part = _rope(c, mt, w)
+        theta, part, scaling = _rope(c, mt, w)
         h = c.num_attention_heads
         dh = _g(c, "head_dim", default=c.hidden_size // h)
         kv = _g(c, "num_key_value_heads", default=h)
         act = _g(c, "hidden_activation", "hidden_act") if mt.startswith("gemma") else c.hidden_act
         out = dict(
+            **scaling,
             n_layers=c.num_hidden_layers,
             d_model=c.hidden_size,
             n_heads=h,
@@ -182,6 +197,11 @@ def hooked_config(c: Any, where: str = "") -> dict[str, Any]:
             local = [t == "sliding_attention" for t in types] if types else [True] * c.num_hidden_layers
             if any(local):
                 out.update(use_local_attn=True, window_size=int(window), attn_types=["local" if x else "global" for x in local])
+                if "rotary_scaling_factor" in out:  # TL scales global layers only; HF scales all
+                    raise ModelLoadError(
+                        f"{w}architecture {mt!r} with linear RoPE scaling and sliding-window layers is not supported "
+                        "on the hooked backend; use --backend bridge"
+                    )
     else:
         raise ModelLoadError(f"{w}architecture {mt!r} is not supported on the hooked backend; use --backend bridge")
     out.update(d_vocab=c.vocab_size, default_prepend_bos=True)

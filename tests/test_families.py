@@ -399,24 +399,58 @@ def test_opt_350m_layout_is_refused_by_name(tmp_path, family_dirs):
         load_model(str(d))
 
 
-def test_hooked_backend_refuses_what_tl39_cannot_represent_clearly(tmp_path, family_dirs):
-    """Every family loads on HookedTransformer; a variant kcs-lens does not map there (scaled RoPE)
-    gets one line naming the architecture and the way out, and the bridge loads it."""
-    if "hooked" not in available_backends():
-        pytest.skip("TransformerLens 3.x HookedTransformer is not installed")
+def _tiny_llama_config(rope):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=144,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=2,
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        max_position_embeddings=64,
+        rope_parameters={"rope_theta": 10000.0, **rope},
     )
+
+
+SCALED_ROPE = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    # original context 8 < the 12 test positions; wavelengths on both sides of both cut-offs
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    },
+}
+
+
+@ON_BACKENDS
+@pytest.mark.parametrize("rope", sorted(SCALED_ROPE))
+def test_scaled_rope_logits_equal_plain_transformers(rope, backend, tmp_path, family_dirs):
+    """Llama 3's NTK-by-parts and linear RoPE scaling: the same logits as plain transformers."""
+    d = _save_tiny(tmp_path, _tiny_llama_config(SCALED_ROPE[rope]), family_dirs["llama"])
+    lm = load_model(str(d), backend=backend)
+    toks = _tokens(lm)
+    from transformers import AutoModelForCausalLM
+
+    unscaled = AutoModelForCausalLM.from_pretrained(str(d), rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    with torch.no_grad():
+        ours = lm(toks)
+        torch.testing.assert_close(ours, _hf(d)(toks).logits, atol=1e-5, rtol=0)
+        assert (ours - unscaled(toks).logits).abs().max() > 1e-3  # the scaling matters at these positions
+
+
+def test_hooked_backend_refuses_what_tl39_cannot_represent_clearly(tmp_path, family_dirs):
+    """Every family loads on HookedTransformer; a variant kcs-lens does not map there (scaled RoPE)
+    gets one line naming the architecture and the way out, and the bridge loads it."""
+    if "hooked" not in available_backends():
+        pytest.skip("TransformerLens 3.x HookedTransformer is not installed")
+    cfg = _tiny_llama_config({"rope_type": "dynamic", "factor": 2.0})
     d = _save_tiny(tmp_path, cfg, family_dirs["llama"])
-    with pytest.raises(ModelLoadError, match=r"architecture 'llama' with rope_type 'linear' .*hooked backend.*--backend bridge"):
+    with pytest.raises(ModelLoadError, match=r"architecture 'llama' with rope_type 'dynamic' .*hooked backend.*--backend bridge"):
         load_model(str(d), backend="hooked")
     assert load_model(str(d), backend="bridge").backend == "bridge"
 
