@@ -333,7 +333,10 @@ def hf_to_tl_state_dict(
     for link in links(family, mt, shape.n_layers, set(sd), gqa):
         t = sd[link.hf]
         out.setdefault(link.tl, _forward(link, t, family, shape))
-        if link.kind in ("gemma_norm", "gemma_embed", "opt_pos"):
+        tied = link.kind == "gemma_embed" and any(
+            n in sd and sd[n].shape == t.shape and torch.equal(sd[n], t) for n in ("lm_head.weight",)
+        )
+        if link.kind in ("gemma_norm", "gemma_embed", "opt_pos") and not tied:  # a tied embedding is W_U.T
             originals[link.hf] = t.detach().clone()
     if "unembed.W_U" not in out:  # tied to the embedding without an lm_head entry
         emb = next(k for k in links(family, mt, 0, None, gqa) if k.tl == "embed.W_E")
