@@ -115,7 +115,7 @@ class DiscoveryConfig:
     )
     backend: str | None = opt(
         None,
-        "bridge (TransformerLens 4.x TransformerBridge) or hooked (3.x HookedTransformer); default: hooked where TL 3.x is installed, else bridge",
+        "bridge (TransformerLens 4.x TransformerBridge) or hooked (3.x HookedTransformer, every family); default: hooked for GPT-2 where TL 3.x is installed, else bridge",
     )
     target_kg: str = opt(
         "building", "TargetKG spec: a bundled name (building), a file or folder, hf:..., wordnet:ROOT", check=non_empty
