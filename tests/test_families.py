@@ -193,8 +193,8 @@ def test_fast_objective_equals_reference(family, backend, lms):
     batches = _family_batches(lm)
     lr, gr, _ = _run_objective(lm, ReferenceObjective, batches)
     lf, gf, fast = _run_objective(lm, FastObjective, batches, fused_noise=False)
-    for k in lr:
-        assert lf[k] == pytest.approx(lr[k], rel=1e-5, abs=1e-7), (k, lr, lf)
+    for k in lr:  # abs: float32 noise of a small KL summed from log-probs of magnitude ~5 (Gemma 2: 1.4e-7)
+        assert lf[k] == pytest.approx(lr[k], rel=1e-5, abs=5e-7), (k, lr, lf)
     for n in gr:
         scale = float(gr[n].abs().max())
         torch.testing.assert_close(gf[n], gr[n], rtol=1e-4, atol=1e-7 + 1e-5 * scale, msg=n)
