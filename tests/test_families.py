@@ -444,6 +444,31 @@ def test_scaled_rope_logits_equal_plain_transformers(rope, backend, tmp_path, fa
         assert (ours - unscaled(toks).logits).abs().max() > 1e-4  # the scaling matters at these positions
 
 
+@ON_BACKENDS
+def test_gpt2_scaled_by_inverse_layer_idx(backend, tmp_path, family_dirs):
+    """A GPT-2 variant's attention scale (1 / (layer + 1)) reaches the hooked config; the fast
+    objective's GPT-2 shortcut turns itself off for it."""
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=360,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        scale_attn_by_inverse_layer_idx=True,
+    )
+    d = _save_tiny(tmp_path, cfg, family_dirs["gpt2"])
+    lm = load_model(str(d), backend=backend)
+    toks = _tokens(lm)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(toks), _hf(d)(toks).logits, atol=1e-5, rtol=0)
+    assert not lm.plain_attention
+
+
 def test_hooked_backend_refuses_what_tl39_cannot_represent_clearly(tmp_path, family_dirs):
     """Every family loads on HookedTransformer; a variant kcs-lens does not map there (scaled RoPE)
     gets one line naming the architecture and the way out, and the bridge loads it."""
