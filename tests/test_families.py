@@ -444,6 +444,46 @@ def test_scaled_rope_logits_equal_plain_transformers(rope, backend, tmp_path, fa
         assert (ours - unscaled(toks).logits).abs().max() > 1e-4  # the scaling matters at these positions
 
 
+SLIDING = {  # (config class, its sliding-window arguments, the overrides that turn it off)
+    "mistral": ("MistralConfig", {"sliding_window": 4}, {"sliding_window": None}),
+    "qwen2": (
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+        {"use_sliding_window": False, "layer_types": ["full_attention"] * 3},
+    ),
+}
+
+
+@ON_BACKENDS
+@pytest.mark.parametrize("variant", sorted(SLIDING))
+def test_sliding_window_variants(variant, backend, tmp_path, family_dirs):
+    """Mistral's sliding window on every layer, Qwen2's above max_window_layers: the same logits as
+    transformers, and the window matters at these 12 positions."""
+    import transformers
+
+    cls, on, off = SLIDING[variant]
+    kw = dict(
+        vocab_size=144,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    d = _save_tiny(tmp_path, getattr(transformers, cls)(**kw, **on), family_dirs["llama"])
+    lm = load_model(str(d), backend=backend)
+    toks = _tokens(lm)
+    full = transformers.AutoModelForCausalLM.from_pretrained(str(d), **off)
+    with torch.no_grad():
+        ours = lm(toks)
+        torch.testing.assert_close(ours, _hf(d)(toks).logits, atol=1e-5, rtol=0)
+        assert (ours - full(toks).logits).abs().max() > 1e-4
+
+
 @ON_BACKENDS
 def test_gpt2_scaled_by_inverse_layer_idx(backend, tmp_path, family_dirs):
     """A GPT-2 variant's attention scale (1 / (layer + 1)) reaches the hooked config; the fast
