@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from _family_fixtures import FAMILY_NAMES, TEXTS, make_family_dir
@@ -341,3 +342,103 @@ def test_bundled_llama_loads_and_knows_its_facts():
     for name in ("building", "location", "change", "communication", "fruit"):
         first = score_tails(lm, load_kg(name), tail_scoring="all").first_rank
         assert float((first == 0).float().mean()) >= 0.9, name
+
+
+# --- compare-circuits' analyses per family ---------------------------------------------------------
+def _dog_prompts(lm, n=3):
+    from kcs_lens.analyses.prompts import build_prompts
+
+    return build_prompts([Triplet(f"dog{i}", "IsA", "animal", f"A dog{i} is an animal") for i in range(n)], lm.tokenizer)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_dla_heads_sum_to_each_layers_attention_output(family, lms):
+    """Per layer, the heads' direct logit attributions plus the output bias's are the attention
+    output's (hook_attn_out, what joins the residual stream: after Gemma 2's post-attention norm),
+    and all components plus the final norm's bias give the logit difference before any soft-cap."""
+    from kcs_lens.analyses.attribution import direct_logit_attribution, dla_projector
+    from kcs_lens.analyses.patching import run_cache
+
+    lm = lms(family)
+    p = _dog_prompts(lm)
+    L, rows = lm.shape.n_layers, torch.arange(len(p))
+    dla = direct_logit_attribution(lm, p)
+    assert dla.heads.shape == (len(p), L, lm.shape.n_heads)  # query heads, also with GQA
+    names = [f"blocks.{l}.hook_{k}" for l in range(L) for k in ("resid_pre", "attn_out", "mlp_out")]
+    _, cache = run_cache(lm, p, names + [f"blocks.{L - 1}.hook_resid_post"])
+    at = lambda n: cache[n][rows, p.pos]
+    final = at(f"blocks.{L - 1}.hook_resid_post")
+    project = dla_projector(lm, p, final)
+    for l in range(L):
+        bias = lm.attn_output(l, torch.zeros(len(p), lm.shape.n_heads, lm.shape.d_head))
+        norm = lm.attn_post_norm(l)
+        bias = norm(bias) if norm is not None else bias
+        want = project(at(f"blocks.{l}.hook_attn_out")) - project(bias)
+        torch.testing.assert_close(torch.from_numpy(dla.heads[:, l].sum(-1)).float(), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(dla.mlp[:, l]).float(), project(at(f"blocks.{l}.hook_mlp_out")))
+    w_ln, _ = lm.final_norm_params()
+    W, b = lm.unembed_params()
+    uncapped = torch.nn.functional.linear(lm.final_norm(final), W, b)
+    direction = W[p.target] - W.mean(0)[None]
+    ln_bias = lm.final_norm(torch.zeros(1, lm.shape.d_model))  # LayerNorm(0) = its bias; RMSNorm(0) = 0
+    rest = (ln_bias * direction).sum(-1)
+    if b is not None:
+        rest = rest + b[p.target] - b.mean()
+    want = uncapped[rows, p.target] - uncapped.mean(-1)
+    torch.testing.assert_close(project(final) + rest, want, atol=1e-4, rtol=1e-4)
+
+
+def _discover_tiny(lm, model_dir, kg, out):
+    from kcs_lens import discover
+
+    discover(
+        out=out,
+        lens_model=lm,
+        model=str(model_dir),
+        backend=lm.backend,
+        target_kg=str(kg / "target.jsonl"),
+        control_kg=str(kg / "control.jsonl"),
+        control_val_kg="",
+        control_val_size=6,
+        control_lm=str(kg / "text.txt"),
+        lm_block_len=16,
+        lm_eval_blocks=2,
+        steps=3,
+        eval_every=3,
+        checkpoint_every=3,
+        control_batch=6,
+        lm_batch=2,
+        layers="all",
+        init_prob=0.9,
+    )
+
+
+@pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
+def test_compare_circuits_per_family(family, family_dirs, lms, tmp_path):
+    """compare-circuits end to end on each family: per-head results for every query head (GQA
+    too), and the knock-out's remaining log-probs equal the subnetwork removed as evaluate does."""
+    from kcs_lens import Subnetwork
+    from kcs_lens.analyses.compare import compare_circuits, kg_sets
+    from kcs_lens.analyses.prompts import build_prompts, tail_logprob
+    from kcs_lens.runs import load_run
+
+    lm = lms(family)
+    kg = _kg_files(tmp_path)
+    _discover_tiny(lm, family_dirs[family], kg, tmp_path / "run")
+    data = compare_circuits(
+        tmp_path / "run", out=tmp_path / "cmp", lens_model=lm, n_bootstrap=10, control=False, token_prompts=2, log=lambda m: None
+    )
+    tgt = data["sets"]["target"]
+    L, H = lm.shape.n_layers, lm.shape.n_heads
+    for method in ("patching", "attribution", "dla", "knockout"):
+        assert tgt["per_prompt"][method]["heads"].shape == (tgt["n_prompts"], L, H), method
+    assert np.isfinite(tgt["per_prompt"]["dla"]["heads"]).all() and np.isfinite(tgt["per_prompt"]["patching"]["heads"]).all()
+    assert len(data["units"]) == L * H + L
+    trip = list(kg_sets(load_run(tmp_path / "run"), lm, "target", lambda m: None)["target"])
+    prompts = build_prompts(trip, lm.tokenizer, d_vocab=lm.shape.d_vocab)
+    with torch.no_grad(), Subnetwork.load(tmp_path / "run").applied(lm):
+        remaining = tail_logprob(lm(prompts.tokens), prompts).numpy()
+    got = [p["logprob_remaining"] for p in tgt["prompts"]]
+    np.testing.assert_allclose(got, remaining[: len(got)], atol=1e-4)
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["backend"] == lm.backend
+    assert (tmp_path / "cmp" / "report.html").stat().st_size > 1000
