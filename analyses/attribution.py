@@ -116,7 +116,8 @@ def dla_projector(lm: LensModel, prompts: Prompts, resid_final: Float[Tensor, "b
 @torch.no_grad()
 def direct_logit_attribution(lm: LensModel, prompts: Prompts) -> UnitValues:
     """Direct effect of each head / MLP layer on ``logit(tail) - mean(logits)`` at the last prefix
-    position, with the final LayerNorm's scale frozen (clean run)."""
+    position, with the final LayerNorm's scale frozen (clean run); a head's output goes through
+    :meth:`LensModel.head_outputs` (Gemma 2's norm after attention, frozen the same way)."""
     L, H = lm.shape.n_layers, lm.shape.n_heads
     last = f"blocks.{L - 1}.hook_resid_post"
     _, cache = run_cache(lm, prompts, hook_names(L) + [last])
@@ -127,7 +128,6 @@ def direct_logit_attribution(lm: LensModel, prompts: Prompts) -> UnitValues:
     mlp = torch.zeros(len(prompts), L)
     for l in range(L):
         z = cache[f"blocks.{l}.attn.hook_z"][rows, pos]  # [b, head, d_head]
-        W_O = lm.weight(f"blocks.{l}.attn.W_O").to(z.device)  # [head, d_head, d_model]
-        heads[:, l] = project(torch.einsum("bhd,hdm->bhm", z, W_O)).cpu()
+        heads[:, l] = project(lm.head_outputs(l, z)).cpu()
         mlp[:, l] = project(cache[f"blocks.{l}.hook_mlp_out"][rows, pos]).cpu()
     return UnitValues(heads.double().numpy(), mlp.double().numpy())

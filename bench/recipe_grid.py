@@ -59,6 +59,11 @@ POINTS: dict[str, dict[str, Any]] = {
     "tail0.3-lam75-100": {"tail_weight": 0.3, "tail_kind": "uniform", "sparsity_start": 75.0, "sparsity_end": 100.0},
     "tail3": {"tail_weight": 3.0, "tail_kind": "uniform"},
     "tail10": {"tail_weight": 10.0, "tail_kind": "uniform"},
+    # head granularity (issue 12): one logit per attention head and MLP neuron; the sparsity weight
+    # is screened for its bundled default (the weight-granularity 75 -> 100 empties the subnetwork)
+    "head-lam1-1.5": {"granularity": "head", "sparsity_start": 1.0, "sparsity_end": 1.5, "tail_weight": 0.5},
+    "head-lam2-3": {"granularity": "head", "sparsity_start": 2.0, "sparsity_end": 3.0, "tail_weight": 0.5},
+    "head-lam5-7.5": {"granularity": "head", "sparsity_start": 5.0, "sparsity_end": 7.5, "tail_weight": 0.5},
 }
 
 TARGETS = {"target_top1": 0.2, "control_top1": 0.95, "control_ratio": 1.15, "lm_ratio": 1.05, "sparsity": 0.98}

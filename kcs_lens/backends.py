@@ -238,6 +238,28 @@ class LensModel:
         """The attention output (``hook_z`` through W_O plus its bias) of block ``layer``."""
         raise NotImplementedError
 
+    def attn_post_norm(self, layer: int) -> nn.Module | None:
+        """The RMSNorm applied to block ``layer``'s attention output before it joins the residual
+        stream (Gemma 2's ``post_attention_layernorm``); None in families without one."""
+        return None
+
+    def head_outputs(self, layer: int, z: Float[Tensor, "batch n_heads d_head"]) -> Float[Tensor, "batch n_heads d_model"]:
+        """Each head's direct contribution to the residual stream (``hook_attn_out`` without the
+        output bias): its ``hook_z`` through its slice of W_O and, where the family normalizes the
+        attention output (:meth:`attn_post_norm`), that RMSNorm with its scale frozen at the whole
+        layer's output, so that the heads' contributions sum to the normalized output exactly."""
+        W_O = self.weight(f"blocks.{layer}.attn.W_O").to(z.device)  # [head, d_head, d_model]
+        out = torch.einsum("bhd,hdm->bhm", z, W_O)
+        norm = self.attn_post_norm(layer)
+        if norm is None:
+            return out
+        total = self.attn_output(layer, z)  # [b, d_model]
+        eps = float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-6)
+        ones = torch.ones(1, total.shape[-1], dtype=total.dtype, device=total.device)
+        gain = norm(ones)[0] * (1.0 + eps) ** 0.5  # the norm's per-channel scale, whatever its convention
+        inv_rms = (total.pow(2).mean(-1, keepdim=True) + eps).rsqrt()  # [b, 1]
+        return out * (inv_rms * gain)[:, None, :]
+
 
 # ------------------------------------------------------------------------------------------
 # TransformerLens 4.x: TransformerBridge over the native HF GPT-2 modules
@@ -362,6 +384,14 @@ class BridgeLensModel(LensModel):
     def attn_output(self, layer: int, z: Tensor) -> Tensor:
         return self.model.blocks[layer].attn.o(z.flatten(-2))
 
+    def attn_post_norm(self, layer: int) -> nn.Module | None:
+        hf_layer = self.model.original_model.get_submodule(self.family.prefix.format(l=layer).rstrip("."))
+        # sandwich norms (Gemma 2/3): post_attention_layernorm normalizes the attention output there,
+        # and pre_feedforward_layernorm is the MLP's input norm (in Llama the former is the latter)
+        if hasattr(hf_layer, "pre_feedforward_layernorm"):
+            return hf_layer.post_attention_layernorm
+        return None
+
     def hf_state_dict(self) -> dict[str, Tensor]:
         hf = self.model.original_model
         names, _ = _hf_param_names(hf.config.to_dict())
@@ -458,6 +488,10 @@ class HookedLensModel(LensModel):
 
     def unembed_params(self) -> tuple[Tensor, Tensor | None]:
         return self.model.unembed.W_U.T, self.model.unembed.b_U
+
+    def attn_post_norm(self, layer: int) -> nn.Module | None:
+        # Gemma 2's post-attention RMSNorm is TL's ln1_post (use_normalization_before_and_after)
+        return getattr(self.model.blocks[layer], "ln1_post", None)
 
     def final_norm_params(self) -> tuple[Tensor, float]:
         return self.model.ln_final.w.detach(), float(self.model.cfg.eps)

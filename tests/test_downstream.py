@@ -341,6 +341,20 @@ def test_cli_end_to_end_and_bad_options(tiny_lm, tiny_kg, tiny_model_dir, tiny_t
     res = json.loads((tmp_path / "o" / "downstream.json").read_text())
     assert res["groups"]["removed"] == 6 and res["settings"]["mode"] == "lm" and len(res["training"]["random"]) == 1
     assert "| remaining - original |" in r.output and ("HELD" in r.output)
+    # lm style: the models as they are, before finetuning, scored on the same test questions
+    from kcs_lens.downstream.finetune import choice_logprob, predict
+    from kcs_lens.runs import load_run
+
+    assert "| remaining, before finetuning |" in r.output
+    qs = load_questions(str(tiny_task["test"]))
+    assert [q.id for q in qs] == [e["id"] for e in res["questions"]]
+    groups = np.array([e["group"] for e in res["questions"]])
+    enc = encode(qs, tiny_lm, FinetuneSettings().prompt)
+    for model, sub in (("original", None), ("remaining", load_run(run).subnetwork)):
+        with removed(tiny_lm, sub):
+            right = predict(enc, lambda seqs: choice_logprob(tiny_lm, enc, seqs, False), 64)
+        for g in ("removed", "kept", "unlinked"):
+            assert res["before_finetuning"][model][g] == pytest.approx(float(right[groups == g].mean())), (model, g)
     bad = [
         (["--finetune", "adapter"], "--finetune 'adapter'"),
         (["--seeds", "1,x"], "--seeds '1,x'"),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kcs_lens.backends import LensModel
-from kcs_lens.downstream.finetune import FinetuneSettings, Split, encode, finetune, hidden_features, removed
+from kcs_lens.downstream.finetune import FinetuneSettings, Split, before_finetuning, encode, finetune, hidden_features, removed
 from kcs_lens.downstream.groups import GROUPS, assign, check_groups, kg_links
 from kcs_lens.downstream.stats import bootstrap_ci, bootstrap_indices, mcnemar
 from kcs_lens.downstream.tasks import Question, link, load_links, load_questions
@@ -165,6 +165,8 @@ def downstream(
         if s.mode == "head":  # the frozen model's features, once for every seed
             with removed(lm, removal):
                 feats = {k: hidden_features(lm, getattr(split, k), s.eval_batch) for k in ("train", "val", "test")}
+        if s.mode == "lm":  # one pass, the same for every seed
+            zero_shot[what] = before_finetuning(lm, split.test, s, removal)
         res = []
         for seed in seed_list:
             r = finetune(lm, split, s, seed, removal, features=feats, on_step=on_step)
@@ -174,6 +176,7 @@ def downstream(
 
     t0 = time.time()
     results = []
+    zero_shot: dict[str, np.ndarray] = {}
     try:
         original = run_model(None, "original")
         for info, qs, groups, _ in plans:
@@ -202,6 +205,13 @@ def downstream(
                 },
                 "data": {"train": len(train_qs), "val": len(val_qs), "test": len(test_qs)},
             }
+            if zero_shot:
+                meta["before_finetuning"] = before_finetuning_block(
+                    groups,
+                    zero_shot["original"],
+                    zero_shot[f"{info.dir.name}: remaining"],
+                    [zero_shot[f"{info.dir.name}: random draw {i}"] for i in range(baseline_draws)],
+                )
             res = summarize(info, qs, groups, original, rem, rnd, bootstrap, bootstrap_seed, meta)
             res["seconds"] = round(time.time() - t0, 1)
             results.append(res)
@@ -324,6 +334,23 @@ def summarize(
     }
 
 
+def before_finetuning_block(
+    groups: list[str], original: np.ndarray, remaining: np.ndarray, random: list[np.ndarray]
+) -> dict[str, dict[str, float]]:
+    """``lm`` style: accuracy per model and group of the models as they are, before finetuning
+    (random: the mean over draws); one deterministic pass, so no seeds."""
+    g = np.array(groups)
+    rnd = np.stack(random).astype(np.float64)
+    out: dict[str, dict[str, float]] = {"original": {}, "remaining": {}, "random": {}}
+    for group in GROUPS:
+        sel = g == group
+        if sel.any():
+            out["original"][group] = float(original[sel].mean())
+            out["remaining"][group] = float(remaining[sel].mean())
+            out["random"][group] = float(rnd[:, sel].mean())
+    return out
+
+
 def _block(a: np.ndarray, idx: np.ndarray, seeds: list[int], per_draw: np.ndarray | None = None) -> dict[str, Any]:
     """Accuracy (mean over seeds), its interval and the per-seed values of correctness ``a[seed, q]``
     (for random draws: ``a`` = the mean over draws, ``per_draw[draw, seed, q]``)."""
@@ -389,6 +416,10 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for m in ("original", "remaining", "random"):
         lines.append(f"| {m} | " + " | ".join(_acc(res["models"][m][g]) for g in groups) + " |")
+    before = res.get("before_finetuning")
+    if before:
+        for m in ("original", "remaining", "random"):
+            lines.append(f"| {m}, before finetuning | " + " | ".join(f"{before[m][g]:.3f}" for g in groups) + " |")
     for m in ("remaining", "random"):
         cells = []
         for g in groups:
@@ -405,15 +436,18 @@ def combined_markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "# downstream: every run",
         "",
-        "| run | TargetKG | removed: original -> remaining | remaining - original: removed | kept | unlinked | random - original: removed | kept | held |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | TargetKG | removed, before finetuning: original -> remaining | removed: original -> remaining | "
+        "remaining - original: removed | kept | unlinked | random - original: removed | kept | held |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         d, x = r["differences"]["remaining"], r["differences"]["random"]
         cell = lambda dd, g: _diff(dd[g]) if g in dd else ""
         o, m = r["models"]["original"]["removed"]["accuracy"], r["models"]["remaining"]["removed"]["accuracy"]
+        bf = r.get("before_finetuning")
+        zs = f"{bf['original']['removed']:.3f} -> {bf['remaining']['removed']:.3f}" if bf else "-"
         lines.append(
-            f"| {Path(r['run']).name} | {r['target_kg']} | {o:.3f} -> {m:.3f} | {cell(d, 'removed')} | {cell(d, 'kept')} | "
+            f"| {Path(r['run']).name} | {r['target_kg']} | {zs} | {o:.3f} -> {m:.3f} | {cell(d, 'removed')} | {cell(d, 'kept')} | "
             f"{cell(d, 'unlinked')} | {cell(x, 'removed')} | {cell(x, 'kept')} | {'yes' if r['headline']['held'] else 'no'} |"
         )
     n = sum(r["headline"]["held"] for r in results)

@@ -312,6 +312,15 @@ def _loop(lm, head, data: Split, s: FinetuneSettings, gen: torch.Generator, scor
     return {"correct": best[2], "best_epoch": best[1], "history": history, "order_sha": order_sha(batches), "steps": len(batches)}
 
 
+def before_finetuning(lm: LensModel, enc: Encoded, settings: FinetuneSettings, removal: Subnetwork | None) -> np.ndarray:
+    """``lm`` style only: test correctness of the model as it is (``removal`` removed), before any
+    finetuning, by the choices' log-likelihood after the prompt: whether the questions can see the
+    removal at all, and how much of it finetuning gives back."""
+    s = settings.resolved(lm.spec in BUNDLED_NAMES)
+    with removed(lm, removal):
+        return predict(enc, lambda seqs: choice_logprob(lm, enc, seqs, s.lm_score == "mean"), s.eval_batch)
+
+
 @torch.no_grad()
 def predict(enc: Encoded, score: Callable[[Tensor], Tensor], batch: int) -> np.ndarray:
     """0/1 correctness per question: the top-scoring choice is the answer."""
