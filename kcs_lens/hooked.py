@@ -318,19 +318,38 @@ def _inverse(link: Link, t: Tensor, shape: ModelShape, original: Tensor | None) 
 
 
 def hf_to_tl_state_dict(
-    sd: dict[str, Tensor], family: Family, mt: str, shape: ModelShape, tl_params: dict[str, Tensor]
+    sd: dict[str, Tensor],
+    family: Family,
+    mt: str,
+    shape: ModelShape,
+    tl_params: dict[str, Tensor],
+    hf_params: set[str] | None = None,
+    where: str = "",
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(the HookedTransformer state dict, the HF tensors to keep for the way back) of an HF state
     dict. ``tl_params``: the model's parameters (names and shapes); the biases an HF checkpoint
-    lacks (Llama's, GPT-J's attention) are zero."""
+    lacks (Llama's, GPT-J's attention) are zero. ``hf_params``: the HF model's parameter names;
+    one the HookedTransformer has no place for (e.g. Llama's ``mlp_bias``: TL 3.9's gated MLP has
+    no gate bias) is a ModelLoadError naming it."""
     gqa = shape.n_kv_heads is not None
     out: dict[str, Tensor] = {}
     originals: dict[str, Tensor] = {}
+    used: set[str] = set()
     for l in range(shape.n_layers):
         for m in shape.matrices:
             tl = weight_name(l, m).replace(f"attn.{m}", f"attn._{m}") if gqa and m in KV_MATRICES else weight_name(l, m)
             out[tl] = extract(family, m, shape, sd[family.hf_name(l, m)])
-    for link in links(family, mt, shape.n_layers, set(sd), gqa):
+            used.add(family.hf_name(l, m))
+    all_links = links(family, mt, shape.n_layers, set(sd), gqa)
+    used |= {k.hf for k in all_links}
+    unplaced = sorted((hf_params or set()) - used)
+    if unplaced:
+        more = f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""
+        raise ModelLoadError(
+            f"{where + ': ' if where else ''}architecture {mt!r} with parameter {unplaced[0]!r}{more} is not supported on "
+            "the hooked backend (TransformerLens 3.9's HookedTransformer has no place for it); use --backend bridge"
+        )
+    for link in all_links:
         t = sd[link.hf]
         out.setdefault(link.tl, _forward(link, t, family, shape))
         tied = link.kind == "gemma_embed" and any(

@@ -343,7 +343,15 @@ def _hooked_from_hf(
         cfg.n_key_value_heads,
         cfg.gated_mlp,
     )
-    sd, originals = hf_to_tl_state_dict(hf.state_dict(), family_of(mt), mt, shape, dict(model.named_parameters()))
+    sd, originals = hf_to_tl_state_dict(
+        hf.state_dict(),
+        family_of(mt),
+        mt,
+        shape,
+        dict(model.named_parameters()),
+        {n for n, _ in hf.named_parameters(remove_duplicate=False)},
+        f"model {spec!r}",
+    )
     missing, unexpected = model.load_state_dict(sd, strict=False)
     params = {n for n, _ in model.named_parameters()}
     if unexpected or params & set(missing):

@@ -520,6 +520,35 @@ def test_hooked_backend_refuses_what_tl39_cannot_represent_clearly(tmp_path, fam
     with pytest.raises(ModelLoadError, match=r"architecture 'llama' with rope_type 'dynamic' .*hooked backend.*--backend bridge"):
         load_model(str(d), backend="hooked")
     assert load_model(str(d), backend="bridge").backend == "bridge"
+    # a parameter TL 3.9 has no place for: Llama's MLP biases (its gated MLP has no gate bias)
+    torch.manual_seed(0)
+    cfg = _tiny_llama_config({"rope_type": "default"})
+    cfg.mlp_bias = True
+    d = _save_tiny(tmp_path / "mlp_bias", cfg, family_dirs["llama"])
+    with pytest.raises(
+        ModelLoadError, match=r"architecture 'llama' with parameter 'model.layers.0.mlp.gate_proj.bias'.*--backend bridge"
+    ):
+        load_model(str(d), backend="hooked")
+
+
+@ON_BACKENDS
+def test_llama_attention_biases(backend, tmp_path, family_dirs):
+    """Llama with attention_bias (q/k/v/o biases, K/V biases per key/value head): the same logits."""
+    torch.manual_seed(0)
+    cfg = _tiny_llama_config({"rope_type": "default"})
+    cfg.attention_bias = True
+    d = _save_tiny(tmp_path, cfg, family_dirs["llama"])
+    hf = _hf(d)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("proj.bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(d)
+    lm = load_model(str(d), backend=backend)
+    toks = _tokens(lm)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(toks), hf(toks).logits, atol=1e-5, rtol=0)
+    assert torch.equal(lm.hf_state_dict()["model.layers.0.self_attn.k_proj.bias"], hf.model.layers[0].self_attn.k_proj.bias)
 
 
 def test_w_gate_by_name_on_a_model_without_gate(lms):
