@@ -265,18 +265,21 @@ def top_heads(res: dict[str, Any], st: dict[str, Any], k: int) -> list[tuple[int
 @torch.no_grad()
 def views(lm: LensModel, sub: Subnetwork, clean: Prompts, heads: list[tuple[int, int]], n_attention: int, n_tokens: int):
     """Attention patterns (original vs remaining model) of ``heads`` on the first prompts, and the
-    per-token log-prob change (remaining - original) of every prompt token."""
+    per-token log-prob change (remaining - original) of every prompt token. Where the backend has
+    no attention-pattern hook (TransformerLens 3.9's bridge for OPT and GPT-J), no attention views."""
     names = sorted({f"blocks.{l}.attn.hook_pattern" for l, _ in heads})
     n = max(n_attention, n_tokens)
     sel = clean.tokens[:n]
 
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, cache = lm.model.run_with_cache(sel, names_filter=lambda x: x in names)
-        return torch.log_softmax(logits.float(), -1), {k: cache[k] for k in names}
+        return torch.log_softmax(logits.float(), -1), {k: cache[k] for k in names if k in cache}
 
     lp_o, pat_o = run()
     with sub.applied(lm, strict_fingerprint=False):
         lp_r, pat_r = run()
+    if len(pat_o) < len(names):  # the hook exists but this attention never calls it
+        n_attention = 0
     attention, tokens = [], []
     for i in range(min(n, len(clean))):
         n_tok = int(clean.lengths[i])
@@ -375,6 +378,8 @@ def compare_circuits(
         for name, res in results.items():
             n_att = attention_prompts if name == primary else 0
             res["attention_views"], res["token_views"] = views(lm, sub, res.pop("_clean"), heads, n_att, token_prompts)
+            if n_att and not res["attention_views"]:
+                log(f"{lm.backend} backend: {lm.model_type} attention records no hook_pattern here; no attention views")
         timing["views"] = time.perf_counter() - t0
 
     L, H = lm.shape.n_layers, lm.shape.n_heads

@@ -628,11 +628,10 @@ def test_dla_heads_sum_to_each_layers_attention_output(family, backend, lms):
 
 @ON_BACKENDS
 @pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
-def test_compare_circuits_per_family(family, backend, family_dirs, lms, tmp_path, request):
+def test_compare_circuits_per_family(family, backend, family_dirs, lms, tmp_path):
     """compare-circuits end to end on each family: per-head results for every query head (GQA
-    too), and the knock-out's remaining log-probs equal the subnetwork removed as evaluate does."""
-    if backend == "bridge" and family in ("opt", "gptj") and "hooked" in BACKENDS:
-        request.applymarker(TL39_BRIDGE_NO_PATTERN)
+    too), and the knock-out's remaining log-probs equal the subnetwork removed as evaluate does.
+    Attention views where the backend has hook_pattern (TL 3.9's bridge has none for OPT/GPT-J)."""
     from kcs_lens import Subnetwork
     from kcs_lens.analyses.compare import compare_circuits, kg_sets
     from kcs_lens.analyses.prompts import build_prompts, tail_logprob
@@ -658,20 +657,13 @@ def test_compare_circuits_per_family(family, backend, family_dirs, lms, tmp_path
     np.testing.assert_allclose(got, remaining[: len(got)], atol=1e-4)
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["backend"] == lm.backend
     assert (tmp_path / "cmp" / "report.html").stat().st_size > 1000
-
-
-# TransformerLens 3.9's bridge (not 4.3's) gives OPT's and GPT-J's attention no hook_pattern, which
-# compare-circuits' attention views read
-TL39_BRIDGE_NO_PATTERN = pytest.mark.xfail(
-    raises=KeyError, strict=True, reason="TL 3.9's bridge: OPT / GPT-J attention has no hook_pattern (views need it)"
-)
+    _, cache = lm.model.run_with_cache(_tokens(lm), names_filter=lambda n: n.endswith("hook_pattern"))
+    assert bool(tgt["attention_views"]) == (len(cache) == lm.shape.n_layers)  # views wherever patterns are recorded
 
 
 @BOTH
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "family", [pytest.param(n, marks=TL39_BRIDGE_NO_PATTERN) if n in ("opt", "gptj") else n for n in FAMILY_NAMES]
-)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_compare_circuits_agrees_across_backends(family, family_dirs, lms, tmp_path):
     """compare-circuits (knock-out, patching, attribution, DLA per head) of one run gives the same
     numbers on the bridge and on HookedTransformer."""
