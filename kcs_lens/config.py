@@ -52,6 +52,15 @@ BUNDLED_RECIPE: dict[str, Any] = {
     "lm_eval_blocks": 16,
 }
 
+# The bundled recipe's sparsity weight at `head` granularity: a head's or neuron's logit sums the
+# pull of all its weights, so the weight-granularity 75 -> 100 empties the subnetwork. Screened on
+# `building` seed 84 (bench/results/recipe_grid_head.md, docs/method.md): 2 -> 3 keeps 74% sparsity
+# at LM ratio 1.094; 5 -> 7.5 gives 84% within the ControlKG and LM bounds. At no weight do whole
+# heads and neurons of this 4-layer model remove the facts (TargetKG top-1 stays 1.00).
+BUNDLED_RECIPE_BY_GRANULARITY: dict[str, dict[str, Any]] = {
+    "head": {"sparsity_start": 5.0, "sparsity_end": 7.5},
+}
+
 # --- constraints: each returns None when the value is fine, else what it must be ------------
 Check = Callable[[Any], "str | None"]
 
@@ -390,7 +399,11 @@ def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
         raise ConfigError(f"--recipe {_show(recipe)}: expected auto, paper or bundled")
     if recipe == "auto":
         recipe = "bundled" if merged.get("model", field_default("model")) in BUNDLED_NAMES else "paper"
-    values = {**(BUNDLED_RECIPE if recipe == "bundled" else {}), **merged}
+    recipe_values: dict[str, Any] = {}
+    if recipe == "bundled":
+        gran = merged.get("granularity", field_default("granularity"))  # validated below
+        recipe_values = {**BUNDLED_RECIPE, **BUNDLED_RECIPE_BY_GRANULARITY.get(str(gran), {})}
+    values = {**recipe_values, **merged}
     cfg = DiscoveryConfig(**{k: coerce(k, v, FIELD_TYPES[k], where=_flag(k)) for k, v in values.items()})
     if cfg.granularity in DEPRECATED_GRANULARITIES:
         cfg.granularity = normalize_granularity(cfg.granularity, warn=True)

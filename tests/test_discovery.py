@@ -302,6 +302,23 @@ def test_config_file_and_flags(tmp_path):
         build_config(bad)
 
 
+def test_bundled_recipe_sparsity_weight_per_granularity():
+    """At head granularity the bundled recipe uses its own sparsity weight (75 -> 100 empties a
+    head-granularity subnetwork); other granularities, the paper's recipe and user values are untouched."""
+    from kcs_lens.config import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY
+
+    head = BUNDLED_RECIPE_BY_GRANULARITY["head"]
+    cfg = build_config(granularity="head")
+    assert (cfg.sparsity_start, cfg.sparsity_end) == (head["sparsity_start"], head["sparsity_end"])
+    assert cfg.steps == BUNDLED_RECIPE["steps"] and cfg.tail_weight == BUNDLED_RECIPE["tail_weight"]
+    for g in ("weight", "row"):
+        c = build_config(granularity=g)
+        assert (c.sparsity_start, c.sparsity_end) == (BUNDLED_RECIPE["sparsity_start"], BUNDLED_RECIPE["sparsity_end"])
+    assert build_config(granularity="head", sparsity_start=9.0).sparsity_start == 9.0  # the user's value wins
+    paper = build_config(granularity="head", model="gpt2-medium")
+    assert (paper.sparsity_start, paper.sparsity_end) == (2.0, 3.0)
+
+
 def test_cli_discover(tmp_path, tiny_kg, tiny_model_dir):
     from kcs_lens.cli.main import app
 
