@@ -126,3 +126,59 @@ def test_gqa_head_run_structure_and_knockout(llama_dir, backend):
     prompts = build_prompts([Triplet(f"dog{i}", "IsA", "animal", f"A dog{i} is an animal") for i in range(3)], lm.tokenizer)
     ko = knockout(lm, sub, prompts)
     assert ko.heads.shape == (3, lm.shape.n_layers, 4) and (ko.heads[:, 1, 3] == 0).all()
+
+
+# --- every family ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    made: dict[str, object] = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = family_fixtures.make_family_dir(name, root)
+        return made[name]
+
+    return get
+
+
+@ON_BACKENDS
+@pytest.mark.parametrize("family", family_fixtures.FAMILY_NAMES)
+def test_head_removal_equals_zeroing_slices_by_hand_per_family(family, backend, family_dir):
+    """Per family: removing heads (a whole K/V group under GQA, plus one head of the next group)
+    and an MLP neuron equals zeroing their canonical slices by hand; head logits get gradients."""
+    d = family_dir(family)
+    lm = _load(d, backend)
+    s = lm.shape
+    g = s.group_size
+    heads = list(range(g)) + [g]  # K/V head 0 complete; one query head of the next group (or head 1)
+    x = torch.randint(3, s.d_vocab, (2, 10))
+    wm = WeightMask(s, MaskConfig((1,), granularity="head")).attach(lm)
+    with torch.no_grad():
+        for _, p in wm.items():
+            p.fill_(-2.0)
+        wm.logit("blocks.1.attn.heads")[heads] = 2.0
+        wm.logit("blocks.1.mlp.neurons")[5] = 2.0
+        removed = lm(x)
+    wm.detach()
+    ref = _load(d, backend)
+    for m in ("W_Q", "W_O"):
+        _zero(ref, 1, m, heads)
+    kv_removed = [k for k in range(s.kv_heads) if all(h in heads for h in range(k * g, (k + 1) * g))]
+    for m in ("W_K", "W_V"):
+        _zero(ref, 1, m, kv_removed)
+    for m in ("W_in", "W_gate") if s.gated_mlp else ("W_in",):
+        _zero(ref, 1, m, (slice(None), 5))
+    _zero(ref, 1, "W_out", 5)
+    with torch.no_grad():
+        torch.testing.assert_close(removed, ref(x), atol=1e-5, rtol=0)
+    # one gradient entry per head and per neuron, from a sampled (training-mode) pass
+    wm = WeightMask(s, MaskConfig((1,), granularity="head"), seed=3).attach(lm)
+    wm.mode = "sample"
+    try:
+        lm(x).float().pow(2).mean().backward()
+        grads = {n: p.grad for n, p in wm.items()}
+    finally:
+        wm.detach()
+    assert grads["blocks.1.attn.heads"].shape == (s.n_heads,) and grads["blocks.1.mlp.neurons"].shape == (s.d_mlp,)
+    assert (grads["blocks.1.attn.heads"] != 0).any() and (grads["blocks.1.mlp.neurons"] != 0).any()
