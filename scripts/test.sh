@@ -20,7 +20,8 @@ for line in ${KCS_TL_LINES:-4 3}; do
     sel=()
     # lint, format and type checks (same tools on both lines: once)
     "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . && "$venv/bin/mypy" kcs_lens cli analyses || status=1
-  else sel=(-m "not slow"); fi
+  # on 3.x: the fast tests, plus the slow ones that need its HookedTransformer (cross-backend)
+  else sel=(-m "not slow or backends"); fi
   "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}" "$@" || status=$?
 done
 exit $status

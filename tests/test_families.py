@@ -269,6 +269,7 @@ def _discover(lm, model_dir, backend, kg, out):
     )
 
 
+@pytest.mark.backends
 @ON_BACKENDS
 @pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
 def test_discover_and_export_round_trip(family, backend, family_dirs, lms, tmp_path):
@@ -332,6 +333,7 @@ def test_subnetwork_applies_across_backends(family, lms):
 
 
 @BOTH
+@pytest.mark.backends
 @pytest.mark.parametrize("found_on", ["bridge", "hooked"])
 @pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
 def test_discover_on_one_backend_evaluates_on_the_other(family, found_on, family_dirs, lms, tmp_path):
@@ -626,6 +628,7 @@ def test_dla_heads_sum_to_each_layers_attention_output(family, backend, lms):
     torch.testing.assert_close(project(final) + rest, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.backends
 @ON_BACKENDS
 @pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
 def test_compare_circuits_per_family(family, backend, family_dirs, lms, tmp_path):
@@ -663,6 +666,7 @@ def test_compare_circuits_per_family(family, backend, family_dirs, lms, tmp_path
 
 @BOTH
 @pytest.mark.slow
+@pytest.mark.backends
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_compare_circuits_agrees_across_backends(family, family_dirs, lms, tmp_path):
     """compare-circuits (knock-out, patching, attribution, DLA per head) of one run gives the same
