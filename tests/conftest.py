@@ -131,3 +131,25 @@ def bundled_available() -> bool:
 
 
 requires_bundled = pytest.mark.skipif(not bundled_available(), reason="bundled model not built (scripts/train_bundled.py)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread here and in every process started from here (OMP_NUM_THREADS=1), for the
+    modules that compare runs bit for bit across processes: on some CPUs float sums differ with
+    the thread count (1 vs 2 threads changes masks after a few steps)."""
+    import os
+
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env

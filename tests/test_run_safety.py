@@ -26,6 +26,8 @@ from kcs_lens.runs import RunDir
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons across processes
+
 
 def _kwargs(tiny_kg, model_dir, **over) -> dict:
     return tiny_run_kwargs(tiny_kg, model_dir) | {"keep_all_checkpoints": True} | over

@@ -26,6 +26,8 @@ from kcs_lens.sweep.cells import read_status
 # a few steps of the bundled model with small evaluations: seconds per cell
 SHORT = dict(steps=4, eval_every=2, checkpoint_every=2, lm_eval_blocks=2, control_batch=16, lm_batch=1, lm_block_len=64)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-identical comparisons across processes
+
 
 def study_file(tmp: Path, targets=("building", "location"), seeds=(84, 1318), extra: str = "", **base) -> Path:
     settings = {**SHORT, **base} if "model" not in base else base
