@@ -160,31 +160,35 @@ def downstream(
         done[0] += 1
         bar.update(done[0], {"loss": loss})
 
-    def run_model(removal: Subnetwork | None, what: str) -> list[dict[str, Any]]:
-        feats = None
+    def run_model(removal: Subnetwork | None, what: str) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+        """Per seed, the finetuned result; and (``lm`` only) the test correctness before finetuning."""
+        feats, before = None, None
         if s.mode == "head":  # the frozen model's features, once for every seed
             with removed(lm, removal):
                 feats = {k: hidden_features(lm, getattr(split, k), s.eval_batch) for k in ("train", "val", "test")}
         if s.mode == "lm":  # one pass, the same for every seed
-            zero_shot[what] = before_finetuning(lm, split.test, s, removal)
+            before = before_finetuning(lm, split.test, s, removal)
         res = []
         for seed in seed_list:
             r = finetune(lm, split, s, seed, removal, features=feats, on_step=on_step)
             bar.message(f"{what}, seed {seed}: best epoch {r['best_epoch']}, test accuracy {float(r['correct'].mean()):.3f}")
             res.append({"seed": seed, **r})
-        return res
+        return res, before
 
     t0 = time.time()
     results = []
-    zero_shot: dict[str, np.ndarray] = {}
     try:
-        original = run_model(None, "original")
+        original, original_before = run_model(None, "original")
         for info, qs, groups, _ in plans:
-            rem = run_model(info.subnetwork, f"{info.dir.name}: remaining")
-            rnd = []
-            for i in range(baseline_draws):
-                draw = random_like(info.subnetwork, torch.Generator().manual_seed(baseline_seed + i))
-                rnd.append(run_model(draw, f"{info.dir.name}: random draw {i}"))
+            rem, rem_before = run_model(info.subnetwork, f"{info.dir.name}: remaining")
+            draws = [
+                run_model(
+                    random_like(info.subnetwork, torch.Generator().manual_seed(baseline_seed + i)),
+                    f"{info.dir.name}: random draw {i}",
+                )
+                for i in range(baseline_draws)
+            ]
+            rnd = [d[0] for d in draws]
             meta = {
                 "settings": {
                     **asdict(s),
@@ -205,12 +209,9 @@ def downstream(
                 },
                 "data": {"train": len(train_qs), "val": len(val_qs), "test": len(test_qs)},
             }
-            if zero_shot:
+            if original_before is not None and rem_before is not None:
                 meta["before_finetuning"] = before_finetuning_block(
-                    groups,
-                    zero_shot["original"],
-                    zero_shot[f"{info.dir.name}: remaining"],
-                    [zero_shot[f"{info.dir.name}: random draw {i}"] for i in range(baseline_draws)],
+                    groups, original_before, rem_before, [b for _, b in draws if b is not None]
                 )
             res = summarize(info, qs, groups, original, rem, rnd, bootstrap, bootstrap_seed, meta)
             res["seconds"] = round(time.time() - t0, 1)
