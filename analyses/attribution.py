@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kcs_lens.analyses.patching import hook_names, run_cache
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.backends import LensModel
+from kcs_lens.model.backends import LensModel
 
 
 @dataclass

@@ -42,14 +42,14 @@ from kcs_lens.analyses.patching import (
 )
 from kcs_lens.analyses.prompts import Prompts, build_prompts, head_swap, tail_logprob
 from kcs_lens.analyses.structure import structure, unit_density
-from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletSet
+from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
 from kcs_lens.errors import ConfigError
-from kcs_lens.evaluation import check_model
+from kcs_lens.evaluation.evaluate import check_model
 from kcs_lens.files import atomic_write_bytes
-from kcs_lens.models import load_model
-from kcs_lens.runs import RunInfo, load_run, load_run_data
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.loading import load_model
 
 METHODS = ("density", "knockout", "patching", "attribution", "dla")
 METHOD_TITLES = {

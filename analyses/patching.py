@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.backends import LensModel
+from kcs_lens.model.backends import LensModel
 
 CorruptMode = Literal["swap", "zero", "mean"]
 CORRUPT_MODES = ("swap", "zero", "mean")

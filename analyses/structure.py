@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from kcs_lens.canonical import ATTN_MATRICES as HEAD_MATRICES
-from kcs_lens.canonical import KV_MATRICES, MLP_MATRICES, ModelShape, weight_name
-from kcs_lens.masks import HEAD_UNITS, parse_unit_name
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.mask import HEAD_UNITS, parse_unit_name
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.canonical import ATTN_MATRICES as HEAD_MATRICES
+from kcs_lens.model.canonical import KV_MATRICES, MLP_MATRICES, ModelShape, weight_name
 
 
 def _ratio(a: float, b: float) -> float:

@@ -34,7 +34,7 @@ PRE_ISSUE14 = {"sparsity_start": 50.0, "sparsity_end": 75.0, "tail_weight": 0.0,
 
 # Named grid points: overrides of the pre-issue-14 bundled recipe.
 POINTS: dict[str, dict[str, Any]] = {
-    "default": {},  # the bundled recipe as it is now (kcs_lens.config.BUNDLED_RECIPE), no overrides
+    "default": {},  # the bundled recipe as it is now (kcs_lens.discovery.config.BUNDLED_RECIPE), no overrides
     "base": {},
     "supp3": {"suppression_weight": 3.0},
     "supp6": {"suppression_weight": 6.0},
@@ -45,7 +45,7 @@ POINTS: dict[str, dict[str, Any]] = {
     "lam25-50": {"sparsity_start": 25.0, "sparsity_end": 50.0},
     "lam75-100": {"sparsity_start": 75.0, "sparsity_end": 100.0},
     "supp6-steps500": {"suppression_weight": 6.0, "steps": 500},
-    # not the paper's objective: the tail term (kcs_lens.objective.tail_excess) beside it;
+    # not the paper's objective: the tail term (kcs_lens.objective.reference.tail_excess) beside it;
     # "tail*" points use its uniform-share form, "margin*" its margin form (the default kind)
     "margin1": {"tail_weight": 1.0},
     "margin1-lam75-100": {"tail_weight": 1.0, "sparsity_start": 75.0, "sparsity_end": 100.0},
@@ -110,8 +110,8 @@ KEEP = ("step", "sparsity", "target_ratio", "target_top1", "target_rank", "contr
 
 
 def run_one(point: str, target: str, seed: int, lm: Any, workdir: Path) -> dict[str, Any]:
-    from kcs_lens.config import build_config
-    from kcs_lens.discovery import discover
+    from kcs_lens.discovery.config import build_config
+    from kcs_lens.discovery.runner import discover
 
     over = dict(POINTS[point])
     start = {} if point == "default" else {k: v for k, v in PRE_ISSUE14.items() if v is not None}
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        from kcs_lens.models import load_model
+        from kcs_lens.model.loading import load_model
 
         lm = load_model("bundled")
         done = {(r["point"], r["target"], r["seed"]) for r in rows}

@@ -10,8 +10,8 @@ prints one JSON line per configuration with ``shape``, ``batch``, ``kcs_s``, ``d
   each its own forward and backward pass, then ``opt.step()``. The model is the HF
   ``GPT2LMHeadModel`` (SDPA attention, dropout off).
 - ``kcs``: one discovery step: all loss terms, mask sampling, backward, Adam on the mask logits
-  (``--impl reference`` = :class:`kcs_lens.objective.ReferenceObjective`, ``fast`` =
-  :class:`kcs_lens.fast_objective.FastObjective`, or a named variant, see ``--impl list``).
+  (``--impl reference`` = :class:`kcs_lens.objective.reference.ReferenceObjective`, ``fast`` =
+  :class:`kcs_lens.objective.fast.FastObjective`, or a named variant, see ``--impl list``).
 
 Both run in ONE process on the same batches, interleaved round by round (dense, then each kcs
 variant), so machine load hits them alike; ``--warmup`` rounds are not timed and the reported
@@ -156,7 +156,7 @@ def hf_model(shape: str, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if shape == "bundled":
-        from kcs_lens.models import BUNDLED_DIR
+        from kcs_lens.model.loading import BUNDLED_DIR
 
         if (BUNDLED_DIR / "config.json").exists():
             return GPT2LMHeadModel.from_pretrained(str(BUNDLED_DIR)).eval(), "bundled weights"
@@ -192,7 +192,7 @@ def make_batches(shape: str, a: argparse.Namespace, seed: int = 1):
 
 def hf_vocab(shape: str) -> int:
     if shape == "bundled":
-        from kcs_lens.models import BUNDLED_DIR
+        from kcs_lens.model.loading import BUNDLED_DIR
 
         if (BUNDLED_DIR / "config.json").exists():
             return json.loads((BUNDLED_DIR / "config.json").read_text())["vocab_size"]
@@ -227,9 +227,9 @@ class Dense:
 
 class Kcs:
     def __init__(self, lm, impl: str, switches: dict[str, Any], layers, device, autocast_dtype, seed: int = 84):
-        from kcs_lens.fast_objective import FastObjective
-        from kcs_lens.masks import MaskConfig, WeightMask
-        from kcs_lens.objective import LossConfig, Objective, ReferenceObjective
+        from kcs_lens.masks.mask import MaskConfig, WeightMask
+        from kcs_lens.objective.fast import FastObjective
+        from kcs_lens.objective.reference import LossConfig, Objective, ReferenceObjective
 
         self.lm = lm
         self.masks = WeightMask(lm.shape, MaskConfig(tuple(layers)), seed=seed, device=device)
@@ -297,8 +297,8 @@ def _proc_status_mb(field: str) -> float:
 # Measurement
 # ------------------------------------------------------------------------------------------
 def build(a: argparse.Namespace, need_dense: bool, need_kcs: bool):
-    from kcs_lens.masks import resolve_layers
-    from kcs_lens.models import from_hf
+    from kcs_lens.masks.mask import resolve_layers
+    from kcs_lens.model.loading import from_hf
 
     ac = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     base, weights = hf_model(a.shape)

@@ -27,9 +27,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from kcs_lens.config import build_config
-    from kcs_lens.discovery import Run
-    from kcs_lens.models import load_model
+    from kcs_lens.discovery.config import build_config
+    from kcs_lens.discovery.runner import Run
+    from kcs_lens.model.loading import load_model
 
     lm = load_model("bundled")
     runs = {}

@@ -1,4 +1,4 @@
-"""``kcs-lens discover``: one flag per :class:`~kcs_lens.config.DiscoveryConfig` field, generated
+"""``kcs-lens discover``: one flag per :class:`~kcs_lens.discovery.config.DiscoveryConfig` field, generated
 from the fields (name, type, help text), plus the flags of the run itself (``--config``,
 ``--out``, ``--resume``, ``--force``, ``--stop-after``, ``--progress``)."""
 
@@ -11,7 +11,7 @@ from typing import Any, Optional, get_args, get_origin
 
 import typer
 
-from kcs_lens.config import FIELD_TYPES, DiscoveryConfig, build_config, field_default
+from kcs_lens.discovery.config import FIELD_TYPES, DiscoveryConfig, build_config, field_default
 
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "config": (Optional[Path], typer.Option(None, "--config", help="TOML, YAML or JSON file of options (flags win)")),
@@ -54,7 +54,7 @@ def config_parameters() -> list[inspect.Parameter]:
 def register(app: typer.Typer) -> None:
     def discover(**kw: Any) -> None:
         """Find a knowledge-critical subnetwork. With no arguments: the bundled model and its 'building' TargetKG."""
-        from kcs_lens.discovery import discover as run_discover
+        from kcs_lens.discovery.runner import discover as run_discover
 
         run = {k: kw.pop(k) for k in RUN_OPTIONS}
         if run["resume"] is not None:
@@ -85,7 +85,7 @@ def print_summary(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from kcs_lens.report import before_after
+    from kcs_lens.evaluation.paper_table import before_after
 
     t = Table(title=f"{s['model']} / TargetKG {s['target_kg']} / seed {s['seed']} (step {s['selected_step']})")
     for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio", "top-1 (orig → rem)", "tail rank (orig → rem)"):

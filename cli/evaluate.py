@@ -1,6 +1,6 @@
 """``kcs-lens evaluate | baseline | overlap | report | export``: thin wrappers over
-:mod:`kcs_lens.evaluation`, :mod:`kcs_lens.overlap`, :mod:`kcs_lens.report` and
-:mod:`kcs_lens.export` (mounted by cli/main.py through ``register``)."""
+:mod:`kcs_lens.evaluation.evaluate`, :mod:`kcs_lens.evaluation.overlap`, :mod:`kcs_lens.evaluation.paper_table` and
+:mod:`kcs_lens.evaluation.export` (mounted by cli/main.py through ``register``)."""
 
 from pathlib import Path
 from typing import Any, List, Optional
@@ -100,7 +100,7 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/evaluation.json)"),
 ) -> None:
     """Original vs remaining model vs the subnetwork alone: tail PPL, ranks, log-probs, top-k; sparsity and density."""
-    from kcs_lens.evaluation import evaluate_run
+    from kcs_lens.evaluation.evaluate import evaluate_run
     from kcs_lens.files import check_output_file
 
     if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
@@ -137,7 +137,7 @@ def baseline(
     """Random subnetworks with the run's per-matrix sizes: mean ± std of every metric over draws."""
     from rich.table import Table
 
-    from kcs_lens.evaluation import baseline_run
+    from kcs_lens.evaluation.evaluate import baseline_run
     from kcs_lens.files import check_output_file
 
     if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
@@ -210,8 +210,8 @@ def overlap(
     """Union, intersection and at-least-k-of-n of several seeds' subnetworks; Jaccard; shared share per layer / matrix."""
     from rich.table import Table
 
+    from kcs_lens.evaluation.overlap import overlap_runs
     from kcs_lens.files import check_output_dir
-    from kcs_lens.overlap import overlap_runs
 
     if out is not None:
         check_output_dir(out, "--out", new=True)
@@ -268,8 +268,8 @@ def report(
     """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot;
     on a study directory the study report (groups over seeds, seed overlap, unfinished cells)."""
     from kcs_lens.errors import ConfigError
+    from kcs_lens.evaluation.paper_table import report_runs
     from kcs_lens.files import check_output_file
-    from kcs_lens.report import report_runs
     from kcs_lens.sweep import is_study
 
     if len(runs) == 1 and is_study(runs[0]):
@@ -299,7 +299,7 @@ def export(
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Write an HF checkpoint (AutoModelForCausalLM.from_pretrained) with the chosen weights zeroed."""
-    from kcs_lens.export import export_run
+    from kcs_lens.evaluation.export import export_run
     from kcs_lens.files import check_output_dir
 
     check_output_dir(out, "--out", new=True)

@@ -29,7 +29,7 @@ def _load_tokenizer(path: Optional[Path]) -> Any:
 
 
 def _load_model(spec: str) -> Any:
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     return load_model(spec)
 

@@ -1,7 +1,7 @@
 """The ``kcs-lens`` command line (Typer). Thin: parse flags, call the library, print results.
 
-``kcs-lens discover`` (cli/discover.py) -> :func:`kcs_lens.config.build_config` ->
-:func:`kcs_lens.discovery.discover` -> a run directory with ``subnetwork.safetensors`` and
+``kcs-lens discover`` (cli/discover.py) -> :func:`kcs_lens.discovery.config.build_config` ->
+:func:`kcs_lens.discovery.runner.discover` -> a run directory with ``subnetwork.safetensors`` and
 ``summary.json``. Every command runs under one error convention (cli/errors.py).
 """
 

@@ -88,7 +88,7 @@ def run(
 def print_plan(plan: Any, *, changed: bool, out: Path) -> None:
     import json
 
-    from kcs_lens.config import field_default
+    from kcs_lens.discovery.config import field_default
 
     typer.echo(f"plan of {plan.study}: {len(plan.cells)} cells -> {out}" + ("" if changed else " (unchanged)"))
     for c in plan.cells:

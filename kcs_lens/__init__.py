@@ -6,13 +6,13 @@ Models", EMNLP 2024 (arXiv 2310.03084). See docs/ for the user guide.
 
 __version__ = "0.1.0"
 
-from kcs_lens.backends import LensModel
-from kcs_lens.config import DiscoveryConfig, build_config
-from kcs_lens.discovery import discover
+from kcs_lens.discovery.config import DiscoveryConfig, build_config
+from kcs_lens.discovery.runner import discover
 from kcs_lens.errors import KcsLensError
-from kcs_lens.masks import MaskConfig, WeightMask
-from kcs_lens.models import load_model, wrap_model
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.mask import MaskConfig, WeightMask
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.loading import load_model, wrap_model
 
 __all__ = [
     "DiscoveryConfig",

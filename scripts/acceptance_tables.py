@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kcs_lens.canonical import MATRICES  # noqa: E402
-from kcs_lens.runs import load_run  # noqa: E402
+from kcs_lens.discovery.rundir import load_run  # noqa: E402
+from kcs_lens.model.canonical import MATRICES  # noqa: E402
 
 
 def pm(g: dict, key: str, fmt: str) -> str:

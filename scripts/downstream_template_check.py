@@ -17,10 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kcs_lens.data.loaders import load_kg  # noqa: E402
+from kcs_lens.discovery.rundir import load_run  # noqa: E402
 from kcs_lens.downstream import load_questions  # noqa: E402
 from kcs_lens.downstream.finetune import choice_logprob, encode, predict, removed  # noqa: E402
-from kcs_lens.models import load_model  # noqa: E402
-from kcs_lens.runs import load_run  # noqa: E402
+from kcs_lens.model.loading import load_model  # noqa: E402
 
 
 def main(runs: list[str]) -> None:

@@ -22,9 +22,9 @@ def write_run(
 
     ``base``: a subnetwork dict to start from (for overlapping seeds); each logit is redrawn with
     probability 0.5."""
-    from kcs_lens.config import build_config
-    from kcs_lens.masks import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
-    from kcs_lens.subnetwork import Subnetwork
+    from kcs_lens.discovery.config import build_config
+    from kcs_lens.masks.mask import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
+    from kcs_lens.masks.subnetwork import Subnetwork
 
     cfg = build_config(
         **{**tiny_run_kwargs(tiny_kg, model_dir), "seed": seed, "layers": layers, "granularity": granularity, **cfg_kw}
@@ -58,7 +58,7 @@ def write_run(
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     return load_model(str(tiny_model_dir))
 
@@ -66,7 +66,7 @@ def tiny_lm(tiny_model_dir):
 @pytest.fixture(scope="session")
 def real_run(tmp_path_factory, tiny_kg, tiny_model_dir, tiny_lm) -> Path:
     """One 12-step discovery run on the tiny model (about 15 s)."""
-    from kcs_lens.discovery import discover
+    from kcs_lens.discovery.runner import discover
 
     out = tmp_path_factory.mktemp("runs") / "real"
     discover(out=out, lens_model=tiny_lm, log=lambda m: None, **tiny_run_kwargs(tiny_kg, tiny_model_dir))

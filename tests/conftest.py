@@ -80,7 +80,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 @pytest.fixture
 def make_tiny_lm(tiny_tokenizer):
-    from kcs_lens.models import from_hf
+    from kcs_lens.model.loading import from_hf
 
     def make(backend=None, n_layers: int = 4, seed: int = 0, **kw):
         return from_hf(tiny_hf_model(tiny_tokenizer, n_layers, seed, **kw), tiny_tokenizer, backend=backend, spec="tiny")
@@ -125,7 +125,7 @@ def tiny_run_kwargs(tiny_kg, model_dir) -> dict:
 
 
 def bundled_available() -> bool:
-    from kcs_lens.models import BUNDLED_DIR
+    from kcs_lens.model.loading import BUNDLED_DIR
 
     return (BUNDLED_DIR / "config.json").exists()
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_run_kwargs
 
-from kcs_lens.models import available_backends
+from kcs_lens.model.loading import available_backends
 
 BACKENDS = available_backends()
 
@@ -23,9 +23,9 @@ BACKENDS = available_backends()
 def make_run_dir(path: Path, lm, cfg_kwargs: dict, *, density: float = 0.1, granularity: str = "weight", seed: int = 0) -> Path:
     """config.json + subnetwork.safetensors of a random subnetwork (``density`` of the logits) for
     the discovery config ``cfg_kwargs`` (e.g. ``tiny_run_kwargs(...)``; ``{}`` = the bundled model)."""
-    from kcs_lens.config import build_config
-    from kcs_lens.masks import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
-    from kcs_lens.subnetwork import Subnetwork
+    from kcs_lens.discovery.config import build_config
+    from kcs_lens.masks.mask import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
+    from kcs_lens.masks.subnetwork import Subnetwork
 
     cfg = build_config(**{**cfg_kwargs, "granularity": granularity, "seed": seed})
     mc = MaskConfig(resolve_layers(cfg.layers, lm.shape.n_layers), tuple(cfg.matrices), granularity)
@@ -62,7 +62,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_kg, tiny_model_dir):
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     lm = load_model(str(tiny_model_dir))
     return make_run_dir(tmp_path_factory.mktemp("cc") / "run", lm, tiny_run_kwargs(tiny_kg, tiny_model_dir))
@@ -173,8 +173,8 @@ def test_dla_components_sum_to_the_logit_difference(make_tiny_lm, tiny_kg, backe
 def test_knockout_localises_a_one_head_subnetwork(make_tiny_lm, tiny_kg, granularity):
     from kcs_lens.analyses.knockout import knockout
     from kcs_lens.analyses.structure import structure
-    from kcs_lens.masks import MaskConfig, WeightMask
-    from kcs_lens.subnetwork import Subnetwork
+    from kcs_lens.masks.mask import MaskConfig, WeightMask
+    from kcs_lens.masks.subnetwork import Subnetwork
 
     lm = make_tiny_lm()
     p = _prompts(lm, tiny_kg)
@@ -201,8 +201,8 @@ def test_knockout_localises_a_one_head_subnetwork(make_tiny_lm, tiny_kg, granula
 
 def test_structure_counts_weights(make_tiny_lm):
     from kcs_lens.analyses.structure import structure
-    from kcs_lens.masks import MaskConfig, WeightMask
-    from kcs_lens.subnetwork import Subnetwork
+    from kcs_lens.masks.mask import MaskConfig, WeightMask
+    from kcs_lens.masks.subnetwork import Subnetwork
 
     lm = make_tiny_lm()
     sub = Subnetwork.from_mask(WeightMask(lm.shape, MaskConfig((1,), matrices=("W_K", "W_in"))), lm)

@@ -175,13 +175,13 @@ def test_force_replaces_a_run_and_keeps_files_kcs_lens_did_not_write(tmp_path, f
 def _value_options() -> list[str]:
     from dataclasses import fields
 
-    from kcs_lens.config import DiscoveryConfig
+    from kcs_lens.discovery.config import DiscoveryConfig
 
     return ["--" + f.name.replace("_", "-") for f in fields(DiscoveryConfig) if not f.metadata.get("flag")] + ["--stop-after"]
 
 
 def _numeric(flag: str) -> bool:
-    from kcs_lens.config import FIELD_TYPES
+    from kcs_lens.discovery.config import FIELD_TYPES
 
     name = flag[2:].replace("-", "_")
     return name == "stop_after" or FIELD_TYPES.get(name) in (int, float)

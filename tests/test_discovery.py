@@ -11,11 +11,11 @@ from conftest import requires_bundled, tiny_run_kwargs
 from typer.testing import CliRunner
 
 from kcs_lens import Subnetwork, discover, load_model
-from kcs_lens.config import ConfigError, build_config
 from kcs_lens.data.loaders import load_kg
 from kcs_lens.data.triplets import tokenize_triplets
+from kcs_lens.discovery.config import ConfigError, build_config
+from kcs_lens.discovery.selection import select_checkpoint
 from kcs_lens.errors import KGError, MaskError, NonFiniteLoss, OutputError, RunError
-from kcs_lens.selection import select_checkpoint
 
 
 def test_run_directory_artifacts(tmp_path, tiny_kg, tiny_model_dir):
@@ -37,8 +37,8 @@ def test_run_directory_artifacts(tmp_path, tiny_kg, tiny_model_dir):
     assert sub.mask_config.layers == (2, 3)  # top half of 4 blocks
     assert math.isclose(s["sparsity"], sub.sparsity)
     # the summary's remaining-model numbers are those of the saved subnetwork
-    from kcs_lens.discovery import evaluate_split
-    from kcs_lens.runs import load_run_data
+    from kcs_lens.discovery.rundir import load_run_data
+    from kcs_lens.discovery.runner import evaluate_split
 
     data = load_run_data(build_config(**tiny_run_kwargs(tiny_kg, tiny_model_dir)), lm)
     with sub.applied(lm):
@@ -139,7 +139,7 @@ def test_ctrl_c_during_an_evaluation_finishes_the_step_first(tmp_path, tiny_kg, 
     import os
     import signal
 
-    from kcs_lens.discovery import Run
+    from kcs_lens.discovery.runner import Run
 
     kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | {"keep_all_checkpoints": True}
     evaluate = Run.evaluate
@@ -230,7 +230,7 @@ def test_kg_that_does_not_match_the_tokenizer(tmp_path, tiny_kg, tiny_tokenizer)
 
 
 def test_selection_rule():
-    from kcs_lens.config import DiscoveryConfig
+    from kcs_lens.discovery.config import DiscoveryConfig
 
     cfg = DiscoveryConfig()
     rec = lambda step, sp, t, c, l: dict(step=step, sparsity=sp, target_ratio=t, control_ratio=c, lm_ratio=l)
@@ -242,8 +242,8 @@ def test_selection_rule():
 
 
 def test_selection_rule_target_top1():
-    from kcs_lens.config import DiscoveryConfig
-    from kcs_lens.selection import meets_criteria, selection_rule
+    from kcs_lens.discovery.config import DiscoveryConfig
+    from kcs_lens.discovery.selection import meets_criteria, selection_rule
 
     rec = lambda step, sp, top1: dict(step=step, sparsity=sp, target_ratio=20, control_ratio=1.0, lm_ratio=1.0, target_top1=top1)
     rs = [rec(200, 0.99, 0.1), rec(400, 0.995, 0.6)]
@@ -305,7 +305,7 @@ def test_config_file_and_flags(tmp_path):
 def test_bundled_recipe_sparsity_weight_per_granularity():
     """At head granularity the bundled recipe uses its own sparsity weight (75 -> 100 empties a
     head-granularity subnetwork); other granularities, the paper's recipe and user values are untouched."""
-    from kcs_lens.config import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY
+    from kcs_lens.discovery.config import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY
 
     head = BUNDLED_RECIPE_BY_GRANULARITY["head"]
     cfg = build_config(granularity="head")
@@ -366,7 +366,7 @@ def test_every_config_value_has_a_cli_flag():
     from dataclasses import fields
 
     from kcs_lens.cli.main import app
-    from kcs_lens.config import DiscoveryConfig
+    from kcs_lens.discovery.config import DiscoveryConfig
 
     r = CliRunner().invoke(app, ["discover", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
     flags = {f.name.replace("_", "-") for f in fields(DiscoveryConfig)}

@@ -18,7 +18,7 @@ from kcs_lens.downstream.groups import assign
 from kcs_lens.downstream.stats import bootstrap_ci, bootstrap_indices, mcnemar
 from kcs_lens.downstream.tasks import link, load_links
 from kcs_lens.errors import TaskError
-from kcs_lens.models import available_backends
+from kcs_lens.model.loading import available_backends
 
 pytest_plugins = ["_eval_fixtures"]  # tiny_lm (session)
 
@@ -209,8 +209,8 @@ def _split(lm, tiny_task) -> Split:
 
 
 def _sub(lm, density, seed=0):
-    from kcs_lens.masks import MaskConfig, mask_shape
-    from kcs_lens.subnetwork import Subnetwork
+    from kcs_lens.masks.mask import MaskConfig, mask_shape
+    from kcs_lens.masks.subnetwork import Subnetwork
 
     mc = MaskConfig((2, 3))
     g = torch.Generator().manual_seed(seed)
@@ -260,7 +260,7 @@ def test_full_finetuning_keeps_removed_weights_at_zero(make_tiny_lm, tiny_task, 
 
 
 def test_remaining_model_is_evaluates_removal(tiny_lm, tiny_kg, tiny_model_dir, tmp_path):
-    from kcs_lens.runs import load_run
+    from kcs_lens.discovery.rundir import load_run
 
     run = write_run(tmp_path / "r", tiny_lm, tiny_kg, tiny_model_dir, density=0.1)
     sub = load_run(run).subnetwork
@@ -342,8 +342,8 @@ def test_cli_end_to_end_and_bad_options(tiny_lm, tiny_kg, tiny_model_dir, tiny_t
     assert res["groups"]["removed"] == 6 and res["settings"]["mode"] == "lm" and len(res["training"]["random"]) == 1
     assert "| remaining - original |" in r.output and ("HELD" in r.output)
     # lm style: the models as they are, before finetuning, scored on the same test questions
+    from kcs_lens.discovery.rundir import load_run
     from kcs_lens.downstream.finetune import choice_logprob, predict
-    from kcs_lens.runs import load_run
 
     assert "| remaining, before finetuning |" in r.output
     qs = load_questions(str(tiny_task["test"]))
@@ -395,10 +395,10 @@ def test_bundled_task_is_shipped():
 @requires_bundled
 @pytest.mark.slow
 def test_bundled_task_runs_offline(tmp_path):
-    from kcs_lens.config import build_config
-    from kcs_lens.masks import MaskConfig, mask_shape, resolve_layers
-    from kcs_lens.models import load_model
-    from kcs_lens.subnetwork import Subnetwork
+    from kcs_lens.discovery.config import build_config
+    from kcs_lens.masks.mask import MaskConfig, mask_shape, resolve_layers
+    from kcs_lens.masks.subnetwork import Subnetwork
+    from kcs_lens.model.loading import load_model
 
     test = load_questions("bundled:test")
     lm = load_model("bundled")

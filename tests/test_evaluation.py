@@ -12,11 +12,11 @@ import torch
 from _eval_fixtures import cli, write_run
 from conftest import requires_bundled, tiny_hf_model
 
+from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import RunError, SubnetworkError
-from kcs_lens.evaluation import baseline_run, evaluate_run, random_like
-from kcs_lens.models import available_backends
-from kcs_lens.runs import load_run
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.evaluation.evaluate import baseline_run, evaluate_run, random_like
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.loading import available_backends
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -53,7 +53,7 @@ def test_empty_subnetwork_changes_nothing_and_full_keeps_nothing(tmp_path, tiny_
 
 
 def test_subnetwork_stats_density_per_layer_matrix_head(tiny_lm):
-    from kcs_lens.masks import MaskConfig, mask_shape
+    from kcs_lens.masks.mask import MaskConfig, mask_shape
 
     s = tiny_lm.shape  # 4 layers, 4 heads, d_model 64
     mc = MaskConfig((2, 3))
@@ -79,7 +79,7 @@ def test_subnetwork_stats_density_per_layer_matrix_head(tiny_lm):
 
 
 def test_neuron_granularity_counts_rows(tiny_lm):
-    from kcs_lens.masks import MaskConfig, mask_shape
+    from kcs_lens.masks.mask import MaskConfig, mask_shape
 
     s, mc = tiny_lm.shape, MaskConfig((3,), granularity="row")
     logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "row"), -1.0) for n in mc.model_names(s)}
@@ -185,7 +185,7 @@ def test_model_mismatch_is_refused(tmp_path, real_run, tiny_tokenizer):
 def test_bundled_random_baseline_near_zero(tmp_path):
     """On the bundled model: the found subnetwork removes the TargetKG, a random one of the same
     per-matrix size barely changes anything (uses $KCS_BUNDLED_RUN if set, else a discovery run)."""
-    from kcs_lens.discovery import discover
+    from kcs_lens.discovery.runner import discover
 
     run = os.environ.get("KCS_BUNDLED_RUN")
     if not run:
@@ -201,7 +201,7 @@ def test_bundled_random_baseline_near_zero(tmp_path):
 
 @pytest.mark.skipif("hooked" not in available_backends(), reason="needs TransformerLens 3.x (HookedTransformer)")
 def test_hooked_backend_gives_the_same_evaluation(real_run, tiny_lm, tiny_model_dir):
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     a = evaluate_run(real_run, lens_model=tiny_lm, save=False)["metrics"]
     b = evaluate_run(real_run, lens_model=load_model(str(tiny_model_dir), backend="hooked"), save=False)["metrics"]

@@ -11,13 +11,13 @@ from _eval_fixtures import cli
 from conftest import requires_bundled, tiny_hf_model
 from safetensors.torch import load_file
 
+from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import ExportError, SubnetworkError
-from kcs_lens.evaluation import Evaluator, evaluate_run
-from kcs_lens.export import export_model, export_run, hf_keep_multipliers
-from kcs_lens.masks import MaskConfig, mask_shape, param_names_of, param_shape
-from kcs_lens.models import available_backends
-from kcs_lens.runs import load_run
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.evaluation.evaluate import Evaluator, evaluate_run
+from kcs_lens.evaluation.export import export_model, export_run, hf_keep_multipliers
+from kcs_lens.masks.mask import MaskConfig, mask_shape, param_names_of, param_shape
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.loading import available_backends
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -130,7 +130,7 @@ def test_subnetwork_of_another_model_is_refused(tmp_path, make_tiny_lm):
 
 @requires_bundled
 def test_export_bundled_model(tmp_path):
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     lm = load_model("bundled")
     sub = random_sub(lm.shape, range(lm.shape.n_layers // 2, lm.shape.n_layers), density=0.05)

@@ -17,13 +17,13 @@ import pytest
 import torch
 from _family_fixtures import FAMILY_NAMES, TEXTS, make_family_dir
 
-from kcs_lens.canonical import canonical_shape, weight_name
 from kcs_lens.data.triplets import Triplet, tokenize_triplets
 from kcs_lens.errors import ModelLoadError
-from kcs_lens.fast_objective import FastObjective
-from kcs_lens.masks import MaskConfig, WeightMask
-from kcs_lens.models import available_backends, load_model
-from kcs_lens.objective import LossConfig, ReferenceObjective
+from kcs_lens.masks.mask import MaskConfig, WeightMask
+from kcs_lens.model.canonical import canonical_shape, weight_name
+from kcs_lens.model.loading import available_backends, load_model
+from kcs_lens.objective.fast import FastObjective
+from kcs_lens.objective.reference import LossConfig, ReferenceObjective
 
 BACKENDS = available_backends()
 BRIDGE = "bridge" in BACKENDS
@@ -88,7 +88,7 @@ def test_logits_equal_plain_transformers(family, backend, family_dirs, lms):
 # --- a known mask against weights zeroed by hand ---------------------------------------------
 def _hf_index(family: str, matrix: str, idx: tuple[int, ...], s) -> tuple[str, tuple[int, int]]:
     """Where canonical entry ``idx`` of ``matrix`` lives in the HF checkpoint, written out by hand
-    from each architecture's modeling code (independently of kcs_lens.families)."""
+    from each architecture's modeling code (independently of kcs_lens.model.families)."""
     dh, D = s.d_head, s.d_model
     qkv = "W_Q W_K W_V".split()
     if matrix in qkv:
@@ -208,7 +208,7 @@ def test_fast_objective_equals_reference(family, backend, lms):
 
 def test_gemma2_logit_softcap_in_the_chunked_kl(lms):
     """Gemma 2's final soft-cap is applied by the chunked unembedding + KL, value and gradient."""
-    from kcs_lens.fast_ops import chunked_unembed_kl
+    from kcs_lens.objective.fast_ops import chunked_unembed_kl
 
     lm = lms("gemma2")
     assert lm.logit_softcap == 5.0
@@ -274,7 +274,7 @@ def _discover(lm, model_dir, backend, kg, out):
 @pytest.mark.parametrize("family", SLOW_EXCEPT_LLAMA)
 def test_discover_and_export_round_trip(family, backend, family_dirs, lms, tmp_path):
     from kcs_lens import Subnetwork
-    from kcs_lens.export import export_run
+    from kcs_lens.evaluation.export import export_run
 
     kg = _kg_files(tmp_path)
     lm = lms(family, backend)
@@ -292,7 +292,7 @@ def test_discover_and_export_round_trip(family, backend, family_dirs, lms, tmp_p
             remaining = lm(toks)
         torch.testing.assert_close(exported(toks).logits, remaining, atol=1e-5, rtol=0)
     # the removed weights are zero in the checkpoint, every other entry is the original's
-    from kcs_lens.families import hf_multipliers
+    from kcs_lens.model.families import hf_multipliers
 
     keep = {n: ~b for n, b in sub.full_binary().items()}
     mult = hf_multipliers(lm.family, lm.shape, keep)
@@ -340,7 +340,7 @@ def test_discover_on_one_backend_evaluates_on_the_other(family, found_on, family
     """``discover`` (3 steps) on one backend, saved; ``evaluate`` and the remaining model's logits
     on the other give the same numbers as on the backend it was found on."""
     from kcs_lens import Subnetwork
-    from kcs_lens.evaluation import evaluate_run
+    from kcs_lens.evaluation.evaluate import evaluate_run
 
     other = "hooked" if found_on == "bridge" else "bridge"
     kg = _kg_files(tmp_path)
@@ -554,7 +554,7 @@ def test_llama_attention_biases(backend, tmp_path, family_dirs):
 
 
 def test_w_gate_by_name_on_a_model_without_gate(lms):
-    from kcs_lens.discovery import model_matrices
+    from kcs_lens.discovery.runner import model_matrices
     from kcs_lens.errors import ConfigError
 
     assert model_matrices(["W_Q", "W_in", "W_gate", "W_out"], lms("llama")) == ("W_Q", "W_in", "W_gate", "W_out")
@@ -570,7 +570,7 @@ def test_bundled_llama_loads_and_knows_its_facts():
     prediction for >= 0.9 of every bundled TargetKG (MANIFEST.json: 1.000 in training's definition)."""
     from kcs_lens.data.loaders import load_kg
     from kcs_lens.data.verbalize import score_tails
-    from kcs_lens.models import BUNDLED_MODELS
+    from kcs_lens.model.loading import BUNDLED_MODELS
 
     if not (BUNDLED_MODELS["bundled-llama"][0] / "config.json").exists():
         pytest.skip("bundled-llama not built (scripts/train_bundled.py --family llama)")
@@ -638,7 +638,7 @@ def test_compare_circuits_per_family(family, backend, family_dirs, lms, tmp_path
     from kcs_lens import Subnetwork
     from kcs_lens.analyses.compare import compare_circuits, kg_sets
     from kcs_lens.analyses.prompts import build_prompts, tail_logprob
-    from kcs_lens.runs import load_run
+    from kcs_lens.discovery.rundir import load_run
 
     lm = lms(family, backend)
     kg = _kg_files(tmp_path)

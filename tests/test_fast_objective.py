@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from kcs_lens.data.triplets import Triplet, tokenize_triplets
-from kcs_lens.fast_objective import FastObjective, FastSwitches
-from kcs_lens.fast_ops import FusedNoise, final_at
-from kcs_lens.masks import MaskConfig, WeightMask, gumbel_sigmoid_ste
-from kcs_lens.models import available_backends
-from kcs_lens.objective import LossConfig, ReferenceObjective
+from kcs_lens.masks.mask import MaskConfig, WeightMask, gumbel_sigmoid_ste
+from kcs_lens.model.loading import available_backends
+from kcs_lens.objective.fast import FastObjective, FastSwitches
+from kcs_lens.objective.fast_ops import FusedNoise, final_at
+from kcs_lens.objective.reference import LossConfig, ReferenceObjective
 
 BACKENDS = available_backends()
 LOSS_RTOL = 1e-5
@@ -179,7 +179,7 @@ def test_tail_term_where_the_tail_is_the_answer(make_tiny_lm, data, kind):
 def test_tail_excess_definitions():
     import math
 
-    from kcs_lens.objective import TAIL_MARGIN, tail_excess
+    from kcs_lens.objective.reference import TAIL_MARGIN, tail_excess
 
     z = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 2.0, 1.0, 0.0], [1.5, 2.0, 0.0, 0.0]])
     t = torch.tensor([0, 0, 0])
@@ -264,7 +264,7 @@ def _ste_truth(l, u, w, tau):
 
 def test_fused_noise_draws_the_reference_samples():
     """One flat uniform_ = the reference's per-matrix torch.rand; thresholds and STE gradients agree."""
-    from kcs_lens.canonical import ModelShape
+    from kcs_lens.model.canonical import ModelShape
 
     shape = ModelShape(4, 4, 64, 16, 256, 300, 64)
     for tau in (1.0, 0.7):

@@ -9,8 +9,8 @@ import torch
 from conftest import requires_bundled
 from typer.testing import CliRunner
 
-from kcs_lens.canonical import MATRICES, weight_name
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.canonical import MATRICES, weight_name
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_discover_runs_on_gpt2_small_shape(tmp_path):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     from kcs_lens.cli.main import app
-    from kcs_lens.models import BUNDLED_DIR
+    from kcs_lens.model.loading import BUNDLED_DIR
 
     torch.manual_seed(0)
     model_dir = tmp_path / "gpt2-small-random"

@@ -15,9 +15,8 @@ import pytest
 import torch
 from conftest import bundled_available
 
-from kcs_lens.canonical import canonical_shape, weight_name
 from kcs_lens.errors import SubnetworkError
-from kcs_lens.masks import (
+from kcs_lens.masks.mask import (
     MaskConfig,
     WeightMask,
     expand_unit,
@@ -27,8 +26,9 @@ from kcs_lens.masks import (
     normalize_granularity,
     unit_name,
 )
-from kcs_lens.models import available_backends
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.canonical import canonical_shape, weight_name
+from kcs_lens.model.loading import available_backends
 
 BACKENDS = available_backends()
 pytest_plugins = ["_eval_fixtures"]
@@ -240,7 +240,7 @@ def test_head_subnetwork_file_has_per_matrix_masks_and_unit_logits(tmp_path, mak
 
 
 def test_random_baseline_of_a_head_run_draws_heads_and_neurons(make_tiny_lm):
-    from kcs_lens.evaluation import random_like
+    from kcs_lens.evaluation.evaluate import random_like
 
     lm = make_tiny_lm()
     units = {
@@ -272,8 +272,8 @@ def test_old_run_directory_with_neuron_granularity_loads_and_evaluates(tmp_path,
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from kcs_lens.evaluation import evaluate_run
-    from kcs_lens.runs import load_run
+    from kcs_lens.discovery.rundir import load_run
+    from kcs_lens.evaluation.evaluate import evaluate_run
 
     run = write_run(tmp_path / "old", tiny_lm, tiny_kg, tiny_model_dir, granularity="row", density=0.2)
     cfg = json.loads((run / "config.json").read_text())
@@ -311,7 +311,7 @@ def test_discover_head_granularity_on_the_bundled_model(tmp_path):
     from typer.testing import CliRunner
 
     from kcs_lens.cli.main import app
-    from kcs_lens.runs import load_run
+    from kcs_lens.discovery.rundir import load_run
 
     run = tmp_path / "head"
     args = ["discover", "--granularity", "head", "--steps", "4", "--eval-every", "2", "--checkpoint-every", "2"]
@@ -353,7 +353,7 @@ def test_decision_agreement_auroc_and_precision():
 
 def test_compare_circuits_on_a_head_run_uses_the_head_decisions(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
     from kcs_lens.analyses.compare import compare_circuits
-    from kcs_lens.runs import load_run
+    from kcs_lens.discovery.rundir import load_run
 
     run = write_run(tmp_path / "head", tiny_lm, tiny_kg, tiny_model_dir, granularity="head", density=0.4, seed=3)
     sub = load_run(run).subnetwork
@@ -400,7 +400,7 @@ def test_head_knockout_equals_the_weight_level_knockout(make_tiny_lm, tiny_kg):
 
 
 def test_overlap_of_head_runs_combines_heads_and_neurons(make_tiny_lm):
-    from kcs_lens.overlap import at_least
+    from kcs_lens.evaluation.overlap import at_least
 
     lm = make_tiny_lm()
     mc = MaskConfig((3,), granularity="head")

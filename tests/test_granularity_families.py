@@ -9,13 +9,13 @@ import _family_fixtures as family_fixtures
 import pytest
 import torch
 
-from kcs_lens.canonical import canonical_shape, weight_name
-from kcs_lens.masks import MaskConfig, WeightMask
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.mask import MaskConfig, WeightMask
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.canonical import canonical_shape, weight_name
 
 
 def _backends():
-    from kcs_lens.models import available_backends
+    from kcs_lens.model.loading import available_backends
 
     have = available_backends()
     return [pytest.param(b, marks=pytest.mark.skipif(b not in have, reason=f"no {b} backend")) for b in ("bridge", "hooked")]
@@ -30,7 +30,7 @@ def llama_dir(tmp_path_factory):
 
 
 def _load(d, backend="bridge"):
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     return load_model(str(d), backend=backend)
 
@@ -76,8 +76,8 @@ def test_gqa_head_removal_equals_zeroing_slices_by_hand(llama_dir, backend):
 @ON_BACKENDS
 def test_gqa_fast_objective_equals_reference_at_head_granularity(llama_dir, backend):
     from kcs_lens.data.triplets import Triplet, tokenize_triplets
-    from kcs_lens.fast_objective import FastObjective
-    from kcs_lens.objective import LossConfig, ReferenceObjective
+    from kcs_lens.objective.fast import FastObjective
+    from kcs_lens.objective.reference import LossConfig, ReferenceObjective
 
     lm = _load(llama_dir, backend)
     tok = lm.tokenizer

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kcs_lens.canonical import canonical_shape, parse_weight_name
 from kcs_lens.errors import MaskError
-from kcs_lens.masks import MaskConfig, WeightMask, gumbel_sigmoid_ste, mask_shape, resolve_layers
-from kcs_lens.models import available_backends
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.mask import MaskConfig, WeightMask, gumbel_sigmoid_ste, mask_shape, resolve_layers
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.canonical import canonical_shape, parse_weight_name
+from kcs_lens.model.loading import available_backends
 
 BACKENDS = available_backends()
 

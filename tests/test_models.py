@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import requires_bundled, tiny_hf_model
 
-from kcs_lens.canonical import weight_name
 from kcs_lens.errors import ModelLoadError
-from kcs_lens.models import available_backends, from_hf, load_model
+from kcs_lens.model.canonical import weight_name
+from kcs_lens.model.loading import available_backends, from_hf, load_model
 
 BACKENDS = available_backends()
 
@@ -115,7 +115,7 @@ def test_hub_name_offline_fails_fast_and_clearly():
     """gpt2-medium with HF_HUB_OFFLINE=1: a clear message in under 2 s (fresh process, imports excluded)."""
     code = (
         "import time, torch, transformers, transformer_lens\n"
-        "from kcs_lens.models import load_model, ModelLoadError\n"
+        "from kcs_lens.model.loading import load_model, ModelLoadError\n"
         "t = time.perf_counter()\n"
         "try:\n    load_model('gpt2-medium')\nexcept ModelLoadError as e:\n    print('ERR', e)\n"
         "print('SECONDS', time.perf_counter() - t)\n"
@@ -129,7 +129,7 @@ def test_hub_name_offline_fails_fast_and_clearly():
 @requires_bundled
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bundled_loads_by_name_and_path(backend):
-    from kcs_lens.models import BUNDLED_DIR
+    from kcs_lens.model.loading import BUNDLED_DIR
 
     a = load_model("bundled", backend=backend)
     b = load_model(str(BUNDLED_DIR), backend=backend)

@@ -28,7 +28,7 @@ def test_notebook_executes(tmp_path, monkeypatch, tiny_kg, tiny_model_dir):
     import nbformat
     from nbclient import NotebookClient
 
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     if bundled_available():
         lm, cfg = load_model("bundled"), {}

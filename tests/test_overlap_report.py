@@ -9,11 +9,11 @@ import pytest
 import torch
 from _eval_fixtures import cli, write_run
 
+from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import RunError, SubnetworkError
-from kcs_lens.evaluation import evaluate_run
-from kcs_lens.overlap import overlap_runs
-from kcs_lens.report import report_runs
-from kcs_lens.runs import load_run
+from kcs_lens.evaluation.evaluate import evaluate_run
+from kcs_lens.evaluation.overlap import overlap_runs
+from kcs_lens.evaluation.paper_table import report_runs
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -70,7 +70,7 @@ def test_overlap_combinations_and_statistics(tmp_path, seeds, tiny_lm):
 def test_overlap_refuses_incompatible_runs(tmp_path, seeds, tiny_lm, tiny_kg, tiny_model_dir, tiny_tokenizer):
     from conftest import tiny_hf_model
 
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     layers = write_run(tmp_path / "layers", tiny_lm, tiny_kg, tiny_model_dir, layers="1-3")
     with pytest.raises(SubnetworkError, match="layers"):
@@ -148,7 +148,7 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
     for f in ("evaluation.json", "baseline.json"):  # pretend they were computed on that model
         d = json.loads((runs / "B-0" / f).read_text())
         (tmp_path / "other" / "B-0" / f).write_text(json.dumps({**d, "model_fingerprint": "f" * 32}))
-    from kcs_lens.subnetwork import Subnetwork
+    from kcs_lens.masks.subnetwork import Subnetwork
 
     sub = Subnetwork.load(runs / "B-0")
     sub.meta["model_fingerprint"] = "f" * 32
@@ -189,7 +189,7 @@ def test_cli_overlap_and_report(tmp_path, seeds):
 
 
 def test_report_warns_about_mixed_configurations():
-    from kcs_lens.report import config_note
+    from kcs_lens.evaluation.paper_table import config_note
 
     rows = [{"config": {"seed": s, "target_kg": "a", "lr": lr, "steps": 250}} for s, lr in ((1, 0.1), (2, 0.2))] + [
         {"seed": "mean"}

@@ -31,7 +31,7 @@ EXTERNAL = re.compile(
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_kg, tiny_model_dir):
     from kcs_lens.analyses.compare import compare_circuits
-    from kcs_lens.models import load_model
+    from kcs_lens.model.loading import load_model
 
     base = tmp_path_factory.mktemp("report")
     lm = load_model(str(tiny_model_dir))

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from kcs_lens import Subnetwork, discover
 from kcs_lens.cli.main import app
+from kcs_lens.discovery.rundir import RunDir
+from kcs_lens.discovery.runlock import RunLock, lock_holder
 from kcs_lens.errors import RunError
 from kcs_lens.files import is_temporary
-from kcs_lens.runlock import RunLock, lock_holder
-from kcs_lens.runs import RunDir
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -214,7 +214,7 @@ def test_readers_of_a_live_run(tmp_path, reference, tiny_kg):
     import shutil
     import warnings
 
-    from kcs_lens.runs import StillRunning, expand_runs, load_run
+    from kcs_lens.discovery.rundir import StillRunning, expand_runs, load_run
 
     runs = tmp_path / "runs"
     shutil.copytree(reference, runs / "done")

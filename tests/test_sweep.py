@@ -330,7 +330,7 @@ def test_study_report(local_study):
     js = json.loads((out / "study.json").read_text())
     g = next(x for x in js["groups"] if x["group"].endswith("/target"))
     assert g["n_seeds"] == 2 and 0 < g["overlap"]["jaccard_mean"] <= 1
-    assert 0 <= g["top1_remaining_target"] <= 1 and g["rank_original_control"] is not None  # from kcs_lens.report
+    assert 0 <= g["top1_remaining_target"] <= 1 and g["rank_original_control"] is not None  # from kcs_lens.evaluation.paper_table
     own = [x["sparsity"] for x in js["runs"] if x["group"] == g["group"]]
     assert g["overlap"]["union"]["sparsity"] <= min(own) and g["overlap"]["intersection"]["sparsity"] >= max(own)
     rows = (out / "study.csv").read_text().splitlines()

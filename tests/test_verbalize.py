@@ -131,13 +131,13 @@ def test_kg_summary_with_model_and_control(tmp_path, tiny_model):
 
 
 def test_cli_show_with_a_local_model(tmp_path, tiny_tokenizer):
-    """`kg show --model DIR` loads the model through kcs_lens.models.load_model and reports its fit."""
+    """`kg show --model DIR` loads the model through kcs_lens.model.loading.load_model and reports its fit."""
     import typer
     from _kg_fixtures import load_kg_app
     from transformers import GPT2Config, GPT2LMHeadModel
     from typer.testing import CliRunner
 
-    pytest.importorskip("kcs_lens.models")
+    pytest.importorskip("kcs_lens.model.loading")
     d = tmp_path / "model"
     eos = tiny_tokenizer.eos_token_id
     cfg = GPT2Config(

@@ -1,7 +1,7 @@
 """Model-dependent KG preparation: tail scores, best-template choice, known-fact filter.
 
 ``model`` is any object with ``.tokenizer`` and ``model(tokens) -> logits [batch seq vocab]``
-(a ``kcs_lens.models.LensModel``, a HookedTransformer, or a small adapter around an HF model;
+(a ``kcs_lens.model.loading.LensModel``, a HookedTransformer, or a small adapter around an HF model;
 an output with a ``.logits`` attribute is accepted too). Triplets are tokenized with
 :func:`kcs_lens.data.triplets.tokenize_triplets`, so the prefix/tail split (the tail's leading
 space belongs to its first token) and the BOS token are handled in one place.
@@ -19,7 +19,7 @@ from torch import Tensor
 from kcs_lens.data.templates import article_variants, fill, merge_templates, templates_for
 from kcs_lens.data.triplets import TailScoring, Triplet, TripletSet, tokenize_triplets
 from kcs_lens.errors import KGError
-from kcs_lens.scoring import TailScores, tail_scores
+from kcs_lens.evaluation.scoring import TailScores, tail_scores
 
 __all__ = ["score_tails", "candidate_texts", "choose_templates", "filter_known", "model_logits"]
 
@@ -53,7 +53,7 @@ def score_tails(
     tail_scoring: TailScoring = "all",
     prepend_bos: bool = True,
 ) -> TailScores:
-    """Tail scores (:class:`kcs_lens.scoring.TailScores`) of every triplet under a duck-typed ``model``."""
+    """Tail scores (:class:`kcs_lens.evaluation.scoring.TailScores`) of every triplet under a duck-typed ``model``."""
     trip = list(triplets)
     if not trip:
         raise KGError("no triplets to score")

@@ -20,15 +20,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from kcs_lens.backends import LensModel
+from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
 from kcs_lens.downstream.finetune import FinetuneSettings, Split, before_finetuning, encode, finetune, hidden_features, removed
 from kcs_lens.downstream.groups import GROUPS, assign, check_groups, kg_links
 from kcs_lens.downstream.stats import bootstrap_ci, bootstrap_indices, mcnemar
 from kcs_lens.downstream.tasks import Question, link, load_links, load_questions
 from kcs_lens.errors import TaskError
 from kcs_lens.files import atomic_write_bytes, atomic_write_json, check_output_dir
-from kcs_lens.runs import RunInfo, load_run, load_run_data
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
 
 Log = Callable[[str], None]
 TASKS = {"bundled": ("bundled:train", "bundled:test")}
@@ -100,8 +100,8 @@ def downstream(
 
     Every option is checked, every run, question file and link file read, and the groups formed,
     before any finetuning. Returns the result of the single run, or ``{"runs": [...]}``."""
-    from kcs_lens.evaluation import check_model, random_like
-    from kcs_lens.models import BUNDLED_NAMES, load_model
+    from kcs_lens.evaluation.evaluate import check_model, random_like
+    from kcs_lens.model.loading import BUNDLED_NAMES, load_model
 
     settings = settings or FinetuneSettings()
     settings.resolved()  # the checks, before anything is read
@@ -272,7 +272,7 @@ def summarize(
     questions, "per_seed": [{"seed", "accuracy", "ci"(, "per_draw")}]}; ``D[group]`` = {"difference":
     mean over seeds of (model - original), "ci", "per_seed": [{"seed", "difference", "mcnemar":
     {"b", "c", "p"}}]}. A group with no questions is left out."""
-    from kcs_lens.evaluation import run_header
+    from kcs_lens.evaluation.evaluate import run_header
 
     orig = np.stack([r["correct"] for r in original]).astype(np.float64)  # [seed, q]
     rem = np.stack([r["correct"] for r in remaining]).astype(np.float64)

@@ -9,7 +9,7 @@ Three styles (``--finetune``):
 - ``lm``: every weight trainable with a causal-LM loss on "prompt + correct choice"; a choice's
   score is its tokens' log-likelihood after the prompt (sum, or mean per token).
 
-A removal (a :class:`~kcs_lens.subnetwork.Subnetwork`) is applied exactly as ``evaluate`` applies
+A removal (a :class:`~kcs_lens.masks.subnetwork.Subnetwork`) is applied exactly as ``evaluate`` applies
 it (``Subnetwork.applied``: theta * (1 - m) through a parametrization) and stays attached while
 training, so a removed weight's effective value is 0 * theta = 0 after every step: its gradient
 is masked by the product itself. Every model sees the same batches: the head's initialization and
@@ -31,11 +31,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from kcs_lens.backends import LensModel
 from kcs_lens.downstream.tasks import Question
 from kcs_lens.errors import TaskError
-from kcs_lens.models import BUNDLED_NAMES
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.loading import BUNDLED_NAMES
 
 Mode = Literal["head", "full", "lm"]
 MODES: tuple[str, ...] = ("head", "full", "lm")

@@ -1,7 +1,7 @@
 """One cell of a study: where it stands (from its run directory and its status file) and running
 it (:func:`run_cell`, the one function every executor calls, in a worker process or a Ray task).
 
-A cell's run directory is ``DIR/<name>`` (a normal run directory, :mod:`kcs_lens.runs`); its
+A cell's run directory is ``DIR/<name>`` (a normal run directory, :mod:`kcs_lens.discovery.rundir`); its
 status file ``DIR/.cells/<name>.json`` records the last attempt (running with pid and host, done,
 failed with the error) and ``DIR/.cells/<name>.log`` the discovery's messages and tracebacks.
 """
@@ -17,9 +17,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from kcs_lens.discovery.rundir import RunDir
 from kcs_lens.errors import KcsLensError
 from kcs_lens.files import atomic_write_json
-from kcs_lens.runs import RunDir
 from kcs_lens.sweep.plan import Cell, identity
 
 STATUS_DIR = ".cells"
@@ -101,7 +101,7 @@ def run_cell(
     records it in the cell's status file. ``device`` replaces the cell's ``device`` setting;
     ``load(model, backend, device)`` returns a (cached) LensModel, else discovery loads it.
     ``force``: a run directory with other settings is started over (else the cell fails)."""
-    from kcs_lens.discovery import discover
+    from kcs_lens.discovery.runner import discover
 
     t0 = time.time()
     prev = read_status(study_dir, cell)

@@ -28,7 +28,7 @@ class ModelCache:
 
     def __call__(self, model: str, backend: str | None, device: str) -> Any:
         if self.key != (model, backend, device):
-            from kcs_lens.models import load_model
+            from kcs_lens.model.loading import load_model
 
             self.lm = None  # release the previous model first
             self.lm = load_model(model, backend=backend, device=device)

@@ -11,8 +11,8 @@
     target_kg = "fruit"
     ablation = "no-sparsity"
 
-Every value is checked with the discover config's own checks (:func:`kcs_lens.config.check_setting`,
-then :func:`kcs_lens.config.build_config` per cell) before anything runs; errors name the study
+Every value is checked with the discover config's own checks (:func:`kcs_lens.discovery.config.check_setting`,
+then :func:`kcs_lens.discovery.config.build_config` per cell) before anything runs; errors name the study
 file and the key. The plan is ``DIR/sweep.json`` (:data:`PLAN_FILE`).
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kcs_lens.config import FIELD_NAMES, DiscoveryConfig, build_config, check_setting, config_from_saved
+from kcs_lens.discovery.config import FIELD_NAMES, DiscoveryConfig, build_config, check_setting, config_from_saved
 from kcs_lens.errors import ConfigError, KcsLensError, RunError
 from kcs_lens.files import atomic_write_json, read_mapping
 
@@ -171,7 +171,7 @@ def expand(path: str | Path, *, check_models: bool = True) -> Plan:
         except ConfigError as e:
             raise ConfigError(f"{p}: cell ({where}): {e}") from None
     if check_models:
-        from kcs_lens.models import check_spec
+        from kcs_lens.model.loading import check_spec
 
         for spec in dict.fromkeys(c.model for c, _ in configs):
             try:

@@ -1,7 +1,7 @@
 """The study report (``kcs-lens report DIR`` on a sweep directory): the cells grouped by everything
 but the seed; per group the mean ± std over seeds of sparsity and dPPL (TargetKG, ControlKG,
 ControlLM) with the random baseline beside them, and the seeds' overlap (Jaccard, union,
-intersection, each removed and evaluated). Per-run rows come from :mod:`kcs_lens.report`
+intersection, each removed and evaluated). Per-run rows come from :mod:`kcs_lens.evaluation.paper_table`
 (``evaluated_rows``, ``mean_row``, ``markdown``), so its columns and caches are the study's too.
 Writes ``study.md``, ``study.csv``, ``study.json``, ``study-density.png``, ``study-tradeoff.png``."""
 
@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from kcs_lens import report
+from kcs_lens.discovery.rundir import RunInfo, load_run
+from kcs_lens.evaluation import paper_table as report
 from kcs_lens.files import atomic_write_bytes, atomic_write_json
-from kcs_lens.runs import RunInfo, load_run
 from kcs_lens.sweep.cells import DONE, cell_state, describe
 from kcs_lens.sweep.plan import Cell, identity, load_plan
 
@@ -86,8 +86,8 @@ def seed_overlap(
 ) -> dict[str, Any]:
     """Jaccard of the group's seeds, and the union, at-least-k-of-n and intersection of their subnetworks
     removed and evaluated (cached by the members' subnetworks)."""
-    from kcs_lens.evaluation import Evaluator
-    from kcs_lens.overlap import at_least, check_compatible, combination_name, overlap_stats
+    from kcs_lens.evaluation.evaluate import Evaluator
+    from kcs_lens.evaluation.overlap import at_least, check_compatible, combination_name, overlap_stats
 
     infos: list[RunInfo] = g["infos"]
     shas = [i.subnetwork.membership_sha() for i in infos]
@@ -104,7 +104,7 @@ def seed_overlap(
     stats = overlap_stats(subs)
     first = infos[0]
     if first.fingerprint not in models:
-        from kcs_lens.models import load_model
+        from kcs_lens.model.loading import load_model
 
         models[first.fingerprint] = load_model(
             first.config.model, backend=first.config.backend, device=device or first.config.device

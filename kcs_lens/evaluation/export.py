@@ -1,7 +1,7 @@
 """Export the remaining model (or the subnetwork alone) as a standard Hugging Face checkpoint.
 
 The canonical masks (TransformerLens layout) are converted to the HF layout of the model's family
-(:mod:`kcs_lens.families`: GPT-2's Conv1D ``c_attn`` with Q | K | V columns, GPT-NeoX's fused
+(:mod:`kcs_lens.model.families`: GPT-2's Conv1D ``c_attn`` with Q | K | V columns, GPT-NeoX's fused
 ``query_key_value`` grouped per head, separate ``q_proj`` / ``k_proj`` / ``v_proj`` with
 grouped-query K/V, gated MLPs' ``gate_proj``) and multiplied into :meth:`LensModel.hf_state_dict`;
 the checkpoint is of the same architecture and loads with plain ``transformers``.
@@ -22,14 +22,14 @@ from typing import Any, Literal
 from jaxtyping import Float
 from torch import Tensor
 
-from kcs_lens.backends import LensModel
-from kcs_lens.canonical import canonical_shape, parse_weight_name
+from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import ExportError
-from kcs_lens.evaluation import check_model
-from kcs_lens.families import FAMILIES, Family, hf_multipliers
-from kcs_lens.models import load_model
-from kcs_lens.runs import load_run
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.evaluation.evaluate import check_model
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.canonical import canonical_shape, parse_weight_name
+from kcs_lens.model.families import FAMILIES, Family, hf_multipliers
+from kcs_lens.model.loading import load_model
 
 Remove = Literal["subnetwork", "complement"]
 

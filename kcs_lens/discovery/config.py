@@ -19,12 +19,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Union, get_args, get_origin
 
-from kcs_lens.canonical import MATRICES
 from kcs_lens.errors import ConfigError
 from kcs_lens.files import read_mapping
-from kcs_lens.masks import DEPRECATED_GRANULARITIES, GRANULARITIES, normalize_granularity
-from kcs_lens.models import BUNDLED_NAMES
-from kcs_lens.objective import ABLATIONS, LossConfig
+from kcs_lens.masks.mask import DEPRECATED_GRANULARITIES, GRANULARITIES, normalize_granularity
+from kcs_lens.model.canonical import MATRICES
+from kcs_lens.model.loading import BUNDLED_NAMES
+from kcs_lens.objective.reference import ABLATIONS, LossConfig
 
 Recipe = Literal["auto", "paper", "bundled"]
 

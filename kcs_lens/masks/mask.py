@@ -14,7 +14,7 @@ Granularities (docs/method.md, "Granularities"):
 The trainable logits are the *parameters* (per matrix at ``weight``/``row``, per unit at ``head``);
 :func:`expand_units` turns unit masks into per-matrix masks with pure tensor functions of the
 canonical shapes. Masks attach through ``torch.nn.utils.parametrize`` at the
-:class:`~kcs_lens.models.WeightSite` of each matrix, so the model's hooks keep working and
+:class:`~kcs_lens.model.loading.WeightSite` of each matrix, so the model's hooks keep working and
 detaching restores the weights exactly.
 
 What the model sees is set by :attr:`WeightMask.mode` and :attr:`WeightMask.keep`:
@@ -40,9 +40,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from kcs_lens.backends import LensModel
-from kcs_lens.canonical import ATTN_MATRICES, MATRICES, ModelShape, canonical_shape, parse_weight_name, weight_name
 from kcs_lens.errors import MaskError
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.canonical import ATTN_MATRICES, MATRICES, ModelShape, canonical_shape, parse_weight_name, weight_name
 
 Granularity = Literal["weight", "row", "head"]
 Mode = Literal["off", "sample", "eval"]

@@ -2,13 +2,13 @@
 
 - :class:`BridgeLensModel`: TransformerLens 4.x ``TransformerBridge`` over the native HF modules;
 - :class:`HookedLensModel`: TransformerLens 3.x ``HookedTransformer`` with TL-native parameters
-  (every family; the HF <-> TL mapping is :mod:`kcs_lens.hooked`).
+  (every family; the HF <-> TL mapping is :mod:`kcs_lens.model.hooked`).
 
 Everything that differs between them lives here: where each canonical matrix sits in the forward
 pass (:class:`WeightSite`), the HF-layout state dict, and the pieces the fast objective and the
 analyses run themselves (the frozen prefix, blocks, the final norm, the unembedding with its logit
 soft-cap, per-head projections). The HF side of each model family (parameter names, fused
-layouts) is :mod:`kcs_lens.families`. No TL weight processing (fold_ln, centring, value-bias folding) is ever run: a
+layouts) is :mod:`kcs_lens.model.families`. No TL weight processing (fold_ln, centring, value-bias folding) is ever run: a
 zeroed mask entry means a zeroed entry of the HF weight.
 """
 
@@ -25,9 +25,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from kcs_lens.canonical import ATTN_MATRICES, KV_MATRICES, ModelShape, parse_weight_name, weight_name
 from kcs_lens.errors import MaskError
-from kcs_lens.families import Family, family_of, place
+from kcs_lens.model.canonical import ATTN_MATRICES, KV_MATRICES, ModelShape, parse_weight_name, weight_name
+from kcs_lens.model.families import Family, family_of, place
 
 Backend = Literal["bridge", "hooked"]
 
@@ -444,7 +444,7 @@ def _hf_param_names(cfg: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ..
 # ------------------------------------------------------------------------------------------
 class HookedLensModel(LensModel):
     """TransformerLens 3.x ``HookedTransformer`` with TL-native, unprocessed parameters, for every
-    family :mod:`kcs_lens.hooked` maps. TL's parameter layouts are the canonical ones, so each
+    family :mod:`kcs_lens.model.hooked` maps. TL's parameter layouts are the canonical ones, so each
     site is the parameter itself (``_W_K`` / ``_W_V`` with grouped-query attention)."""
 
     backend: Backend = "hooked"
@@ -472,7 +472,7 @@ class HookedLensModel(LensModel):
         return WeightSite(name, module, attr, to_native=ident, from_native=ident)
 
     def hf_state_dict(self) -> dict[str, Tensor]:
-        from kcs_lens.hooked import tl_to_hf_state_dict
+        from kcs_lens.model.hooked import tl_to_hf_state_dict
 
         names = list(_hf_param_names(self.hf_config())[0])
         m = self.model

@@ -1,4 +1,4 @@
-"""The pieces :class:`~kcs_lens.fast_objective.FastObjective` is built from: the last block at
+"""The pieces :class:`~kcs_lens.objective.fast.FastObjective` is built from: the last block at
 selected positions, the unembedding + KL in row chunks with the gradient formed in the forward
 pass, the fused mask noise with its straight-through gradient, and per-row caches. Each has a
 test against the straightforward computation (tests/test_fast_objective.py)."""
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletBatch
-from kcs_lens.masks import WeightMask
+from kcs_lens.masks.mask import WeightMask
+from kcs_lens.model.backends import LensModel
 
 U_LO, U_HI = 1e-6, 1.0 - 1e-6  # the reference's clamp of the uniform noise
 

@@ -6,12 +6,12 @@ plus string metadata (model spec and weight fingerprint, model shape, layer rang
 sparsity, seed, step, kcs-lens version). Logit shapes follow the canonical layout, so a
 subnetwork found on one TransformerLens backend applies on the other. Masks of ``row`` and
 ``head`` granularity are stored at a shape that broadcasts to the matrix
-(:func:`~kcs_lens.masks.mask_shape`; :meth:`Subnetwork.full_binary` expands them).
+(:func:`~kcs_lens.masks.mask.mask_shape`; :meth:`Subnetwork.full_binary` expands them).
 
 At ``head`` granularity the file also holds ``units/blocks.{l}.attn.heads`` ``[n_heads]`` and
 ``units/blocks.{l}.mlp.neurons`` ``[d_mlp]``: the trained logits, one per attention head and per
 MLP neuron. They are the source of truth; the per-matrix logits are derived from them
-(:func:`~kcs_lens.masks.expand_unit_logits`), so every per-matrix tool reads a head run as it
+(:func:`~kcs_lens.masks.mask.expand_unit_logits`), so every per-matrix tool reads a head run as it
 reads any other.
 """
 
@@ -30,19 +30,9 @@ from jaxtyping import Bool
 from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
-from kcs_lens.backends import LensModel
-from kcs_lens.canonical import (
-    ATTN_MATRICES,
-    KV_MATRICES,
-    ModelShape,
-    canonical_shape,
-    parse_weight_name,
-    total_linear_weights,
-    weight_name,
-)
 from kcs_lens.errors import SubnetworkError
 from kcs_lens.files import atomic_save_safetensors, canonical_json
-from kcs_lens.masks import (
+from kcs_lens.masks.mask import (
     HEAD_UNITS,
     Keep,
     MaskConfig,
@@ -53,6 +43,16 @@ from kcs_lens.masks import (
     n_kv_heads,
     param_names_of,
     parse_unit_name,
+)
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.canonical import (
+    ATTN_MATRICES,
+    KV_MATRICES,
+    ModelShape,
+    canonical_shape,
+    parse_weight_name,
+    total_linear_weights,
+    weight_name,
 )
 
 BINARY_LOGIT = 20.0  # logits of a purely binary subnetwork (a combination, a random draw): sigmoid = 1 - 2e-9

@@ -1,5 +1,5 @@
 """HF checkpoints <-> TransformerLens 3.9 ``HookedTransformer``, UNPROCESSED, for every family of
-:data:`kcs_lens.families.FAMILIES`.
+:data:`kcs_lens.model.families.FAMILIES`.
 
 Our own mapping (the facts per architecture read from TL 3.9's ``convert_hf_model_config`` and its
 weight converters; no TL weight processing is run):
@@ -12,10 +12,10 @@ weight converters; no TL weight processing is run):
   the HookedTransformer, with the transform TL's architecture needs;
 - :func:`hf_to_tl_state_dict` and :func:`tl_to_hf_state_dict`.
 
-The maskable matrices need no transform: the canonical layout (:mod:`kcs_lens.canonical`) is TL's
+The maskable matrices need no transform: the canonical layout (:mod:`kcs_lens.model.canonical`) is TL's
 own (``W_Q``, ``_W_K`` / ``_W_V`` with grouped-query attention, ``W_O``, ``W_in``, ``W_gate``,
-``W_out``), read from and written back to the HF checkpoint by :func:`kcs_lens.families.extract` /
-:func:`~kcs_lens.families.place`, so one mask entry is one HF weight entry on both backends.
+``W_out``), read from and written back to the HF checkpoint by :func:`kcs_lens.model.families.extract` /
+:func:`~kcs_lens.model.families.place`, so one mask entry is one HF weight entry on both backends.
 
 Transforms TL's architecture needs (the only departures from "the HF tensor as is"):
 
@@ -40,9 +40,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from kcs_lens.canonical import KV_MATRICES, ModelShape, weight_name
 from kcs_lens.errors import ModelLoadError
-from kcs_lens.families import Family, extract, hf_shape, place
+from kcs_lens.model.canonical import KV_MATRICES, ModelShape, weight_name
+from kcs_lens.model.families import Family, extract, hf_shape, place
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 

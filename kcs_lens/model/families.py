@@ -2,7 +2,7 @@
 the HF checkpoint.
 
 One table, :data:`FAMILIES`, keyed by the HF ``model_type``: for every canonical matrix
-(:mod:`kcs_lens.canonical`) the HF parameter that holds it and its layout, so that one mask entry
+(:mod:`kcs_lens.model.canonical`) the HF parameter that holds it and its layout, so that one mask entry
 is exactly one entry of the HF weight (fused QKV weights included). Loading refuses a
 ``model_type`` that is not in the table with an error naming the architecture; export rebuilds the
 HF state dict (fused weights too) from it.
@@ -28,8 +28,8 @@ import einops
 import torch
 from torch import Tensor
 
-from kcs_lens.canonical import ModelShape, parse_weight_name
 from kcs_lens.errors import ModelLoadError
+from kcs_lens.model.canonical import ModelShape, parse_weight_name
 
 QKV = ("W_Q", "W_K", "W_V")
 

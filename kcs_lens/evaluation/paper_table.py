@@ -13,19 +13,19 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kcs_lens.backends import LensModel
+from kcs_lens.discovery.rundir import RunInfo, expand_runs, load_run
 from kcs_lens.errors import RunError
-from kcs_lens.evaluation import Evaluator, baseline_run, evaluate_run
+from kcs_lens.evaluation.evaluate import Evaluator, baseline_run, evaluate_run
 from kcs_lens.files import atomic_write_bytes
-from kcs_lens.models import load_model
-from kcs_lens.runs import RunInfo, expand_runs, load_run
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.loading import load_model
 
 Log = Callable[[str], None]
 
 
 KEYS = (("target", "TargetKG"), ("control", "ControlKG"), ("lm", "ControlLM"))
 # Triplet sets whose answers (top-1 accuracy, mean rank of the tail's first token) the tables show,
-# original -> remaining model (kcs_lens.scoring.TailScores.headline).
+# original -> remaining model (kcs_lens.evaluation.scoring.TailScores.headline).
 ANSWER_SETS = (("target", "TargetKG"), ("control", "ControlKG"), ("paraphrases", "paraphrases"))
 ANSWER_METRICS = (("top1", "top-1"), ("rank", "rank"))
 _EVAL_NAME = {"top1": "top1", "rank": "rank_mean"}  # the names in evaluation.json (evaluation.set_metrics)

@@ -17,7 +17,7 @@ uniform share that term 1 aims at (docs/method.md, "Perplexity suppressed vs ans
 :class:`Objective` is the interface and the step loop; :class:`ReferenceObjective` is the
 straightforward implementation (every pass a full forward of the masked model, p recomputed with
 the masks switched off: the same weights, no second model copy, a fresh mask sample per pass).
-The fast implementation is :class:`kcs_lens.fast_objective.FastObjective`.
+The fast implementation is :class:`kcs_lens.objective.fast.FastObjective`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.autograd.profiler import record_function
 
-from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletBatch
-from kcs_lens.masks import WeightMask
-from kcs_lens.scoring import per_triplet_mean
+from kcs_lens.evaluation.scoring import per_triplet_mean
+from kcs_lens.masks.mask import WeightMask
+from kcs_lens.model.backends import LensModel
 
 TailPosition = Literal["correct", "released"]
 TailKind = Literal["margin", "uniform"]
@@ -127,7 +127,7 @@ class Objective:
 
     Two implementations share this interface and its :meth:`step` loop: :class:`ReferenceObjective`
     (every pass a full forward of the masked model) and
-    :class:`~kcs_lens.fast_objective.FastObjective` (same losses and gradients, cheaper). Each
+    :class:`~kcs_lens.objective.fast.FastObjective` (same losses and gradients, cheaper). Each
     implements the three masked terms (one forward pass of the remaining model under its own mask
     sample each, unless ``share_sample``) and :meth:`sampling`, the context those passes run in.
     """

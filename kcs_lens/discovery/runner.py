@@ -1,11 +1,11 @@
 """The discovery run: data -> masked model -> training loop -> checkpoints -> selected subnetwork.
 
-Read top to bottom: :func:`discover` opens and locks a run directory (:mod:`kcs_lens.runs` owns its
+Read top to bottom: :func:`discover` opens and locks a run directory (:mod:`kcs_lens.discovery.rundir` owns its
 layout), :class:`Run` loads the model and the run's data, then :meth:`Run.train` is the whole loop
 (Adam on mask logits, warm-up, periodic evaluation and checkpoints, resumable from any crash:
 :meth:`Run.load_state`), and
-:meth:`Run.finish` selects a checkpoint (:mod:`kcs_lens.selection`) and writes
-``subnetwork.safetensors`` and ``summary.json``. The loss is :mod:`kcs_lens.objective`.
+:meth:`Run.finish` selects a checkpoint (:mod:`kcs_lens.discovery.selection`) and writes
+``subnetwork.safetensors`` and ``summary.json``. The loss is :mod:`kcs_lens.objective.reference`.
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from kcs_lens.backends import LensModel
-from kcs_lens.canonical import MATRICES
-from kcs_lens.config import DiscoveryConfig, build_config
 from kcs_lens.data.triplets import TripletBatch
+from kcs_lens.discovery.config import DiscoveryConfig, build_config
+from kcs_lens.discovery.rundir import RunData, RunDir, abandon_run_dir, load_run_data, open_run_dir, package_versions
+from kcs_lens.discovery.selection import meets_criteria, select_checkpoint, selection_rule
 from kcs_lens.errors import ConfigError, KcsLensError, NonFiniteLoss, OutputError, RunError
-from kcs_lens.fast_objective import FastObjective
+from kcs_lens.evaluation.scoring import lm_nll, tail_scores
 from kcs_lens.files import atomic_write_bytes
-from kcs_lens.masks import MaskConfig, WeightMask, resolve_layers
-from kcs_lens.models import load_model
-from kcs_lens.objective import Objective, ReferenceObjective
+from kcs_lens.masks.mask import MaskConfig, WeightMask, resolve_layers
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.canonical import MATRICES
+from kcs_lens.model.loading import load_model
+from kcs_lens.objective.fast import FastObjective
+from kcs_lens.objective.reference import Objective, ReferenceObjective
 from kcs_lens.progress import Progress
-from kcs_lens.runs import RunData, RunDir, abandon_run_dir, load_run_data, open_run_dir, package_versions
-from kcs_lens.scoring import lm_nll, tail_scores
-from kcs_lens.selection import meets_criteria, select_checkpoint, selection_rule
-from kcs_lens.subnetwork import Subnetwork
 
 
 def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
@@ -57,7 +57,7 @@ def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
 # ------------------------------------------------------------------------------------------
 def evaluate_split(lm: LensModel, data: RunData) -> dict[str, float]:
     """Tail PPL, top-1 accuracy and mean rank of the tail's first token on TargetKG and ControlKG
-    validation, LM PPL on held-out text, for what ``lm`` is now (:class:`~kcs_lens.scoring.TailScores`)."""
+    validation, LM PPL on held-out text, for what ``lm`` is now (:class:`~kcs_lens.evaluation.scoring.TailScores`)."""
     out: dict[str, float] = {}
     for name, batch in (("target", data.target_batch), ("control", data.control_val_batch)):
         out.update({f"{name}_{k}": v for k, v in tail_scores(lm, batch).headline().items()})
@@ -122,7 +122,7 @@ class Run:
     def is_checkpoint_step(self, step: int) -> bool:
         return step > 0 and (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps)
 
-    # --- files (layout: kcs_lens.runs.RunDir) -----------------------------------------------
+    # --- files (layout: kcs_lens.discovery.rundir.RunDir) -----------------------------------------------
     def write_config(self) -> None:
         self.dir.write_json(
             RunDir.CONFIG,
@@ -422,7 +422,7 @@ def discover(
     """Find a knowledge-critical subnetwork; returns the summary (None if stopped early).
 
     ``discover(target_kg="location", seed=1318, out="runs/loc")`` uses the defaults of
-    :class:`~kcs_lens.config.DiscoveryConfig`; ``discover(resume="runs/loc")`` continues a run. ``lens_model`` reuses a model already loaded.
+    :class:`~kcs_lens.discovery.config.DiscoveryConfig`; ``discover(resume="runs/loc")`` continues a run. ``lens_model`` reuses a model already loaded.
     """
     if resume is not None:
         rd, lock, created = open_run_dir(resume, resume=True, force=False)

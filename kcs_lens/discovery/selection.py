@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kcs_lens.config import DiscoveryConfig
+from kcs_lens.discovery.config import DiscoveryConfig
 from kcs_lens.errors import RunError
 
 

@@ -1,7 +1,7 @@
 """One writer per run directory: an OS file lock (``flock``) on ``RUN/.lock`` holding the writer's pid.
 
 :class:`RunLock` is taken by every process that writes a run (``discover``, ``--resume``, sweep
-workers) through :meth:`kcs_lens.runs.RunDir.lock`. The kernel releases it when the process ends
+workers) through :meth:`kcs_lens.discovery.rundir.RunDir.lock`. The kernel releases it when the process ends
 in any way (``kill -9`` included), so a stale lock file never blocks anyone: only a live holder
 counts. Readers (``evaluate``, ``report``, ...) call :func:`lock_holder` to say that a run is
 still running; they never wait. The lock file is left in place (removing it would race with a

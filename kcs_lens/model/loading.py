@@ -1,14 +1,14 @@
-"""Loading models as :class:`~kcs_lens.backends.LensModel` with UNPROCESSED weights.
+"""Loading models as :class:`~kcs_lens.model.backends.LensModel` with UNPROCESSED weights.
 
 One entry point, :func:`load_model`, takes a model spec (an HF name, a local HF directory, the
 bundled model's short name, or a model object the user already holds) and returns a LensModel
-over either backend (:mod:`kcs_lens.backends`):
+over either backend (:mod:`kcs_lens.model.backends`):
 
 - ``bridge``: TransformerLens 4.x ``TransformerBridge`` (what a default install gets), or
 - ``hooked``: TransformerLens 3.x ``HookedTransformer`` (what many notebooks hold).
 
-Families: every HF ``model_type`` in :data:`kcs_lens.families.FAMILIES` loads on both backends
-(``hooked`` through our own HF -> HookedTransformer mapping, :mod:`kcs_lens.hooked`; variants it
+Families: every HF ``model_type`` in :data:`kcs_lens.model.families.FAMILIES` loads on both backends
+(``hooked`` through our own HF -> HookedTransformer mapping, :mod:`kcs_lens.model.hooked`; variants it
 does not map, e.g. scaled RoPE, are refused there naming the architecture and ``--backend bridge``).
 Anything else is refused with an error naming the architecture. Default: ``hooked`` for GPT-2 where
 TransformerLens 3.x is installed, the bridge otherwise.
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kcs_lens.backends import Backend, BridgeLensModel, HookedLensModel, LensModel
 from kcs_lens.errors import ModelLoadError
-from kcs_lens.families import check_config
-from kcs_lens.hooked import hf_to_tl_state_dict, hooked_config
+from kcs_lens.model.backends import Backend, BridgeLensModel, HookedLensModel, LensModel
+from kcs_lens.model.families import check_config
+from kcs_lens.model.hooked import hf_to_tl_state_dict, hooked_config
 
 BUNDLED_DIR = Path(__file__).parent / "bundled" / "model"
 # short name -> (model directory, how to rebuild it)
@@ -317,10 +317,10 @@ def from_hf(
 def _hooked_from_hf(
     hf: Any, tokenizer: Any, device: str | torch.device, spec: str = "custom"
 ) -> tuple[nn.Module, dict[str, Tensor]]:
-    """A HookedTransformer with the HF model's weights, unprocessed (:mod:`kcs_lens.hooked`), and the
+    """A HookedTransformer with the HF model's weights, unprocessed (:mod:`kcs_lens.model.hooked`), and the
     HF tensors kept for the way back."""
-    from kcs_lens.canonical import ModelShape
-    from kcs_lens.families import family_of
+    from kcs_lens.model.canonical import ModelShape
+    from kcs_lens.model.families import family_of
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

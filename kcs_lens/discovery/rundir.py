@@ -8,7 +8,7 @@ A run directory (written by ``kcs-lens discover``)::
     subnetwork.safetensors   the selected subnetwork
     summary.json             its evaluation against the original model
     evaluation.json, baseline.json   caches written by ``evaluate``, ``baseline`` and ``report``
-    .lock                    the writer's lock (:mod:`kcs_lens.runlock`), held while a run is live
+    .lock                    the writer's lock (:mod:`kcs_lens.discovery.runlock`), held while a run is live
 
 :class:`RunDir` is the one owner of these names; :func:`load_run` reads a finished run
 (:class:`RunInfo`); :func:`load_run_data` builds the run's TargetKG / ControlKG / ControlLM data
@@ -31,13 +31,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kcs_lens.backends import LensModel
-from kcs_lens.config import DiscoveryConfig, config_from_saved
 from kcs_lens.data.triplets import TripletBatch, TripletSet, disjoint, split_control, tokenize_triplets
+from kcs_lens.discovery.config import DiscoveryConfig, config_from_saved
+from kcs_lens.discovery.runlock import RunLock, lock_holder
 from kcs_lens.errors import ConfigError, KcsLensWarning, OutputError, RunError, SubnetworkError
 from kcs_lens.files import atomic_write_bytes, atomic_write_json, check_output_dir, is_temporary
-from kcs_lens.runlock import RunLock, lock_holder
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
 
 
 class RunDir:

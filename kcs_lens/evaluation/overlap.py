@@ -12,12 +12,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kcs_lens.canonical import parse_weight_name
+from kcs_lens.discovery.rundir import RunInfo, load_run
 from kcs_lens.errors import RunError, SubnetworkError
-from kcs_lens.evaluation import Evaluator, run_header
+from kcs_lens.evaluation.evaluate import Evaluator, run_header
 from kcs_lens.files import atomic_write_json
-from kcs_lens.runs import RunInfo, load_run
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.canonical import parse_weight_name
 
 Log = Callable[[str], None]
 

@@ -1,4 +1,4 @@
-"""A cheaper discovery step with the same losses and gradients as :class:`~kcs_lens.objective.Objective`.
+"""A cheaper discovery step with the same losses and gradients as :class:`~kcs_lens.objective.reference.Objective`.
 
 ``FastObjective(lm, masks, config, **switches)`` has the interface of ``Objective`` (``.step(target,
 control, blocks, step, total_steps) -> dict``) and computes the same method: three masked passes
@@ -36,7 +36,7 @@ What the switches change (none changes the method):
 - ``lm_cache_mb`` (opt-in, default 0): cache, per ControlLM block, the frozen prefix residual and
   the original's normalized final residual, up to this many MB. ControlLM blocks cycle, so in a
   long run most steps hit the cache; WikiText-2 at 512 tokens needs about 6 KB per token (fp32).
-- ``share_sample`` (an option of every :class:`~kcs_lens.objective.Objective`; CHANGES THE
+- ``share_sample`` (an option of every :class:`~kcs_lens.objective.reference.Objective`; CHANGES THE
   METHOD, not the paper's default): one mask sample per step shared by the three passes.
 - ``autocast``: ``"bf16"`` runs the model passes under bf16 autocast (losses and KL in fp32); for
   CUDA (it works on CPU, slower than fp32 there). Changes the losses by bf16 rounding.
@@ -58,12 +58,12 @@ from torch import Tensor
 from torch.autograd.profiler import record_function
 from torch.nn.utils import parametrize
 
-from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletBatch
-from kcs_lens.fast_ops import FusedNoise, RowCache, chunked_unembed_kl, final_at, row_keys
-from kcs_lens.masks import WeightMask, gumbel_sigmoid_ste
-from kcs_lens.objective import LossConfig, Objective, kl_p_to_q, kl_uniform_to_q, scored, tail_excess
-from kcs_lens.scoring import per_triplet_mean
+from kcs_lens.evaluation.scoring import per_triplet_mean
+from kcs_lens.masks.mask import WeightMask, gumbel_sigmoid_ste
+from kcs_lens.model.backends import LensModel
+from kcs_lens.objective.fast_ops import FusedNoise, RowCache, chunked_unembed_kl, final_at, row_keys
+from kcs_lens.objective.reference import LossConfig, Objective, kl_p_to_q, kl_uniform_to_q, scored, tail_excess
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ SWITCH_NAMES = tuple(f.name for f in fields(FastSwitches))
 # The objective
 # ------------------------------------------------------------------------------------------
 class FastObjective(Objective):
-    """Same losses and mask gradients as :class:`~kcs_lens.objective.ReferenceObjective`, cheaper."""
+    """Same losses and mask gradients as :class:`~kcs_lens.objective.reference.ReferenceObjective`, cheaper."""
 
     def __init__(self, lm: LensModel, masks: WeightMask, config: LossConfig, *, share_sample: bool = False, **switches: Any):
         bad = set(switches) - set(SWITCH_NAMES)

@@ -1,7 +1,7 @@
 """Evaluating found subnetworks (method.md, "Evaluation"): the remaining model and the subnetwork
 alone against the original, and random baselines of the same per-matrix size. ``kcs-lens
 evaluate`` is :func:`evaluate_run`, ``kcs-lens baseline`` :func:`baseline_run`; seed overlap is
-:mod:`kcs_lens.overlap`, the paper-shaped tables :mod:`kcs_lens.report`.
+:mod:`kcs_lens.evaluation.overlap`, the paper-shaped tables :mod:`kcs_lens.evaluation.paper_table`.
 
 Metrics are nested dicts ``{variant: {set: {metric: value}}}`` with variants ``original``,
 ``remaining`` (theta * (1 - m)) and ``subnetwork`` (theta * m), sets ``target`` (TargetKG),
@@ -20,15 +20,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kcs_lens.backends import LensModel
 from kcs_lens.data.triplets import TripletBatch, concat, tokenize_triplets
+from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
 from kcs_lens.errors import KGError, RunError, SubnetworkError
+from kcs_lens.evaluation.scoring import TailScores, lm_nll, tail_scores
 from kcs_lens.files import atomic_write_json
-from kcs_lens.masks import Keep
-from kcs_lens.models import load_model
-from kcs_lens.runs import RunInfo, load_run, load_run_data
-from kcs_lens.scoring import TailScores, lm_nll, tail_scores
-from kcs_lens.subnetwork import Subnetwork
+from kcs_lens.masks.mask import Keep
+from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.model.backends import LensModel
+from kcs_lens.model.loading import load_model
 
 VARIANTS: dict[str, Keep | None] = {"original": None, "remaining": "remaining", "subnetwork": "subnetwork"}
 Metrics = dict[str, dict[str, dict[str, float]]]  # variant -> set -> metric -> value

@@ -1,0 +1,141 @@
+"""Running a study: executors chosen, cells run and retried, ``sweep status``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from kcs_lens.errors import ConfigError
+from kcs_lens.sweep.cells import DONE, cell_state, describe
+from kcs_lens.sweep.executors import import_ray, run_local, run_ray
+from kcs_lens.sweep.plan import expand, load_plan, reconcile, write_plan
+
+EXECUTORS = ("local", "ray")
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``'{"GPU": 1}'`` -> {"GPU": 1.0} (Ray resource names to amounts per cell)."""
+    if not text:
+        return {"CPU": 1.0}
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--resources {text!r}: not JSON ({e.msg}); e.g. '{{\"GPU\": 1}}'") from None
+    if not isinstance(d, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for k, v in d.items()
+    ):
+        raise ConfigError(f"--resources {text!r}: expected a JSON object of resource names to amounts >= 0")
+    return {k: float(v) for k, v in d.items()}
+
+
+def status(study_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per planned cell (``sweep status``)."""
+    return [describe(study_dir, c) for c in load_plan(study_dir).cells]
+
+
+def run_sweep(
+    study: str | Path,
+    out: str | Path,
+    *,
+    executor: str = "local",
+    workers: int | None = None,
+    devices: list[str] | None = None,
+    ray_address: str | None = None,
+    resources: dict[str, float] | None = None,
+    max_retries: int = 1,
+    dry_run: bool = False,
+    force: bool = False,
+    add: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Expand ``study`` into its plan, write ``out/sweep.json``, and run every cell not done yet
+    (interrupted ones resume). Returns ``{"plan", "results", "failed", "skipped"}``; a failed cell
+    is recorded and the others go on."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if force and add:
+        raise ConfigError("pass --force (replace the plan) or --add (new cells only), not both")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: must be >= 1")
+    if max_retries < 0:
+        raise ConfigError(f"--max-retries {max_retries}: must be >= 0")
+    devices = [d.strip() for d in (devices or []) if d.strip()]
+    if devices:
+        from kcs_lens.model.loading import check_device
+
+        for d in devices:
+            check_device(d)
+    if executor == "ray":
+        import_ray()  # the missing extra is one error line before anything else
+        if workers is not None or devices:
+            raise ConfigError("--workers and --devices are for --executor local; with ray use --resources (Ray assigns devices)")
+    out = Path(out)
+    plan, changed = reconcile(expand(study), out, force=force, add=add)
+    if dry_run:
+        return {"plan": plan, "results": [], "failed": [], "skipped": [], "changed": changed}
+    if changed:
+        write_plan(plan, out)
+    states = {c.name: cell_state(out, c) for c in plan.cells}
+    todo = [c for c in plan.cells if states[c.name] != DONE]
+    skipped = [c.name for c in plan.cells if states[c.name] == DONE]
+    log(f"study {out}: {len(plan.cells)} cells, {len(skipped)} done, {len(todo)} to run ({executor} executor)")
+    if executor == "local":
+        n = workers or max(1, len(devices))
+        events = run_local(out, todo, workers=min(n, max(1, len(todo))), devices=devices, force=force, max_retries=max_retries)
+    else:
+        events = run_ray(
+            out, todo, address=ray_address, resources=resources or {"CPU": 1.0}, max_retries=max_retries, force=force, log=log
+        )
+    results = _follow(events, len(plan.cells), len(skipped), progress, log)
+    failed = [r["name"] for r in results if r["state"] == "failed"]
+    return {"plan": plan, "results": results, "failed": failed, "skipped": skipped, "changed": changed}
+
+
+def _result_text(r: dict[str, Any]) -> str:
+    if r["state"] == "failed":
+        return f"FAILED: {r['error']}"
+    x = r["result"]
+    resumed = f", resumed from step {r['resumed_from']}" if r.get("resumed_from") is not None else ""
+    return (
+        f"sparsity {100 * x['sparsity']:.2f}%, TargetKG PPL x{x['target_ratio']:.3g}, ControlKG x{x['control_ratio']:.3g}, "
+        f"ControlLM x{x['lm_ratio']:.3g}{resumed}"
+    )
+
+
+def _follow(events: Any, total: int, done: int, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """A line per cell start / finish (elapsed, result) and a bar of cells done with an ETA."""
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        bar = RichProgress(
+            TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()
+        )
+        bar.start()
+        task = bar.add_task("cells", total=total, completed=done)
+        say: Callable[[str], None] = bar.console.print
+    else:
+        say = log
+    results = []
+    t0 = time.time()
+    try:
+        for ev in events:
+            stamp = f"[{time.time() - t0:7.1f} s]"
+            if ev["event"] == "start":
+                say(f"{stamp} start  {ev['name']}" + (f" on {ev['device']}" if ev.get("device") else ""))
+            elif ev["event"] == "retry":
+                say(f"{stamp} retry  {ev['name']}: {ev['error']}")
+            else:
+                results.append(ev)
+                took = f" in {ev['elapsed']:.1f} s" if ev.get("elapsed") is not None else ""
+                say(f"{stamp} {ev['state']:<6} {ev['name']}{took}: {_result_text(ev)}")
+                if bar is not None:
+                    bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return results
