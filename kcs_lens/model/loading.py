@@ -31,12 +31,15 @@ from kcs_lens.model.backends import Backend, BridgeLensModel, HookedLensModel, L
 from kcs_lens.model.families import check_config
 from kcs_lens.model.hooked import hf_to_tl_state_dict, hooked_config
 
-BUNDLED_DIR = Path(__file__).parent / "bundled" / "model"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled" / "model"
 # short name -> (model directory, how to rebuild it)
 BUNDLED_MODELS: dict[str, tuple[Path, str]] = {
     "bundled": (BUNDLED_DIR, "python scripts/train_bundled.py"),
     "kcs-wordnet-tiny": (BUNDLED_DIR, "python scripts/train_bundled.py"),
-    "bundled-llama": (Path(__file__).parent / "bundled" / "llama" / "model", "python scripts/train_bundled.py --family llama"),
+    "bundled-llama": (
+        Path(__file__).resolve().parents[1] / "bundled" / "llama" / "model",
+        "python scripts/train_bundled.py --family llama",
+    ),
 }
 BUNDLED_NAMES = tuple(BUNDLED_MODELS)
 HUB_GPT2 = {
