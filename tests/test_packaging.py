@@ -59,3 +59,12 @@ def test_wheel_contains_only_kcs_lens(tmp_path):
     got = _probe({**os.environ, "PYTHONPATH": str(target)}, tmp_path)
     assert Path(got["cli"]).resolve() == (target / "kcs_lens" / "cli" / "main.py").resolve()
     assert got["generic"] == []
+
+
+def test_bundled_models_ship_with_the_package():
+    from conftest import bundled_available
+
+    from kcs_lens.model.loading import BUNDLED_DIR
+
+    assert bundled_available(), f"no bundled model at {BUNDLED_DIR}"
+    assert (BUNDLED_DIR.parent / "llama" / "model" / "config.json").exists()
