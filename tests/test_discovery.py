@@ -191,6 +191,27 @@ def test_fast_and_reference_objectives_give_the_same_run(tmp_path, tiny_kg, tiny
         build_config(**(kw | {"objective": "quick"}))
 
 
+def test_distractor_and_lens_terms_in_a_run(tmp_path, tiny_kg, tiny_model_dir):
+    """--distractor-weight / --lens-weight (issue 22): the run trains them in both objectives
+    alike, logs them, and records the distractor draw's size in config.json."""
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | {
+        "steps": 4,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "distractor_weight": 1.0,
+        "distractor_k": 3,
+        "lens_weight": 0.5,
+    }
+    discover(out=tmp_path / "fast", **kw)
+    discover(out=tmp_path / "ref", **(kw | {"objective": "reference"}))
+    read = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(read("fast"), read("ref")):
+        for term in ("suppression", "distractor", "lens", "control_kg"):
+            assert a["train"][term] == pytest.approx(b["train"][term], rel=1e-4), (a["step"], term)
+    data = json.loads((tmp_path / "fast" / "config.json").read_text())["data"]
+    assert data["distractor_k"] == 3 and data["distractor_pool_min"] >= 3
+
+
 def test_bad_input(tmp_path, tiny_kg, tiny_model_dir):
     kw = tiny_run_kwargs(tiny_kg, tiny_model_dir)
     out = tmp_path / "run"

@@ -36,7 +36,14 @@ def data(tiny_kg, tiny_tokenizer):
     control = tok(_triplets(tiny_kg["control"]))
     text = tiny_tokenizer.encode(tiny_kg["text"].read_text())
     blocks = torch.tensor(text[: 3 * 24]).view(3, 24)
-    return {"target": target, "control": control, "blocks": blocks, "tok": tok, "triplets": _triplets(tiny_kg["control"])}
+    return {
+        "target": target,
+        "control": control,
+        "blocks": blocks,
+        "tok": tok,
+        "triplets": _triplets(tiny_kg["control"]),
+        "target_triplets": _triplets(tiny_kg["target"]),
+    }
 
 
 def _masks(lm, layers=(2, 3), seed=7, granularity="weight"):
@@ -48,12 +55,12 @@ def _masks(lm, layers=(2, 3), seed=7, granularity="weight"):
     return m
 
 
-def _run(lm, objective_cls, batches, steps=2, loss=None, masks_kw=None, **switches):
+def _run(lm, objective_cls, batches, steps=2, loss=None, masks_kw=None, pools=None, **switches):
     """Run ``steps`` steps (no optimizer update in between); returns [(losses, grads)] per step."""
     masks = _masks(lm, **(masks_kw or {}))
     masks.attach(lm)
     try:
-        obj = objective_cls(lm, masks, loss or LossConfig(), **switches)
+        obj = objective_cls(lm, masks, loss or LossConfig(), distractors=pools, **switches)
         out = []
         for s in range(steps):
             t, c, b = batches(s)
@@ -152,6 +159,111 @@ def test_loss_options_match_reference(make_tiny_lm, data, backend, loss):
     lm = make_tiny_lm(backend)
     get = _batches(data)
     _compare(_run(lm, ReferenceObjective, get, loss=loss), _run(lm, FastObjective, get, loss=loss))
+
+
+def _pools(data, tiny_tokenizer, k=3, seed=5):
+    from kcs_lens.objective.distractors import DistractorPools
+
+    return DistractorPools.build(data["target_triplets"], data["target"], data["triplets"], tiny_tokenizer, k=k, seed=seed)
+
+
+NEW_TERMS = {
+    "distractor-margin": LossConfig(distractor=2.0),
+    "distractor-uniform": LossConfig(distractor=2.0, distractor_kind="uniform"),
+    "lens": LossConfig(lens=2.0, lens_topk=3),
+    "all-target-terms": LossConfig(tail=0.5, distractor=1.0, lens=0.7, lens_topk=5),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(NEW_TERMS))
+def test_new_target_terms_match_reference(make_tiny_lm, data, tiny_tokenizer, backend, name):
+    """The distractor and lens terms (issue 22): equal losses and gradients in both objectives,
+    with every fast switch on and with all of them off, and with the shared-sample option."""
+    lm = make_tiny_lm(backend)
+    get, loss, pools = _batches(data), NEW_TERMS[name], _pools(data, tiny_tokenizer)
+    ref = _run(lm, ReferenceObjective, get, loss=loss, pools=pools)
+    for kw in ({}, FastSwitches.none().to_dict()):
+        _compare(ref, _run(lm, FastObjective, get, loss=loss, pools=pools, **kw))
+    _compare(
+        _run(lm, ReferenceObjective, get, loss=loss, pools=pools, share_sample=True),
+        _run(lm, FastObjective, get, loss=loss, pools=pools, share_sample=True),
+    )
+    for term in loss.target_terms():
+        assert term in ref[0][0]
+    if name == "distractor-uniform":  # KL(U || q over 4 candidates) of a random model: positive, not huge
+        assert 0 < ref[0][0]["distractor"] < 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_target_pass_for_every_target_term(make_tiny_lm, data, tiny_tokenizer, backend):
+    """Issue 24: the TargetKG terms share one masked pass (one mask sample): a step with the tail,
+    distractor and lens terms draws as many samples as the paper's objective (three passes), and
+    its suppression loss equals that of the paper's objective under the same generator state."""
+    lm = make_tiny_lm(backend)
+    get, pools = _batches(data), _pools(data, tiny_tokenizer)
+    for cls in (ReferenceObjective, FastObjective):
+        states = []
+        for loss in (LossConfig(), NEW_TERMS["all-target-terms"]):
+            masks = _masks(lm)
+            masks.attach(lm)
+            try:
+                obj = cls(lm, masks, loss, distractors=pools)
+                t, c, b = get(0)
+                out = obj.step(t, c, b, 0, 10)
+                states.append((masks.generator.get_state(), out["suppression"], out["control_kg"], out["control_lm"]))
+            finally:
+                masks.detach()
+        assert torch.equal(states[0][0], states[1][0]), cls  # same number of samples drawn
+        assert states[1][1:] == pytest.approx(states[0][1:], rel=1e-6), cls
+
+
+def test_target_term_definitions():
+    import math
+
+    from kcs_lens.objective.reference import TAIL_MARGIN, distractor_excess, rank_excess
+
+    z = torch.tensor([[3.0, 1.0, 2.5, 0.0, -1.0], [0.0, 2.0, 1.0, 0.5, 4.0]])
+    tails = torch.tensor([0, 0])
+    d = torch.tensor([[1, 2], [1, 3]])
+    # margin: the tail's logit above the best drawn distractor's, plus the margin, floored at 0
+    assert distractor_excess(z, tails, d).tolist() == pytest.approx([3.0 - 2.5 + TAIL_MARGIN, 0.0])
+    # uniform: KL(U || softmax over the 3 candidates); 0 when the candidates tie
+    cand = torch.log_softmax(torch.tensor([[3.0, 1.0, 2.5], [0.0, 2.0, 0.5]]), -1)
+    want = (-math.log(3) - cand.mean(-1)).tolist()
+    assert distractor_excess(z, tails, d, "uniform").tolist() == pytest.approx(want)
+    assert float(distractor_excess(torch.zeros(1, 5), tails[:1], d[:1], "uniform")[0]) == pytest.approx(0.0, abs=1e-6)
+    # rank: the tail against the k-th best OTHER token; row 0's tail is top-1 (others 2.5, 1.0, 0.0, -1.0)
+    assert rank_excess(z, tails, 1).tolist() == pytest.approx([3.0 - 2.5 + TAIL_MARGIN, 0.0])
+    # k = 4: row 0 against -1.0; row 1's tail (0.0) is 5th of 5, 0.5 below the 4th other (0.5): within the margin
+    assert rank_excess(z, tails, 4).tolist() == pytest.approx([3.0 + 1.0 + TAIL_MARGIN, 0.0 - 0.5 + TAIL_MARGIN])
+
+
+def test_distractor_pools(data, tiny_tokenizer):
+    """Pools: same-relation tails other than the row's own, as first tokens; the draw is a pure
+    function of (seed, step), without replacement, from the row's own pool."""
+    from kcs_lens.objective.distractors import row_key
+
+    pools = _pools(data, tiny_tokenizer, k=3, seed=5)
+    t = data["target"]
+    for i, trip in enumerate(data["target_triplets"]):
+        own = int(t.targets[i][t.score_mask[i]][0])
+        pool = pools.pools[row_key(t, i)]
+        assert own not in pool.tolist() and len(pool) >= 3
+        others = {x.tail for x in data["triplets"] + data["target_triplets"] if x.tail != trip.tail}
+        firsts = {
+            tiny_tokenizer.encode(trip.prefix + " " + o, add_special_tokens=False)[
+                len(tiny_tokenizer.encode(trip.prefix, add_special_tokens=False))
+            ]
+            for o in others
+        }
+        assert set(pool.tolist()) == firsts - {own}
+    a, b = pools.draw(t, 3), pools.draw(t, 3)
+    assert torch.equal(a, b) and a.shape == (len(t), 3)
+    assert not torch.equal(a, pools.draw(t, 4))  # fresh each step
+    assert all(len(set(r.tolist())) == 3 for r in a)
+    for r in range(len(t)):
+        assert set(a[r].tolist()) <= set(pools.pools[row_key(t, r)].tolist())
 
 
 @pytest.mark.parametrize("kind", ["margin", "uniform"])

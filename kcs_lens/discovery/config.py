@@ -186,6 +186,27 @@ class DiscoveryConfig:
         "tail term: margin = max(0, tail logit - best other logit + 1), positive while the tail is the answer; "
         "uniform = max(0, log q(tail) + log V), the tail's log-prob above 1/V",
     )
+    distractor_weight: float = opt(
+        0.0,
+        "weight of the distractor term on TargetKG (NOT in the paper; 0 = off): the tail against --distractor-k other "
+        "tails of its relation, drawn afresh each step from the TargetKG and ControlKG (docs/method.md)",
+        check=WEIGHT,
+    )
+    distractor_kind: Literal["margin", "uniform"] = opt(
+        "margin",
+        "distractor term: margin = max(0, tail logit - best drawn distractor's logit + 1); uniform = KL(uniform || "
+        "softmax over the tail and the drawn distractors)",
+    )
+    distractor_k: int = opt(4, "distractor tails drawn per TargetKG triplet and step (distractor term)", check=at_least(1))
+    lens_weight: float = opt(
+        0.0,
+        "weight of the lens term on TargetKG (NOT in the paper; 0 = off): the tail pushed out of the top --lens-topk of "
+        "the logit lens after every masked block below the last (docs/method.md)",
+        check=WEIGHT,
+    )
+    lens_topk: int = opt(
+        10, "lens term: the tail is penalized while in this many top tokens of a layer's logit lens", check=at_least(1)
+    )
     tail_position: Literal["correct", "released"] = opt(
         "correct", "correct (logits at the last prefix token) or released (the authors' off-by-one, for fidelity)"
     )
@@ -239,6 +260,11 @@ class DiscoveryConfig:
             sparsity_end=self.sparsity_end,
             tail=self.tail_weight,
             tail_kind=self.tail_kind,
+            distractor=self.distractor_weight,
+            distractor_kind=self.distractor_kind,
+            distractor_k=self.distractor_k,
+            lens=self.lens_weight,
+            lens_topk=self.lens_topk,
             tail_position=self.tail_position,
         ).ablated(self.ablation)
 
@@ -268,9 +294,15 @@ class DiscoveryConfig:
                 f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every ({self.eval_every}) "
                 "so that every checkpoint has an evaluation to select on"
             )
-        if self.tail_weight > 0 and self.tail_position == "released":
+        for name in ("tail_weight", "distractor_weight", "lens_weight"):
+            if getattr(self, name) > 0 and self.tail_position == "released":
+                raise ConfigError(
+                    f"{_flag(name)} > 0 needs --tail-position correct (the released off-by-one scores positions without a tail token)"
+                )
+        if self.distractor_weight > 0 and self.tail_scoring == "last":
             raise ConfigError(
-                "--tail-weight > 0 needs --tail-position correct (the released off-by-one scores positions without a tail token)"
+                "--distractor-weight > 0 needs --tail-scoring all (the term contrasts the first tail token, which "
+                "--tail-scoring last does not score)"
             )
         if self.autocast != "none" and (self.objective != "fast" or not str(self.device).startswith("cuda")):
             raise ConfigError(

@@ -34,6 +34,7 @@ from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.backends import LensModel
 from kcs_lens.model.canonical import MATRICES
 from kcs_lens.model.loading import load_model
+from kcs_lens.objective.distractors import DistractorPools
 from kcs_lens.objective.fast import FastObjective
 from kcs_lens.objective.reference import Objective, ReferenceObjective
 from kcs_lens.progress import Progress
@@ -77,13 +78,32 @@ def with_ratios(rem: dict[str, float], orig: dict[str, float]) -> dict[str, floa
     return out
 
 
-def make_objective(cfg: DiscoveryConfig, lm: LensModel, masks: WeightMask) -> Objective:
-    """The loss of method.md: the fast implementation (default) or the straightforward reference."""
+def make_objective(cfg: DiscoveryConfig, lm: LensModel, masks: WeightMask, data: RunData | None = None) -> Objective:
+    """The loss of method.md: the fast implementation (default) or the straightforward reference.
+    ``data`` gives the distractor term its pools (needed when its weight is positive)."""
+    pools = None
+    if cfg.loss_config().target_terms().get("distractor"):
+        if data is None:
+            raise ValueError("make_objective: the distractor term needs the run's data")
+        pools = DistractorPools.build(
+            data.target.triplets,
+            data.target_batch,
+            data.control.triplets,
+            lm.tokenizer,
+            k=cfg.distractor_k,
+            seed=cfg.seed + 4,
+        )
     if cfg.objective == "reference":
-        return ReferenceObjective(lm, masks, cfg.loss_config(), share_sample=cfg.share_sample)
+        return ReferenceObjective(lm, masks, cfg.loss_config(), share_sample=cfg.share_sample, distractors=pools)
     autocast = None if cfg.autocast == "none" else cfg.autocast
     return FastObjective(
-        lm, masks, cfg.loss_config(), share_sample=cfg.share_sample, lm_cache_mb=cfg.lm_cache_mb, autocast=autocast
+        lm,
+        masks,
+        cfg.loss_config(),
+        share_sample=cfg.share_sample,
+        distractors=pools,
+        lm_cache_mb=cfg.lm_cache_mb,
+        autocast=autocast,
     )
 
 
@@ -108,7 +128,7 @@ class Run:
         layers = resolve_layers(cfg.layers, self.lm.shape.n_layers)
         mc = MaskConfig(layers, model_matrices(cfg.matrices, self.lm), cfg.granularity, cfg.init_prob, cfg.tau)  # type: ignore[arg-type]
         self.masks = WeightMask(self.lm.shape, mc, seed=cfg.seed, device=self.lm.device)
-        self.objective = make_objective(cfg, self.lm, self.masks)
+        self.objective = make_objective(cfg, self.lm, self.masks, self.data)
         self.warm = max(1, int(cfg.warmup_frac * cfg.steps))
         self._new_optimizer()
         self.step = 0
@@ -133,7 +153,7 @@ class Run:
                 "mask": self.masks.config.to_dict(),
                 # the fast objective's switches as they act on this model (shortcuts that cannot hold are off)
                 **({"fast_objective": self.objective.effective_switches()} if isinstance(self.objective, FastObjective) else {}),
-                "data": self.data.sizes(),
+                "data": {**self.data.sizes(), **(self.objective.distractors.sizes() if self.objective.distractors else {})},
                 "selection": selection_rule(self.cfg),
                 "versions": package_versions(),
             },

@@ -2,9 +2,9 @@
 
 ``FastObjective(lm, masks, config, **switches)`` has the interface of ``Objective`` (``.step(target,
 control, blocks, step, total_steps) -> dict``) and computes the same method: three masked passes
-per step (suppression on TargetKG, KL(p || q) on ControlKG, KL(p || q) on ControlLM), each with its
-own fresh mask sample drawn from ``masks.generator`` in the reference's order, plus the sparsity
-term. Every optimization is a switch (see :class:`FastSwitches`); with all switches off the step
+per step (TargetKG: suppression and every other enabled TargetKG term read ONE pass; KL(p || q) on
+ControlKG; KL(p || q) on ControlLM), each with its own fresh mask sample drawn from
+``masks.generator`` in the reference's order, plus the sparsity term. Every optimization is a switch (see :class:`FastSwitches`); with all switches off the step
 does what the reference does, through the same code paths as the fast one. docs/performance.md
 has the measurements.
 
@@ -62,8 +62,15 @@ from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.evaluation.scoring import per_triplet_mean
 from kcs_lens.masks.mask import WeightMask, gumbel_sigmoid_ste
 from kcs_lens.model.backends import LensModel
-from kcs_lens.objective.fast_ops import FusedNoise, RowCache, chunked_unembed_kl, final_at, row_keys
-from kcs_lens.objective.reference import LossConfig, Objective, kl_p_to_q, kl_uniform_to_q, scored, tail_excess
+from kcs_lens.objective.distractors import DistractorPools
+from kcs_lens.objective.fast_ops import FusedNoise, RowCache, chunked_unembed_kl, final_and_lens_at, final_at, row_keys
+from kcs_lens.objective.reference import (
+    LossConfig,
+    Objective,
+    kl_p_to_q,
+    scored,
+    target_losses_from_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -103,11 +110,20 @@ SWITCH_NAMES = tuple(f.name for f in fields(FastSwitches))
 class FastObjective(Objective):
     """Same losses and mask gradients as :class:`~kcs_lens.objective.reference.ReferenceObjective`, cheaper."""
 
-    def __init__(self, lm: LensModel, masks: WeightMask, config: LossConfig, *, share_sample: bool = False, **switches: Any):
+    def __init__(
+        self,
+        lm: LensModel,
+        masks: WeightMask,
+        config: LossConfig,
+        *,
+        share_sample: bool = False,
+        distractors: DistractorPools | None = None,
+        **switches: Any,
+    ):
         bad = set(switches) - set(SWITCH_NAMES)
         if bad:
             raise TypeError(f"unknown FastObjective switches {sorted(bad)}; expected some of {', '.join(SWITCH_NAMES)}")
-        super().__init__(lm, masks, config, share_sample=share_sample)
+        super().__init__(lm, masks, config, share_sample=share_sample, distractors=distractors)
         self.sw = FastSwitches(**switches)
         self.layer = min(masks.config.layers)
         self._noise: FusedNoise | None = None
@@ -232,17 +248,8 @@ class FastObjective(Objective):
                 logits = self.lm.unembed(hn)
             else:
                 logits = self.lm.unembed(self.lm.final_norm(self.lm.run_blocks(x, self.layer)))[sm]
-        if kind == "uniform":
-            return kl_uniform_to_q(logits)
         assert logp is not None
         return kl_p_to_q(logp, logits)
-
-    def _masked_kg_logits(self, x: Tensor, sm: Tensor) -> Tensor:
-        """Logits of the remaining model (one fresh sample) at the scored positions, row-major."""
-        with self._with_sample(self._current_sample()), self._autocast():
-            if self.sw.scored_only:
-                return self.lm.unembed(self.lm.final_norm(final_at(self.lm, x, self.layer, sm, self._select_last)))
-            return self.lm.unembed(self.lm.final_norm(self.lm.run_blocks(x, self.layer)))[sm]
 
     def _current_sample(self) -> dict[str, Tensor]:
         if self._shared is not None:
@@ -252,16 +259,32 @@ class FastObjective(Objective):
             self._shared = s
         return s
 
-    # --- the three terms -------------------------------------------------------------------
-    def suppression(self, target: TripletBatch) -> Tensor:
-        b = scored(target, self.config.tail_position)
+    # --- the terms ---------------------------------------------------------------------------
+    def target_losses(self, target: TripletBatch, step: int = 0) -> dict[str, Tensor]:
+        """One masked TargetKG pass (one sample) for every enabled TargetKG term: KL(U || q) alone
+        goes through the chunked unembedding; with other terms the scored logits (and the lens
+        layers' logits) are formed once and every term reads them."""
+        c, sw = self.config, self.sw
+        terms = c.target_terms()
+        b = scored(target, c.tail_position)
         x, sm, _ = self._kg_inputs(b, need_p=False)
-        return per_triplet_mean(self._masked_kg_kl(x, sm, "uniform", None), b).mean()
-
-    def tail(self, target: TripletBatch) -> Tensor:
-        x, sm, _ = self._kg_inputs(target, need_p=False)
-        tails = target.targets[:, : sm.shape[1]][sm]
-        return per_triplet_mean(tail_excess(self._masked_kg_logits(x, sm), tails, self.config.tail_kind), target).mean()
+        with self._with_sample(self._current_sample()), self._autocast():
+            if sw.scored_only:
+                h, lens_h = final_and_lens_at(self.lm, x, self.layer, sm, self._select_last, self.lens_layers)
+            else:  # the reference's computation: every position, then the scored ones
+                h, lens_h = final_and_lens_at(self.lm, x, self.layer, torch.ones_like(sm), False, self.lens_layers)
+                h = h.view(*sm.shape, -1)[sm]
+                lens_h = {l: v.view(*sm.shape, -1)[sm] for l, v in lens_h.items()}
+            hn = self.lm.final_norm(h)
+            if list(terms) == ["suppression"] and sw.scored_only and sw.chunked_kl:
+                kl = chunked_unembed_kl(
+                    hn, *self.lm.unembed_params(), "uniform", None, sw.kl_chunk, self._ac_dtype, self.lm.logit_softcap
+                )
+                return {"suppression": per_triplet_mean(kl, b).mean()}
+            logits = self.lm.unembed(hn)
+            lens = {l: self.lm.unembed(self.lm.final_norm(v)) for l, v in lens_h.items()}
+        d = self.distractors.draw(b, step) if self.distractors is not None and "distractor" in terms else None
+        return target_losses_from_logits(c, b, logits, lens, d)
 
     def control_kg(self, control: TripletBatch) -> Tensor:
         b = scored(control, self.config.tail_position)

@@ -51,6 +51,23 @@ def final_at(
     return last_block_at(lm, lm.run_blocks(x, layer, lm.shape.n_layers - 1), sm)
 
 
+def final_and_lens_at(
+    lm: LensModel, x: Float[Tensor, "b s d"], layer: int, sm: Bool[Tensor, "b s"], select_last: bool, lens_layers: tuple[int, ...]
+) -> tuple[Float[Tensor, "n d"], dict[int, Float[Tensor, "n d"]]]:
+    """:func:`final_at`, and the residual stream after each block of ``lens_layers`` (each below
+    the last block) at the same positions, from the same pass."""
+    if not lens_layers:
+        return final_at(lm, x, layer, sm, select_last), {}
+    last = lm.shape.n_layers - 1
+    lens: dict[int, Tensor] = {}
+    for l in range(layer, last):
+        x = lm.run_blocks(x, l, l + 1)
+        if l in lens_layers:
+            lens[l] = x[sm]
+    final = last_block_at(lm, x, sm) if select_last else lm.run_blocks(x, last)[sm]
+    return final, lens
+
+
 # ------------------------------------------------------------------------------------------
 # Unembedding + KL in row chunks, with the gradient formed in the forward pass
 # ------------------------------------------------------------------------------------------
