@@ -91,7 +91,11 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("steps-huge", ["D", "--steps", str(2**40)], "--steps"),
     ("lm-eval-blocks-zero", ["D", "--lm-eval-blocks", "0"], "--lm-eval-blocks"),
     ("lens-term-without-a-lower-masked-block", ["D", "--lens-weight", "1", "--layers", "3"], "--lens-weight"),
-    ("distractor-term-with-last-token-scoring", ["D", "--distractor-weight", "1", "--tail-scoring", "last"], "--distractor-weight"),
+    (
+        "distractor-term-with-last-token-scoring",
+        ["D", "--distractor-weight", "1", "--tail-scoring", "last"],
+        "--distractor-weight",
+    ),
     ("control-val-size-too-large", ["D", "--control-val-size", "5000"], "--control-val-size"),
     ("control-lm-empty-file", ["D", "--control-lm", "{ws}/empty.txt"], "empty.txt"),
     ("templates-invalid-yaml", ["D", "--templates", "{ws}/templates.yaml"], "templates.yaml:2:"),
