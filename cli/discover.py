@@ -88,11 +88,17 @@ def print_summary(s: dict[str, Any]) -> None:
     from kcs_lens.evaluation.paper_table import before_after
 
     t = Table(title=f"{s['model']} / TargetKG {s['target_kg']} / seed {s['seed']} (step {s['selected_step']})")
+    mc = s.get("multiple_choice") or {}
     for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio", "top-1 (orig → rem)", "tail rank (orig → rem)"):
         t.add_column(col, justify="right" if col != "set" else "left")
+    t.add_column("multiple choice (orig → rem)", justify="right")
     o, r = s["original"], s["remaining"]
-    for key, label in (("target", "TargetKG"), ("control", "ControlKG (val)"), ("lm", "ControlLM (held-out)")):
+    sets = [("target", "TargetKG"), ("control", "ControlKG (val)"), ("lm", "ControlLM (held-out)")]
+    if "control_test_ppl" in r:
+        sets.insert(2, ("control_test", "ControlKG (test, held out)"))
+    for key, label in sets:
         answers = key != "lm"
+        chance = (mc.get(key) or {}).get("chance")
         t.add_row(
             label,
             f"{o[f'{key}_ppl']:.3f}",
@@ -101,6 +107,9 @@ def print_summary(s: dict[str, Any]) -> None:
             f"{s['ratio'][f'{key}_ratio']:.3f}",
             before_after(o.get(f"{key}_top1"), r.get(f"{key}_top1")) if answers else "",
             before_after(o.get(f"{key}_rank"), r.get(f"{key}_rank"), ".1f") if answers else "",
+            before_after(o.get(f"{key}_mc"), r.get(f"{key}_mc")) + f" (chance {chance:.2f})"
+            if answers and chance is not None
+            else "",
         )
     c = Console(width=max(120, Console().width))
     c.print(t)
@@ -108,4 +117,10 @@ def print_summary(s: dict[str, Any]) -> None:
         f"sparsity {100 * s['sparsity']:.2f}% of masked weights ({100 * s['sparsity_all_linear']:.2f}% of all linear weights); "
         f"selection criteria {'met' if s['meets_criteria'] else 'NOT met (last checkpoint)'}"
     )
+    short = {k: v for k, v in mc.items() if isinstance(v, dict) and (v.get("n_short") or v.get("n_skipped"))}
+    for k, v in short.items():
+        c.print(
+            f"multiple choice on {k}: {v['n_short']} triplet(s) had fewer than {v['k']} choices (their relation has too few "
+            f"other tails) and {v['n_skipped']} none, left out"
+        )
     c.print(f"saved {Path(s['run_dir']) / 'subnetwork.safetensors'} and summary.json")

@@ -7,7 +7,13 @@ from typing import Any, List, Optional
 
 import typer
 
-SET_LABELS = {"target": "TargetKG", "control": "ControlKG (val)", "lm": "ControlLM (held-out)", "paraphrases": "paraphrases"}
+SET_LABELS = {
+    "target": "TargetKG",
+    "control": "ControlKG (val)",
+    "control_test": "ControlKG (test, held out)",
+    "lm": "ControlLM (held-out)",
+    "paraphrases": "paraphrases",
+}
 
 RUN_ARG = typer.Argument(..., help="run directory of kcs-lens discover")
 KG_OPT = typer.Option(None, "--kg", help="another KG spec to evaluate against the same subnetwork (repeatable)")
@@ -15,6 +21,11 @@ PARA_OPT = typer.Option(
     None,
     "--paraphrases",
     help="KG spec of other verbalizations of the TargetKG (repeatable; default: <target>-paraphrases when bundled)",
+)
+DISTRACTORS_OPT = typer.Option(
+    None,
+    "--distractors",
+    help="KG spec whose tails join the multiple-choice distractor pool (repeatable; beside the run's own --distractors)",
 )
 MODEL_OPT = typer.Option(None, "--model", help="model spec to use instead of the run's (must have the same weights)")
 SUB_OPT = typer.Option(None, "--subnetwork", help="a subnetwork file to use instead of RUN/subnetwork.safetensors")
@@ -25,7 +36,7 @@ DEVICE_OPT = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda
 def _console():
     from rich.console import Console
 
-    return Console(width=max(170, Console().width))
+    return Console(width=max(200, Console().width))
 
 
 def _label(name: str) -> str:
@@ -41,7 +52,8 @@ def metrics_table(res: dict[str, Any], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ("set", "model", "PPL", "dPPL", "ratio", "top1/5/10", "rank", "d rank mean [min,max]", "d logprob mean [min,max]"):
+    cols = ("set", "model", "PPL", "dPPL", "ratio", "top1/5/10", "rank", "MC (chance)", "MC norm")
+    for c in (*cols, "d rank mean [min,max]", "d logprob mean [min,max]"):
         t.add_column(c, justify="left" if c in ("set", "model") else "right")
     m = res["metrics"]
     for s in m["original"]:
@@ -58,10 +70,30 @@ def metrics_table(res: dict[str, Any], title: str):
                 _f(x.get("ppl_ratio")) if v != "original" else "",
                 "" if s == "lm" else "/".join(_f(x.get(f"top{k}"), ".2f") for k in (1, 5, 10)),
                 "" if s == "lm" else _f(x.get("rank_mean"), ".1f"),
+                f"{x['mc']:.2f} ({x['mc_chance']:.2f})" if "mc" in x else "",
+                _f(x.get("mc_norm"), ".2f") if "mc" in x else "",
                 rng("drank", 1, 0),
                 rng("dlogprob", 2, 2),
             )
     return t
+
+
+def print_choice_notes(c, sets: dict[str, Any]) -> None:
+    """How the multiple choice was drawn, and the sets whose relations had too few tails for k choices."""
+    mcs = {k: v["multiple_choice"] for k, v in sets.items() if "multiple_choice" in v}
+    if not mcs:
+        return
+    k = next(iter(mcs.values()))["k"]
+    c.print(
+        f"multiple choice (MC): the true tail against up to {k - 1} other tails of its relation (fixed seed); MC = share "
+        "where it has the highest summed log-prob, MC norm = the same per token; chance in brackets"
+    )
+    for name, d in mcs.items():
+        if d["n_short"] or d["n_skipped"]:
+            c.print(
+                f"  {_label(name)}: {d['n_short']} triplet(s) had fewer than {d['k']} choices (too few other tails of their "
+                f"relation), {d['n_skipped']} none (left out)"
+            )
 
 
 def print_subnetwork(c, st: dict[str, Any]) -> None:
@@ -93,6 +125,7 @@ def evaluate(
     run: Path = RUN_ARG,
     kg: Optional[List[str]] = KG_OPT,
     paraphrases: Optional[List[str]] = PARA_OPT,
+    distractors: Optional[List[str]] = DISTRACTORS_OPT,
     subnetwork: Optional[Path] = SUB_OPT,
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
@@ -109,6 +142,7 @@ def evaluate(
         run,
         kgs=kg or (),
         paraphrases=paraphrases or None,
+        distractors=distractors or (),
         subnetwork=subnetwork,
         model=model,
         backend=backend,
@@ -118,6 +152,7 @@ def evaluate(
     )
     c = _console()
     c.print(metrics_table(res, f"{res['model']} / TargetKG {res['target_kg']} / seed {res['seed']} ({run})"))
+    print_choice_notes(c, res["sets"])
     print_subnetwork(c, res["subnetwork"])
     c.print(f"wrote {json_out or Path(run) / 'evaluation.json'}")
 
@@ -128,6 +163,7 @@ def baseline(
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the first draw (draw i uses seed + i)"),
     kg: Optional[List[str]] = KG_OPT,
     paraphrases: Optional[List[str]] = PARA_OPT,
+    distractors: Optional[List[str]] = DISTRACTORS_OPT,
     subnetwork: Optional[Path] = SUB_OPT,
     model: Optional[str] = MODEL_OPT,
     backend: Optional[str] = BACKEND_OPT,
@@ -148,6 +184,7 @@ def baseline(
         seed=seed,
         kgs=kg or (),
         paraphrases=paraphrases or None,
+        distractors=distractors or (),
         subnetwork=subnetwork,
         model=model,
         backend=backend,
@@ -172,6 +209,8 @@ def baseline(
         "random top1",
         "run rank",
         "random rank",
+        "run MC",
+        "random MC",
     ):
         t.add_column(col, justify="left" if col in ("set", "model") else "right")
     pm = lambda v, s, k: f"{mean[v][s][k]:{'+' if k[0] == 'd' else ''}.4g} ± {std[v][s][k]:.2g}" if k in mean[v][s] else "-"
@@ -191,6 +230,8 @@ def baseline(
                 pm(v, s, "top1"),
                 _f(o.get("rank_mean"), ".1f"),
                 pm(v, s, "rank_mean"),
+                _f(o.get("mc"), ".2f"),
+                pm(v, s, "mc"),
             )
     c = _console()
     c.print(t)

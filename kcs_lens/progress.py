@@ -35,6 +35,8 @@ class Progress:
             self.p.console.print(
                 f"step {rec['step']}: sparsity {rec['sparsity']:.4f}  target PPL x{rec['target_ratio']:.2f}  "
                 f"control x{rec['control_ratio']:.3f}  LM x{rec['lm_ratio']:.3f}"
+                + (f"  target top-1 {rec['target_top1']:.2f}" if "target_top1" in rec else "")
+                + (f"  target MC {rec['target_mc']:.2f}  control MC {rec['control_mc']:.2f}" if "target_mc" in rec else "")
             )
 
     def message(self, text: str) -> None:

@@ -34,6 +34,8 @@ def test_evaluate_matches_discovery_summary(real_run, tiny_lm):
             assert m[v][k]["top1"] == pytest.approx(s[v][f"{k}_top1"]) and m[v][k]["rank_mean"] == pytest.approx(
                 s[v][f"{k}_rank"]
             )
+            assert m[v][k]["mc"] == pytest.approx(s[v][f"{k}_mc"]) and m[v][k]["mc_norm"] == pytest.approx(s[v][f"{k}_mc_norm"])
+    assert m["original"]["target"]["mc_chance"] == pytest.approx(s["multiple_choice"]["target"]["chance"])
     assert res["subnetwork"]["sparsity"] == pytest.approx(s["sparsity"])
     assert json.loads((real_run / "evaluation.json").read_text())["subnetwork_sha"] == res["subnetwork_sha"]
     t = m["remaining"]["target"]
@@ -111,6 +113,8 @@ def test_baseline_spread_and_near_zero_for_a_small_subnetwork(tmp_path, tiny_lm,
         assert std[k]["dppl"] >= 0
         assert abs(mean[k]["ppl_ratio"] - 1) < 0.1  # removing 0.3% of the weights at random: near zero
     assert "drank_max" in mean["target"] and "top10" in mean["target"]
+    draws_mc = [d["remaining"]["target"]["mc"] for d in res["per_draw"]]
+    assert mean["target"]["mc"] == pytest.approx(sum(draws_mc) / 3) and 0 <= min(draws_mc)
     assert json.loads((run / "baseline.json").read_text())["draws"] == 3
 
 
@@ -138,11 +142,11 @@ def test_cli_evaluate_and_baseline(real_run, tmp_path):
     r = cli("evaluate", real_run, "--json", tmp_path / "e.json", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "TargetKG" in r.output and "density" in r.output and (tmp_path / "e.json").exists()
-    assert "top1/5/10" in r.output and "rank" in r.output
+    assert "top1/5/10" in r.output and "rank" in r.output and "MC (chance)" in r.output
     r = cli("baseline", real_run, "--draws", 2, "--json", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     assert "random baseline" in r.output and json.loads((tmp_path / "b.json").read_text())["draws"] == 2
-    assert "run top1" in r.output and "random rank" in r.output
+    assert "run top1" in r.output and "random rank" in r.output and "random MC" in r.output
 
 
 def test_bad_run_directories(tmp_path, real_run):

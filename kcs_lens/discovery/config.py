@@ -144,11 +144,25 @@ class DiscoveryConfig:
     lm_block_len: int = opt(
         512, "ControlLM block length in tokens (capped at the model's context; paper: 512)", check=at_least(2)
     )
+    control_test_size: int = opt(
+        0,
+        "ControlKG test part: the last N triplets of the validation part, held out from checkpoint selection and "
+        "training and reported beside it (0: none)",
+        check=at_least(0),
+    )
     templates: str | None = opt(None, "relation templates file (JSON/TOML/YAML) for KG rows without text")
     prepend_bos: bool = opt(True, "prepend BOS to every triplet prompt", flag="--prepend-bos/--no-prepend-bos")
     tail_scoring: Literal["all", "last"] = opt(
         "all", "score all tail tokens (teacher forcing) or only the last (the paper's data has one-token tails)"
     )
+    # multiple choice (docs/method.md, "Removal in other formats"; not in the paper, measured only)
+    mc_choices: int = opt(
+        5,
+        "multiple choice: choices per triplet, the true tail and k-1 other tails of its relation drawn with a fixed "
+        "seed from the TargetKG, ControlKG and --distractors (0: no multiple choice)",
+        check=lambda x: None if x == 0 or (isinstance(x, int) and 2 <= x <= 1000) else "0 or an integer in [2, 1000]",
+    )
+    distractors: str | None = opt(None, "multiple choice: a KG spec whose tails are added to the distractor pool")
     # mask
     granularity: str = opt(
         "weight",
@@ -250,6 +264,17 @@ class DiscoveryConfig:
         "checkpoint selection: maximum TargetKG top-1 accuracy of the remaining model, in [0, 1] (unset: no top-1 criterion)",
         check=in_range(0, 1),
     )
+    select_max_target_mc: float | None = opt(
+        None,
+        "checkpoint selection: maximum TargetKG multiple-choice accuracy of the remaining model, in [0, 1] (unset: none)",
+        check=in_range(0, 1),
+    )
+    select_min_control_mc: float | None = opt(
+        None,
+        "checkpoint selection: minimum ControlKG (validation) multiple-choice accuracy of the remaining model, in [0, 1] "
+        "(unset: none)",
+        check=in_range(0, 1),
+    )
 
     def loss_config(self) -> LossConfig:
         return LossConfig(
@@ -294,6 +319,9 @@ class DiscoveryConfig:
                 f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every ({self.eval_every}) "
                 "so that every checkpoint has an evaluation to select on"
             )
+        mc_bounds = [f for f in ("select_max_target_mc", "select_min_control_mc") if getattr(self, f) is not None]
+        if mc_bounds and self.mc_choices == 0:
+            raise ConfigError(f"{_flag(mc_bounds[0])} needs multiple choice (--mc-choices >= 2, not 0)")
         for name in ("tail_weight", "distractor_weight", "lens_weight"):
             if getattr(self, name) > 0 and self.tail_position == "released":
                 raise ConfigError(

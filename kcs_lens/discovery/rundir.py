@@ -374,12 +374,15 @@ class RunData:
     control_val_batch: TripletBatch
     lm_train: Int[Tensor, "n_train block"]
     lm_heldout: Int[Tensor, "n_heldout block"]
+    control_test: TripletSet | None = None  # held out from training and selection (``control_test_size``)
+    control_test_batch: TripletBatch | None = None
 
     def sizes(self) -> dict[str, int]:
         return {
             "target": len(self.target),
             "control_train": len(self.control),
             "control_val": len(self.control_val),
+            **({"control_test": len(self.control_test)} if self.control_test is not None else {}),
             "control_overlap_dropped": self.n_overlap_dropped,
             "lm_train_blocks": int(self.lm_train.shape[0]),
             "lm_heldout_blocks": int(self.lm_heldout.shape[0]),
@@ -412,6 +415,16 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
     for name, ts in (("ControlKG", control), ("ControlKG validation", control_val)):
         if len(ts) == 0:
             raise RunError(f"{name} {cfg.control_kg!r} is empty after removing the TargetKG overlap")
+    control_test = None
+    if cfg.control_test_size:
+        if cfg.control_test_size >= len(control_val):
+            raise ConfigError(
+                f"--control-test-size {cfg.control_test_size}: the ControlKG validation part has only {len(control_val)} "
+                "triplets; the test part is taken from its end and must leave some for checkpoint selection"
+            )
+        n_val = len(control_val) - cfg.control_test_size
+        control_test = TripletSet(control_val.triplets[n_val:], f"{control_val.name}-test", control_val.source)
+        control_val = TripletSet(control_val.triplets[:n_val], control_val.name, control_val.source)
 
     def tok(ts: TripletSet, name: str) -> TripletBatch:
         return tokenize_triplets(
@@ -439,4 +452,6 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
         tok(control_val, val_spec or cfg.control_kg),
         lm_train,
         lm_heldout,
+        control_test,
+        None if control_test is None else tok(control_test, f"{val_spec or cfg.control_kg} (test part)"),
     )

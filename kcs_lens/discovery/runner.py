@@ -27,6 +27,7 @@ from kcs_lens.discovery.config import DiscoveryConfig, build_config
 from kcs_lens.discovery.rundir import RunData, RunDir, abandon_run_dir, load_run_data, open_run_dir, package_versions
 from kcs_lens.discovery.selection import meets_criteria, select_checkpoint, selection_rule
 from kcs_lens.errors import ConfigError, KcsLensError, NonFiniteLoss, OutputError, RunError
+from kcs_lens.evaluation.choice import ChoiceSet, choice_scores, run_choice_sets
 from kcs_lens.evaluation.scoring import lm_nll, tail_scores
 from kcs_lens.files import atomic_write_bytes
 from kcs_lens.masks.mask import MaskConfig, WeightMask, resolve_layers
@@ -56,25 +57,44 @@ def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
 # ------------------------------------------------------------------------------------------
 # Evaluation with the deterministic mask
 # ------------------------------------------------------------------------------------------
-def evaluate_split(lm: LensModel, data: RunData) -> dict[str, float]:
-    """Tail PPL, top-1 accuracy and mean rank of the tail's first token on TargetKG and ControlKG
-    validation, LM PPL on held-out text, for what ``lm`` is now (:class:`~kcs_lens.evaluation.scoring.TailScores`)."""
+def eval_batches(data: RunData) -> dict[str, TripletBatch]:
+    """The triplet sets every evaluation scores: TargetKG, ControlKG validation and, where the run
+    holds one out, the ControlKG test part."""
+    out = {"target": data.target_batch, "control": data.control_val_batch}
+    if data.control_test_batch is not None:
+        out["control_test"] = data.control_test_batch
+    return out
+
+
+def evaluate_split(lm: LensModel, data: RunData, choices: dict[str, ChoiceSet] | None = None) -> dict[str, float]:
+    """Tail PPL, top-1 accuracy and mean rank of the tail's first token
+    (:class:`~kcs_lens.evaluation.scoring.TailScores`) and, with ``choices``, multiple-choice accuracy
+    (:mod:`kcs_lens.evaluation.choice`) on every set of :func:`eval_batches`; LM PPL on held-out
+    text; for what ``lm`` is now."""
     out: dict[str, float] = {}
-    for name, batch in (("target", data.target_batch), ("control", data.control_val_batch)):
+    for name, batch in eval_batches(data).items():
         out.update({f"{name}_{k}": v for k, v in tail_scores(lm, batch).headline().items()})
+        if choices and name in choices:
+            mc = choice_scores(lm, choices[name]).headline()
+            out.update({f"{name}_{k}": v for k, v in mc.items() if k != "mc_chance"})
     out["lm_ppl"] = math.exp(lm_nll(lm, data.lm_heldout))
     return out
 
 
-# What summary.json keeps of the selected evaluation (older runs' records lack the ranks).
-REMAINING_KEYS = ("target_ppl", "control_ppl", "lm_ppl", "target_top1", "control_top1", "target_rank", "control_rank")
+# What summary.json keeps of the selected evaluation (older runs' records lack the ranks, the
+# multiple choice and the ControlKG test part).
+REMAINING_KEYS = tuple(
+    f"{s}_{m}" for s in ("target", "control", "control_test") for m in ("ppl", "top1", "rank", "mc", "mc_norm", "mc_prob")
+) + ("lm_ppl",)
 
 
 def with_ratios(rem: dict[str, float], orig: dict[str, float]) -> dict[str, float]:
+    """The record plus PPL deltas and ratios (remaining / original) of every set it has."""
     out = dict(rem)
-    for k in ("target", "control", "lm"):
-        out[f"{k}_dppl"] = rem[f"{k}_ppl"] - orig[f"{k}_ppl"]
-        out[f"{k}_ratio"] = rem[f"{k}_ppl"] / orig[f"{k}_ppl"]
+    for k in ("target", "control", "lm", "control_test"):
+        if f"{k}_ppl" in rem and f"{k}_ppl" in orig:
+            out[f"{k}_dppl"] = rem[f"{k}_ppl"] - orig[f"{k}_ppl"]
+            out[f"{k}_ratio"] = rem[f"{k}_ppl"] / orig[f"{k}_ppl"]
     return out
 
 
@@ -124,6 +144,7 @@ class Run:
         t0 = time.perf_counter()
         self.lm = lm if lm is not None else load_model(cfg.model, backend=cfg.backend, device=cfg.device)
         self.data = load_run_data(cfg, self.lm, log)
+        self.choices = run_choice_sets(cfg, self.data, self.lm)
         self.load_s = time.perf_counter() - t0
         layers = resolve_layers(cfg.layers, self.lm.shape.n_layers)
         mc = MaskConfig(layers, model_matrices(cfg.matrices, self.lm), cfg.granularity, cfg.init_prob, cfg.tau)  # type: ignore[arg-type]
@@ -154,6 +175,7 @@ class Run:
                 # the fast objective's switches as they act on this model (shortcuts that cannot hold are off)
                 **({"fast_objective": self.objective.effective_switches()} if isinstance(self.objective, FastObjective) else {}),
                 "data": {**self.data.sizes(), **(self.objective.distractors.sizes() if self.objective.distractors else {})},
+                **({"multiple_choice": self.choice_info()} if self.choices else {}),
                 "selection": selection_rule(self.cfg),
                 "versions": package_versions(),
             },
@@ -264,9 +286,13 @@ class Run:
             self.dir.checkpoint(s).unlink(missing_ok=True)
 
     # --- evaluation ------------------------------------------------------------------------
+    def choice_info(self) -> dict[str, Any]:
+        """How the multiple choice was drawn, per set (choices, chance, triplets with fewer choices)."""
+        return {"distractors": self.cfg.distractors, **{k: c.describe() for k, c in self.choices.items()}}
+
     def evaluate(self) -> dict[str, Any]:
         with self.masks.using("eval", "remaining"):
-            rem = evaluate_split(self.lm, self.data)
+            rem = evaluate_split(self.lm, self.data, self.choices)
         sub = Subnetwork.from_mask(self.masks)
         return {"step": self.step, "sparsity": sub.sparsity, **with_ratios(rem, self.original)}
 
@@ -290,7 +316,7 @@ class Run:
         try:
             if not self.original:
                 with self.masks.using("off"):
-                    self.original = evaluate_split(self.lm, self.data)
+                    self.original = evaluate_split(self.lm, self.data, self.choices)
             self.objective.prepare(self.data.target_batch, self.data.control_batch)  # per-run caches, once
             while self.step < last:
                 t, c, lmb = self.batches(self.step)
@@ -361,9 +387,10 @@ class Run:
             "sparsity_all_linear": sub.sparsity_all_linear,
             "original": self.original,
             "remaining": {k: chosen[k] for k in REMAINING_KEYS if k in chosen},
-            "delta": {k: chosen[k] for k in ("target_dppl", "control_dppl", "lm_dppl")},
-            "ratio": {k: chosen[k] for k in ("target_ratio", "control_ratio", "lm_ratio")},
+            "delta": {k: chosen[k] for k in ("target_dppl", "control_dppl", "lm_dppl", "control_test_dppl") if k in chosen},
+            "ratio": {k: chosen[k] for k in ("target_ratio", "control_ratio", "lm_ratio", "control_test_ratio") if k in chosen},
             "data": self.data.sizes(),
+            **({"multiple_choice": self.choice_info()} if self.choices else {}),
         }
         self.dir.write_json(RunDir.SUMMARY, summary)
         return summary

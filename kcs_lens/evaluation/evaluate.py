@@ -20,9 +20,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kcs_lens.data.triplets import TripletBatch, concat, tokenize_triplets
+from kcs_lens.data.triplets import TripletBatch, TripletSet, concat, tokenize_triplets
 from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
 from kcs_lens.errors import KGError, RunError, SubnetworkError
+from kcs_lens.evaluation.choice import ChoiceScores, ChoiceSet, DistractorPool, choice_scores, choice_sets
 from kcs_lens.evaluation.scoring import TailScores, lm_nll, tail_scores
 from kcs_lens.files import atomic_write_json
 from kcs_lens.masks.mask import Keep
@@ -38,8 +39,11 @@ Log = Callable[[str], None]
 # ------------------------------------------------------------------------------------------
 # Scoring the three variants
 # ------------------------------------------------------------------------------------------
-def set_metrics(s: TailScores, o: TailScores | None) -> dict[str, float]:
-    """PPL, mean tail rank / log-prob, top-k; with ``o`` (original) also deltas (per-triplet mean/min/max)."""
+def set_metrics(
+    s: TailScores, o: TailScores | None, c: ChoiceScores | None = None, oc: ChoiceScores | None = None
+) -> dict[str, float]:
+    """PPL, mean tail rank / log-prob, top-k and, with ``c``, multiple choice (``mc``, ``mc_norm``,
+    ``mc_prob``, ``mc_chance``); with ``o`` / ``oc`` (original) also deltas (per-triplet mean/min/max)."""
     m = {
         "ppl": s.ppl,
         "rank_mean": s.rank_mean,
@@ -52,6 +56,10 @@ def set_metrics(s: TailScores, o: TailScores | None) -> dict[str, float]:
         for name, d in (("drank", dr), ("dlogprob", dl)):
             m.update({f"{name}_mean": float(d.mean()), f"{name}_min": float(d.min()), f"{name}_max": float(d.max())})
         m.update({f"dtop{k}": s.topk(k) - o.topk(k) for k in (1, 5, 10)})
+    if c is not None:
+        m.update(c.headline())
+        if oc is not None:
+            m.update(dmc=c.accuracy() - oc.accuracy(), dmc_norm=c.accuracy(norm=True) - oc.accuracy(norm=True))
     return m
 
 
@@ -60,7 +68,9 @@ class Evaluator:
 
     ``kgs``: extra KG specs evaluated against the same subnetwork. ``paraphrases``: KG specs of
     other verbalizations of the TargetKG (merged into the set ``paraphrases``); ``None`` looks for
-    the bundled ``<target>-paraphrases`` set.
+    the bundled ``<target>-paraphrases`` set. ``distractors``: KG specs whose tails join the
+    multiple-choice pool (beside the run's own ``distractors``). Every triplet set is also scored
+    as multiple choice (:mod:`kcs_lens.evaluation.choice`) unless the run's ``mc_choices`` is 0.
     """
 
     def __init__(
@@ -69,6 +79,7 @@ class Evaluator:
         *,
         kgs: Sequence[str] = (),
         paraphrases: Sequence[str] | None = None,
+        distractors: Sequence[str] = (),
         lens_model: LensModel | None = None,
         model: str | None = None,
         backend: str | None = None,
@@ -82,13 +93,22 @@ class Evaluator:
         check_model(run, self.lm)
         data = load_run_data(cfg, self.lm, log)
         self.batches: dict[str, TripletBatch] = {"target": data.target_batch, "control": data.control_val_batch}
+        triplets: dict[str, TripletSet] = {"target": data.target, "control": data.control_val}
+        val_spec = cfg.control_val_source or f"{cfg.control_kg} (first {cfg.control_val_size})"
         self.sets: dict[str, dict[str, Any]] = {
             "target": {"spec": cfg.target_kg, "n": len(data.target)},
             "control": {
-                "spec": cfg.control_val_source or f"{cfg.control_kg} (first {cfg.control_val_size})",
+                "spec": val_spec + ("" if data.control_test is None else " (validation part)"),
                 "n": len(data.control_val),
             },
         }
+        if data.control_test is not None and data.control_test_batch is not None:
+            self.batches["control_test"] = data.control_test_batch
+            triplets["control_test"] = data.control_test
+            self.sets["control_test"] = {
+                "spec": f"{val_spec} (last {len(data.control_test)}, held out)",
+                "n": len(data.control_test),
+            }
         tok = lambda ts, src: tokenize_triplets(
             ts,
             self.lm.tokenizer,
@@ -97,17 +117,32 @@ class Evaluator:
             d_vocab=self.lm.shape.d_vocab,
             source=src,
         ).to(self.lm.device)
+        extra: dict[str, TripletSet] = {}  # sets beside the run's: their multiple choice adds their own tails
         if paraphrases is None:
             paraphrases = self._auto_paraphrases(load_kg)
         if paraphrases:
             ts = concat([load_kg(p, model_name=self.lm.spec) for p in paraphrases], name="paraphrases")
             self.batches["paraphrases"] = tok(ts, "paraphrases")
+            extra["paraphrases"] = ts
             self.sets["paraphrases"] = {"spec": ", ".join(paraphrases), "n": len(ts)}
         for spec in kgs:
             name = str(spec) if str(spec) not in self.batches else f"kg:{spec}"
-            ts = load_kg(spec, model_name=self.lm.spec)
+            ts = extra[name] = load_kg(spec, model_name=self.lm.spec)
             self.batches[name] = tok(ts, str(spec))
             self.sets[name] = {"spec": str(spec), "n": len(ts)}
+        self.choices: dict[str, ChoiceSet] = {}
+        if cfg.mc_choices:
+            # the run's own pool (as in discovery, so the run's sets get the same choices), plus --distractors;
+            # a paraphrase or --kg set draws from that pool and its own tails
+            pool = DistractorPool([data.target, data.control, data.control_val, *triplets.values()])
+            for spec in [*([cfg.distractors] if cfg.distractors else []), *distractors]:
+                pool.add(load_kg(spec, model_name=self.lm.spec, templates=cfg.templates))
+            kw: dict[str, Any] = dict(k=cfg.mc_choices, prepend_bos=cfg.prepend_bos, d_vocab=self.lm.shape.d_vocab)
+            self.choices = choice_sets(triplets, pool, self.lm.tokenizer, **kw)
+            for name, ts in extra.items():
+                self.choices |= choice_sets({name: ts}, pool.extended(ts), self.lm.tokenizer, **kw)
+            for name, cs in self.choices.items():
+                self.sets[name]["multiple_choice"] = cs.describe()
         self.lm_blocks = data.lm_heldout
         self.sets["lm"] = {
             "spec": f"{cfg.lm_source} (held-out)",
@@ -130,6 +165,7 @@ class Evaluator:
         """Raw scores of every set: TailScores per triplet set, mean NLL for ``lm``."""
         with nullcontext() if sub is None else sub.applied(self.lm, keep=keep):
             out: dict[str, Any] = {k: tail_scores(self.lm, b) for k, b in self.batches.items()}
+            out["mc"] = {k: choice_scores(self.lm, c) for k, c in self.choices.items()}
             out["lm"] = lm_nll(self.lm, self.lm_blocks)
         return out
 
@@ -139,7 +175,11 @@ class Evaluator:
             keep = VARIANTS[v]
             s = self.original if keep is None else self.scores(sub, keep)
             o = None if keep is None else self.original
-            m = {k: set_metrics(s[k], None if o is None else o[k]) for k in self.batches}
+            mc, omc = s["mc"], None if o is None else o["mc"]
+            m = {
+                k: set_metrics(s[k], None if o is None else o[k], mc.get(k), None if omc is None else omc.get(k))
+                for k in self.batches
+            }
             ppl = math.exp(s["lm"])
             m["lm"] = (
                 {"ppl": ppl} if o is None else {"ppl": ppl, "dppl": ppl - math.exp(o["lm"]), "ppl_ratio": ppl / math.exp(o["lm"])}
@@ -182,6 +222,7 @@ def evaluate_run(
     *,
     kgs: Sequence[str] = (),
     paraphrases: Sequence[str] | None = None,
+    distractors: Sequence[str] = (),
     subnetwork: str | os.PathLike | None = None,
     evaluator: Evaluator | None = None,
     save: str | os.PathLike | bool = True,
@@ -192,7 +233,7 @@ def evaluate_run(
     writes there, False nothing. ``model_kw``: ``model``, ``backend``, ``device``, ``lens_model``
     for the Evaluator (``device``: default the run's)."""
     info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
-    ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, log=log, **model_kw)
+    ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, **model_kw)
     out = {
         **run_header(info),
         "sets": ev.sets,
@@ -258,6 +299,7 @@ def baseline_run(
     seed: int = 0,
     kgs: Sequence[str] = (),
     paraphrases: Sequence[str] | None = None,
+    distractors: Sequence[str] = (),
     subnetwork: str | os.PathLike | None = None,
     evaluator: Evaluator | None = None,
     save: str | os.PathLike | bool = True,
@@ -269,7 +311,7 @@ def baseline_run(
     if draws < 1:
         raise RunError(f"--draws must be at least 1, got {draws}")
     info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
-    ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, log=log, **model_kw)
+    ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, **model_kw)
     per_draw = []
     for i in range(draws):
         rnd = random_like(info.subnetwork, torch.Generator().manual_seed(seed + i))

@@ -1,0 +1,290 @@
+"""Multiple choice among tails of the same relation (docs/method.md, "Removal in other formats").
+
+For each triplet, the true tail competes with up to ``k - 1`` *distractors*: other tails of the
+same relation, drawn from a pool of triplet sets (the run's TargetKG and ControlKG, plus any
+``--distractors`` KG). Each choice is scored as evaluation harnesses score multiple choice
+(``acc`` / ``acc_norm``): the summed log-probability of its continuation after the shared context,
+and the same per token (mean). The model picks the tail with the highest score; ``mc`` is the share
+of triplets where that is the true tail (ties count for the true tail), ``mc_norm`` the same on the
+per-token score, ``mc_prob`` the mean probability of the true tail normalized over the choices
+(softmax of the summed log-probabilities, as TOFU's normalized probability), and ``mc_chance`` the
+accuracy of a uniform guess, mean over triplets of 1 / their number of choices.
+
+Rules (one owner, :func:`build_choices`):
+
+- Distractors never include the true tail, the head, or a tail the pool says is true of the head
+  under the same relation, directly or through a chain of that relation (for IsA: every hypernym
+  of the head in the pool). Tails are compared lower-cased with whitespace collapsed.
+- Each triplet's draw is seeded by ``seed`` and the triplet itself (not its position), so the same
+  fact gets the same distractors in every set and wording, in every command.
+- A relation with fewer than ``k - 1`` other tails gives the triplet fewer choices (counted in
+  ``mc_short``); a triplet with no distractor at all is left out of the score (``mc_skipped``).
+- Each choice's sentence is the triplet's text with the tail replaced; an indefinite article right
+  before the tail (" a" / " an") follows the new tail. The context is the longest common prefix of a
+  triplet's choice sentences cut at a word boundary, so where the article differs the article is
+  part of every scored continuation (" a structure" vs " an artifact") and never a cue.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from kcs_lens.data.templates import indefinite_article
+from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, tokenize_triplets
+from kcs_lens.errors import KGError
+from kcs_lens.evaluation.scoring import ModelFn, tail_scores
+
+if TYPE_CHECKING:
+    from kcs_lens.discovery.config import DiscoveryConfig
+    from kcs_lens.discovery.rundir import RunData
+    from kcs_lens.model.backends import LensModel
+
+DEFAULT_CHOICES = 5
+MC_SEED = 0  # the distractor draw is fixed: the same facts get the same choices in every run and command
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+class DistractorPool:
+    """The tails of each relation in some triplet sets, and the facts they state."""
+
+    def __init__(self, sets: Iterable[Iterable[Triplet]]):
+        self.tails: dict[str, dict[str, str]] = defaultdict(dict)  # relation -> normalized tail -> first spelling
+        self.edges: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # relation -> head -> tails
+        self.sets: list[list[Triplet]] = []
+        for ts in sets:
+            self.add(ts)
+
+    def extended(self, triplets: Iterable[Triplet]) -> "DistractorPool":
+        """A new pool with this one's triplets and ``triplets`` (this one is unchanged)."""
+        return DistractorPool([*self.sets, list(triplets)])
+
+    def add(self, triplets: Iterable[Triplet]) -> None:
+        triplets = list(triplets)
+        self.sets.append(triplets)
+        for t in triplets:
+            rel = _norm(t.relation)
+            self.tails[rel].setdefault(_norm(t.tail), t.tail)
+            self.edges[rel][_norm(t.head)].add(_norm(t.tail))
+
+    def true_tails(self, head: str, relation: str) -> set[str]:
+        """Tails reachable from ``head`` through facts of ``relation`` in the pool (any depth)."""
+        edges = self.edges.get(_norm(relation), {})
+        seen: set[str] = set()
+        todo = [_norm(head)]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    def distractors(self, t: Triplet, k: int, seed: int) -> list[str]:
+        """Up to ``k - 1`` other tails of ``t``'s relation, drawn with a seed fixed by ``seed`` and ``t``."""
+        rel = _norm(t.relation)
+        banned = self.true_tails(t.head, t.relation) | {_norm(t.tail), _norm(t.head)}
+        cands = sorted(n for n in self.tails.get(rel, {}) if n not in banned)
+        rng = random.Random(f"{seed}|{'|'.join(t.key)}")  # str seeds are hashed by SHA-512: stable across processes
+        picked = rng.sample(cands, min(k - 1, len(cands)))
+        return [self.tails[rel][n] for n in picked]
+
+
+def with_tail(t: Triplet, tail: str) -> str:
+    """``t``'s sentence with ``tail`` in place of its tail; an article " a"/" an" before it follows."""
+    prefix = t.prefix
+    words = prefix.rsplit(" ", 1)
+    if len(words) == 2 and words[1].lower() in ("a", "an"):
+        art = indefinite_article(tail)
+        art = art.capitalize() if words[1][0].isupper() else art
+        prefix = f"{words[0]} {art}"
+    return prefix + t.tail_str[: len(t.tail_str) - len(t.tail)] + tail
+
+
+def _context_len(texts: Sequence[str]) -> int:
+    """Length of the longest common prefix of ``texts`` cut back to before a space (a word boundary)."""
+    cp = os.path.commonprefix(list(texts))
+    if len(cp) == min(len(x) for x in texts):  # one text is a prefix of another: cut before its last word
+        cp = cp[: cp.rfind(" ") + 1] if " " in cp else ""
+    cut = cp.rfind(" ")
+    return max(cut, 0)
+
+
+@dataclass
+class ChoiceSet:
+    """The tokenized choices of a triplet set: one row per (triplet, choice); the true tail is
+    each scored triplet's first row."""
+
+    batch: TripletBatch  # context + continuation of every choice
+    item: Int[Tensor, " rows"]  # index (among the scored triplets) of each row's triplet
+    is_true: Bool[Tensor, " rows"]
+    n_choices: Int[Tensor, " items"]  # choices per scored triplet (true tail included)
+    k: int
+    n_triplets: int  # triplets in the set, scored or not
+    skipped: list[int]  # indices of triplets without any distractor (not scored)
+    choices: list[list[str]]  # per scored triplet: the tails, true one first
+
+    @property
+    def n_items(self) -> int:
+        return int(self.n_choices.numel())
+
+    @property
+    def n_short(self) -> int:
+        """Scored triplets with fewer than k choices (their relation has too few other tails)."""
+        return int((self.n_choices < self.k).sum())
+
+    def describe(self) -> dict[str, Any]:
+        """How the choices were drawn, for the output files."""
+        return {
+            "k": self.k,
+            "n_scored": self.n_items,
+            "n_short": self.n_short,
+            "n_skipped": len(self.skipped),
+            "chance": self.chance,
+        }
+
+    @property
+    def chance(self) -> float:
+        return float((1.0 / self.n_choices.float()).mean()) if self.n_items else float("nan")
+
+
+def build_choices(
+    triplets: TripletSet | Sequence[Triplet],
+    pool: DistractorPool,
+    tokenizer: Any,
+    *,
+    k: int = DEFAULT_CHOICES,
+    seed: int = 0,
+    prepend_bos: bool = True,
+    d_vocab: int | None = None,
+    source: str = "",
+) -> ChoiceSet:
+    """The k-way choices of every triplet (module docstring: the rules)."""
+    if k < 2:
+        raise KGError(f"multiple choice needs k >= 2 choices, got {k}")
+    rows: list[Triplet] = []
+    item: list[int] = []
+    is_true: list[bool] = []
+    n_choices: list[int] = []
+    skipped: list[int] = []
+    all_choices: list[list[str]] = []
+    ts = list(triplets)
+    for i, t in enumerate(ts):
+        tails = [t.tail, *pool.distractors(t, k, seed)]
+        if len(tails) < 2:
+            skipped.append(i)
+            continue
+        texts = [t.text if j == 0 else with_tail(t, c) for j, c in enumerate(tails)]
+        cut = _context_len(texts)
+        for j, text in enumerate(texts):
+            cont = text[cut:]
+            rows.append(Triplet(t.head, t.relation, cont.lstrip(" "), text))
+            item.append(len(n_choices))
+            is_true.append(j == 0)
+        n_choices.append(len(tails))
+        all_choices.append(tails)
+    if not rows:
+        raise KGError(f"{source or 'triplet set'}: no triplet has another tail of its relation to choose from")
+    batch = tokenize_triplets(rows, tokenizer, prepend_bos=prepend_bos, tail_scoring="all", d_vocab=d_vocab, source=source)
+    return ChoiceSet(
+        batch,
+        torch.tensor(item),
+        torch.tensor(is_true),
+        torch.tensor(n_choices),
+        k,
+        len(ts),
+        skipped,
+        all_choices,
+    )
+
+
+@dataclass
+class ChoiceScores:
+    """Scores of every choice under one model."""
+
+    sum_logprob: Float[Tensor, " rows"]  # summed log-prob of each choice's continuation
+    mean_logprob: Float[Tensor, " rows"]  # the same per token
+    item: Int[Tensor, " rows"]
+    is_true: Bool[Tensor, " rows"]
+    n_items: int
+    chance: float
+
+    def _correct(self, score: Tensor) -> Bool[Tensor, " items"]:
+        best_other = torch.full((self.n_items,), float("-inf"), dtype=score.dtype)
+        best_other = best_other.scatter_reduce(0, self.item[~self.is_true], score[~self.is_true], "amax")
+        true = torch.empty(self.n_items, dtype=score.dtype).index_copy_(0, self.item[self.is_true], score[self.is_true])
+        return true >= best_other
+
+    def correct(self, norm: bool = False) -> Bool[Tensor, " items"]:
+        """Per scored triplet: whether the true tail has the best score (ties count for it)."""
+        return self._correct(self.mean_logprob if norm else self.sum_logprob)
+
+    def accuracy(self, norm: bool = False) -> float:
+        return float(self.correct(norm).float().mean())
+
+    def true_prob(self) -> Float[Tensor, " items"]:
+        """Probability of the true tail normalized over the choices (softmax of the summed log-probs)."""
+        s = self.sum_logprob.double()
+        mx = torch.full((self.n_items,), float("-inf"), dtype=s.dtype).scatter_reduce(0, self.item, s, "amax")
+        e = (s - mx[self.item]).exp()
+        tot = torch.zeros(self.n_items, dtype=s.dtype).index_add_(0, self.item, e)
+        return (e[self.is_true] / tot[self.item[self.is_true]]).float()
+
+    def headline(self) -> dict[str, float]:
+        """``mc`` (summed log-prob, harnesses' acc), ``mc_norm`` (per token, acc_norm), ``mc_prob``
+        (normalized probability of the true tail) and ``mc_chance`` (a uniform guess)."""
+        return {
+            "mc": self.accuracy(),
+            "mc_norm": self.accuracy(norm=True),
+            "mc_prob": float(self.true_prob().mean()),
+            "mc_chance": self.chance,
+        }
+
+
+@torch.no_grad()
+def choice_scores(model: ModelFn, choices: ChoiceSet, batch_size: int = 256) -> ChoiceScores:
+    """Score every choice of ``choices`` under ``model`` (batched like :func:`tail_scores`)."""
+    s = tail_scores(model, choices.batch, batch_size=batch_size)
+    mean = -s.nll
+    return ChoiceScores(mean * s.n_scored, mean, choices.item, choices.is_true, choices.n_items, choices.chance)
+
+
+def choice_sets(
+    sets: dict[str, TripletSet],
+    pool: DistractorPool,
+    tokenizer: Any,
+    *,
+    k: int = DEFAULT_CHOICES,
+    prepend_bos: bool = True,
+    d_vocab: int | None = None,
+) -> dict[str, ChoiceSet]:
+    """The choices of several named sets against one pool (seed :data:`MC_SEED`)."""
+    return {
+        name: build_choices(ts, pool, tokenizer, k=k, seed=MC_SEED, prepend_bos=prepend_bos, d_vocab=d_vocab, source=name)
+        for name, ts in sets.items()
+    }
+
+
+def run_choice_sets(cfg: "DiscoveryConfig", data: "RunData", lm: "LensModel") -> dict[str, ChoiceSet]:
+    """The multiple choice of a run (``cfg.mc_choices`` choices; none when 0) on its TargetKG,
+    ControlKG validation and test parts, against the pool of all its triplets and ``cfg.distractors``."""
+    if not cfg.mc_choices:
+        return {}
+    from kcs_lens.data.loaders import load_kg
+
+    sets = {"target": data.target, "control": data.control_val}
+    if data.control_test is not None:
+        sets["control_test"] = data.control_test
+    pool = DistractorPool([data.target, data.control, *sets.values()])
+    if cfg.distractors:
+        pool.add(load_kg(cfg.distractors, model_name=lm.spec, templates=cfg.templates))
+    return choice_sets(sets, pool, lm.tokenizer, k=cfg.mc_choices, prepend_bos=cfg.prepend_bos, d_vocab=lm.shape.d_vocab)
