@@ -305,9 +305,15 @@ def report(
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the first random draw"),
     recompute: bool = typer.Option(False, "--recompute", help="ignore RUN/evaluation.json and RUN/baseline.json"),
     device: Optional[str] = DEVICE_OPT,
+    html: bool = typer.Option(
+        False,
+        "--html",
+        help="also write the run page: one offline HTML file per group of seeds (FILE.html, or FILE-<group>.html "
+        "for several groups) with the summary, training curves, per-fact answers, density and config",
+    ),
 ) -> None:
     """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot;
-    on a study directory the study report (groups over seeds, seed overlap, unfinished cells)."""
+    on a study directory the study report (groups over seeds, seed overlap, unfinished cells); --html adds the run pages."""
     from kcs_lens.errors import ConfigError
     from kcs_lens.evaluation.paper_table import report_runs
     from kcs_lens.files import check_output_file
@@ -316,14 +322,14 @@ def report(
     if len(runs) == 1 and is_study(runs[0]):
         from kcs_lens.sweep.study import study_report
 
-        res = study_report(runs[0], out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
+        res = study_report(runs[0], out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo, html=html)
     else:
         if out is None:
             raise ConfigError("report: --out FILE is required for run directories (only a study directory has a default)")
-        base = out.with_suffix("") if out.suffix in (".md", ".csv", ".png") else out
+        base = out.with_suffix("") if out.suffix in (".md", ".csv", ".png", ".html") else out
         for suffix in (".md", ".csv", ".png"):
             check_output_file(base.with_name(base.name + suffix), "--out")
-        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo)
+        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo, html=html)
     typer.echo(Path(res["files"][0]).read_text())
     typer.echo("wrote " + ", ".join(res["files"]))
 

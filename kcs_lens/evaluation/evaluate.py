@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kcs_lens.data.triplets import TripletBatch, TripletSet, concat, tokenize_triplets
+from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, concat, tokenize_triplets
 from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
 from kcs_lens.errors import KGError, RunError, SubnetworkError
 from kcs_lens.evaluation.choice import ChoiceScores, ChoiceSet, DistractorPool, choice_scores, choice_sets
@@ -143,6 +143,8 @@ class Evaluator:
                 self.choices |= choice_sets({name: ts}, pool.extended(ts), self.lm.tokenizer, **kw)
             for name, cs in self.choices.items():
                 self.sets[name]["multiple_choice"] = cs.describe()
+        # the triplets of every triplet set, in their batches' order (per-fact answers)
+        self.triplets: dict[str, list[Triplet]] = {k: ts.triplets for k, ts in {**triplets, **extra}.items()}
         self.lm_blocks = data.lm_heldout
         self.sets["lm"] = {
             "spec": f"{cfg.lm_source} (held-out)",
@@ -186,6 +188,34 @@ class Evaluator:
             )
             out[v] = m
         return out
+
+
+def fact_answers(ev: Evaluator, sub: Subnetwork) -> dict[str, list[dict[str, Any]]]:
+    """Per triplet of every triplet set: the model's answer (top token at the tail's first scored
+    position) and the tail's rank and log-prob there, original -> remaining model. What the run
+    page's per-fact table shows: which facts lost their answer and what the model says instead."""
+    with sub.applied(ev.lm, keep="remaining"):
+        rem = {k: tail_scores(ev.lm, b) for k, b in ev.batches.items()}
+    word = lambda i: ev.lm.tokenizer.decode([int(i)])
+    out: dict[str, list[dict[str, Any]]] = {}
+    for k, triplets in ev.triplets.items():
+        o, r = ev.original[k], rem[k]
+        out[k] = [
+            {
+                "head": t.head,
+                "relation": t.relation,
+                "tail": t.tail,
+                "text": t.text,
+                "answer_original": word(o.first_top[i]),
+                "answer_remaining": word(r.first_top[i]),
+                "rank_original": int(o.first_rank[i]),
+                "rank_remaining": int(r.first_rank[i]),
+                "logprob_original": float(o.first_logprob[i]),
+                "logprob_remaining": float(r.first_logprob[i]),
+            }
+            for i, t in enumerate(triplets)
+        ]
+    return out
 
 
 def check_model(run: RunInfo, lm: LensModel) -> None:
@@ -239,6 +269,7 @@ def evaluate_run(
         "sets": ev.sets,
         "subnetwork": info.subnetwork.density_stats(),
         "metrics": ev.metrics(info.subnetwork),
+        "facts": fact_answers(ev, info.subnetwork),
     }
     _save(out, save, info.files.evaluation)
     return out

@@ -48,14 +48,14 @@ def before_after(orig: float | None, rem: float | None, spec: str = ".2f") -> st
     return f"{f(orig)} → {f(rem)}"
 
 
-def _cached(path: Path, sha: str, draws: int | None = None) -> dict[str, Any] | None:
+def _cached(path: Path, sha: str, draws: int | None = None, need: Sequence[str] = ()) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if d.get("subnetwork_sha") != sha or (draws is not None and d.get("draws", 0) < draws):
+    if d.get("subnetwork_sha") != sha or (draws is not None and d.get("draws", 0) < draws) or any(k not in d for k in need):
         return None
     return d
 
@@ -120,19 +120,31 @@ def report_runs(
     lens_model: LensModel | None = None,
     device: str | None = None,
     log: Log = print,
+    html: bool = False,
 ) -> dict[str, Any]:
     """Evaluate (or reuse ``evaluation.json`` / ``baseline.json`` of) every run and write
-    ``<out>.md``, ``<out>.csv`` and ``<out>.png`` (per-layer density). Returns the rows."""
+    ``<out>.md``, ``<out>.csv`` and ``<out>.png`` (per-layer density); ``html``: also the run pages
+    (:mod:`kcs_lens.evaluation.run_page`, one per group of seeds). Returns the rows and files."""
+    from kcs_lens.evaluation import run_page
+
     infos = [load_run(p) for p in expand_runs(runs)]
     if not infos:
         raise RunError("report needs at least one run")
     base_out = Path(out)
-    if base_out.suffix in (".md", ".csv", ".png"):
+    if base_out.suffix in (".md", ".csv", ".png", ".html"):
         base_out = base_out.with_suffix("")
-    rows = evaluated_rows(infos, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, device=device, log=log)
+    if html:
+        run_page.check_pages(run_page.group_runs(infos), base_out)
+    rows = evaluated_rows(
+        infos, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, device=device, log=log, facts=html
+    )
     table = with_means(rows)
     write_report_files(base_out, table, infos)
-    return {"rows": table, "files": [str(base_out.with_suffix(s)) for s in (".md", ".csv", ".png")]}
+    files = [str(base_out.with_suffix(s)) for s in (".md", ".csv", ".png")]
+    if html:
+        pages = run_page.run_pages(infos, base_out, draws=draws, seed=seed, lens_model=lens_model, device=device, log=log)
+        files += [str(p) for p in pages]
+    return {"rows": table, "files": files}
 
 
 def evaluated_rows(
@@ -144,9 +156,11 @@ def evaluated_rows(
     lens_model: LensModel | None = None,
     device: str | None = None,
     log: Log = print,
+    facts: bool = False,
 ) -> list[dict[str, Any]]:
     """One :func:`run_row` per run (in the order given), from the cached ``evaluation.json`` and
-    ``baseline.json`` when the subnetwork is unchanged, else evaluated (one model load per model)."""
+    ``baseline.json`` when the subnetwork is unchanged, else evaluated (one model load per model).
+    ``facts``: a cached evaluation must also hold the per-fact answers (older ones are redone)."""
     groups: dict[str, list[RunInfo]] = {}
     for r in infos:
         groups.setdefault(r.fingerprint, []).append(r)
@@ -155,7 +169,7 @@ def evaluated_rows(
         lm = lens_model if lens_model is not None and lens_model.fingerprint() == fp else None
         for r in group:
             sha = r.subnetwork.membership_sha()
-            ev_ = None if recompute else _cached(r.files.evaluation, sha)
+            ev_ = None if recompute else _cached(r.files.evaluation, sha, need=("facts",) if facts else ())
             base = None if recompute else _cached(r.files.baseline, sha, draws)
             if ev_ is None or base is None:
                 if lm is None:

@@ -45,6 +45,7 @@ class TailScores:
     n_scored: Int[Tensor, " batch"]  # number of scored tail tokens
     first_logprob: Float[Tensor, " batch"]  # log-prob of the first scored tail token
     first_rank: Int[Tensor, " batch"]  # rank of the first scored tail token (0 = the model's top prediction)
+    first_top: Int[Tensor, " batch"]  # the model's top token at that position (its answer)
 
     @property
     def ppl(self) -> float:
@@ -73,7 +74,7 @@ class TailScores:
 
 @torch.no_grad()
 def tail_scores(model: ModelFn, batch: TripletBatch, batch_size: int = 64) -> TailScores:
-    nll, n, first_lp, first_rank = [], [], [], []
+    nll, n, first_lp, first_rank, first_top = [], [], [], [], []
     for i in range(0, len(batch), batch_size):
         sub = batch.select(range(i, min(i + batch_size, len(batch))))
         logits = model(sub.tokens)
@@ -88,8 +89,9 @@ def tail_scores(model: ModelFn, batch: TripletBatch, batch_size: int = 64) -> Ta
         first[1:] = rows[1:] != rows[:-1]
         first_lp.append(tok_lp[first])
         first_rank.append((logp[first] > tok_lp[first][:, None]).sum(-1))
+        first_top.append(logp[first].argmax(-1))
     cat = lambda xs: torch.cat(xs).cpu()
-    return TailScores(cat(nll), cat(n), cat(first_lp), cat(first_rank))
+    return TailScores(cat(nll), cat(n), cat(first_lp), cat(first_rank), cat(first_top))
 
 
 @torch.no_grad()

@@ -42,9 +42,13 @@ def study_report(
     recompute: bool = False,
     device: str | None = None,
     log: Log = print,
+    html: bool = False,
 ) -> dict[str, Any]:
     """Evaluate (or reuse the caches of) every finished cell and write the study report files to
-    ``out`` (default ``DIR/study``: ``DIR/study.md`` ...). Unfinished cells are listed."""
+    ``out`` (default ``DIR/study``: ``DIR/study.md`` ...). Unfinished cells are listed. ``html``:
+    also a run page per group of seeds (:mod:`kcs_lens.evaluation.run_page`, ``DIR/study-<group>.html``)."""
+    from kcs_lens.evaluation import run_page
+
     study_dir = Path(study_dir)
     plan = load_plan(study_dir)
     base = Path(out) if out is not None else study_dir / "study"
@@ -53,7 +57,13 @@ def study_report(
     done = [c for c in plan.cells if cell_state(study_dir, c) == DONE]
     pending = [describe(study_dir, c) for c in plan.cells if c not in done]
     infos = [load_run(study_dir / c.name) for c in done]
-    rows = report.evaluated_rows(infos, draws=draws, seed=seed, recompute=recompute, device=device, log=log) if infos else []
+    if html and infos:
+        run_page.check_pages(run_page.group_runs(infos), base)
+    rows = (
+        report.evaluated_rows(infos, draws=draws, seed=seed, recompute=recompute, device=device, log=log, facts=html)
+        if infos
+        else []
+    )
     groups: dict[str, dict[str, Any]] = {}
     for c in plan.cells:
         g = groups.setdefault(group_key(c), {"group": group_label(c), "planned": 0, "cells": [], "infos": [], "rows": []})
@@ -78,6 +88,8 @@ def study_report(
     res = {"study": plan.study, "dir": str(study_dir), "groups": summary, "runs": rows, "not_finished": pending}
     files = write_study(base, res, infos, groups)
     res["files"] = files
+    if html and infos:
+        res["files"] += [str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, device=device, log=log)]
     return res
 
 
