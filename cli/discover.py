@@ -1,13 +1,13 @@
 """``kcs-lens discover``: one flag per :class:`~kcs_lens.discovery.config.DiscoveryConfig` field, generated
 from the fields (name, type, help text), plus the flags of the run itself (``--config``,
-``--out``, ``--resume``, ``--force``, ``--stop-after``, ``--progress``)."""
+``--out``, ``--resume``, ``--force``, ``--stop-after``, ``--progress``, ``--log``)."""
 
 import inspect
 import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional, get_args, get_origin
+from typing import Any, List, Optional, get_args, get_origin
 
 import typer
 
@@ -20,6 +20,16 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "force": (bool, typer.Option(False, "--force", help="replace an existing run directory (only a kcs-lens run directory)")),
     "stop_after": (Optional[int], typer.Option(None, "--stop-after", min=1, help="stop (resumably) after this many steps")),
     "progress": (bool, typer.Option(True, "--progress/--no-progress", help="show the progress bar")),
+    "log": (
+        Optional[List[str]],
+        typer.Option(
+            None,
+            "--log",
+            help="also stream each evaluation record (the lines of metrics.jsonl) and the config to tensorboard "
+            "(RUN/tensorboard) or wandb (RUN/wandb; WANDB_MODE=offline works offline); repeatable; not part of the "
+            "run's config (a run resumes with or without it)",
+        ),
+    ),
 }
 
 
@@ -58,14 +68,25 @@ def register(app: typer.Typer) -> None:
 
         run = {k: kw.pop(k) for k in RUN_OPTIONS}
         if run["resume"] is not None:
-            summary = run_discover(resume=run["resume"], stop_after=run["stop_after"], progress=run["progress"], log=typer.echo)
+            summary = run_discover(
+                resume=run["resume"], stop_after=run["stop_after"], progress=run["progress"], log=typer.echo, track=run["log"]
+            )
         else:
+            from kcs_lens.tracking import check_tracking, parse_tracking
+
+            check_tracking(parse_tracking(run["log"]))  # before the settings line and any work
             cfg = build_config(run["config"], **kw)
             typer.echo(
                 f"kcs-lens discover: model={cfg.model} target={cfg.target_kg} seed={cfg.seed} steps={cfg.steps} ({cfg.recipe} recipe)"
             )
             summary = run_discover(
-                cfg, out=run["out"], force=run["force"], stop_after=run["stop_after"], progress=run["progress"], log=typer.echo
+                cfg,
+                out=run["out"],
+                force=run["force"],
+                stop_after=run["stop_after"],
+                progress=run["progress"],
+                log=typer.echo,
+                track=run["log"],
             )
         if summary is None:
             typer.echo("stopped before the last step; continue with --resume")

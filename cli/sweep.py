@@ -54,6 +54,12 @@ def run(
     force: bool = typer.Option(False, "--force", help="replace a different plan in --out (changed cells start over)"),
     add: bool = typer.Option(False, "--add", help="the study adds cells to the plan in --out: run only the new ones"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar of cells"),
+    log: Optional[List[str]] = typer.Option(
+        None,
+        "--log",
+        help="stream each cell's metrics.jsonl records and config to tensorboard (CELL/tensorboard: tensorboard --logdir "
+        "DIR) or wandb (one W&B run per cell, grouped by the study directory's name); repeatable",
+    ),
 ) -> None:
     """Run every cell of a study not done yet (interrupted cells resume); exit code 3 when a cell failed."""
     from kcs_lens.sweep import parse_resources, run_sweep
@@ -72,6 +78,7 @@ def run(
         add=add,
         progress=progress,
         log=typer.echo,
+        track=log or (),
     )
     if dry_run:
         print_plan(res["plan"], changed=res["changed"], out=out)

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 status=0
 for line in ${KCS_TL_LINES:-4 3}; do
   # Ray (the optional extra of `kcs-lens sweep --executor ray`) is tested on the 4.x line only.
-  if [ "$line" = 4 ]; then venv=.venv; cons=constraints.txt; extras=test,ray; else venv=.venv-tl3; cons=constraints-tl3.txt; extras=test; fi
+  if [ "$line" = 4 ]; then venv=.venv; cons=constraints.txt; extras=test,ray,track; else venv=.venv-tl3; cons=constraints-tl3.txt; extras=test,track; fi
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
   t0=$(date +%s)
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$cons" -e ".[$extras]"

@@ -8,6 +8,7 @@ A run directory (written by ``kcs-lens discover``)::
     subnetwork.safetensors   the selected subnetwork
     summary.json             its evaluation against the original model
     evaluation.json, baseline.json   caches written by ``evaluate``, ``baseline`` and ``report``
+    tensorboard/, wandb/     with ``--log tensorboard`` / ``--log wandb`` (:mod:`kcs_lens.tracking`)
     .lock                    the writer's lock (:mod:`kcs_lens.discovery.runlock`), held while a run is live
 
 :class:`RunDir` is the one owner of these names; :func:`load_run` reads a finished run
@@ -38,6 +39,7 @@ from kcs_lens.errors import ConfigError, KcsLensWarning, OutputError, RunError, 
 from kcs_lens.files import atomic_write_bytes, atomic_write_json, check_output_dir, is_temporary
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.backends import LensModel
+from kcs_lens.tracking import TENSORBOARD_DIR, WANDB_DIR
 
 
 class RunDir:
@@ -52,6 +54,7 @@ class RunDir:
     EVALUATION = "evaluation.json"
     BASELINE = "baseline.json"
     LOCK = ".lock"
+    TRACKING = (TENSORBOARD_DIR, WANDB_DIR)  # --log tensorboard / wandb (kcs_lens.tracking)
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -129,7 +132,8 @@ class RunDir:
 
     def run_entries(self) -> list[Path]:
         """The entries kcs-lens writes into a run directory (what ``--force`` may delete)."""
-        fixed = (self.CONFIG, self.METRICS, self.CHECKPOINTS, self.SUBNETWORK, self.SUMMARY, self.EVALUATION, self.BASELINE)
+        fixed: tuple[str, ...] = (self.CONFIG, self.METRICS, self.CHECKPOINTS, self.SUBNETWORK, self.SUMMARY, self.EVALUATION)
+        fixed += (self.BASELINE, *self.TRACKING)
         out = [self.path / n for n in fixed if (self.path / n).exists()]
         out += [p for p in self.path.glob("compare-*") if (p / "comparison.json").exists()]
         return sorted(out)

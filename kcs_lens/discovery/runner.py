@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ from kcs_lens.objective.distractors import DistractorPools
 from kcs_lens.objective.fast import FastObjective
 from kcs_lens.objective.reference import Objective, ReferenceObjective
 from kcs_lens.progress import Progress
+from kcs_lens.tracking import Trackers, Tracking, check_tracking, parse_tracking
 
 
 def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
@@ -154,6 +155,7 @@ class Run:
         self._new_optimizer()
         self.step = 0
         self.original: dict[str, float] = {}
+        self.trackers: Trackers | None = None  # --log: each metrics.jsonl record also goes there
 
     def _new_optimizer(self) -> None:
         self.opt = torch.optim.Adam(self.masks.parameters(), lr=self.cfg.lr)
@@ -342,6 +344,8 @@ class Run:
                         rec["lr"] = self.sched.get_last_lr()[0]
                         running = {}
                         self.dir.append_metrics(rec)
+                        if self.trackers is not None:
+                            self.trackers.log(rec)
                         bar.note(rec)
                     if self.is_checkpoint_step(self.step):
                         self.save_state()  # first: a state without its mask checkpoint is resumable exactly
@@ -433,6 +437,7 @@ def _run(
     stop_after: int | None,
     progress: bool,
     log: Callable[[str], None],
+    tracking: Tracking = Tracking(),
 ) -> tuple[dict[str, Any] | None, Run]:
     """The run in a directory this process holds (:func:`discover` opened and locked it)."""
     torch.manual_seed(cfg.seed)
@@ -446,11 +451,15 @@ def _run(
         if kept:
             log(f"note: --force kept {len(kept)} entries of {rd.path} that kcs-lens did not write: {[p.name for p in kept]}")
         run.write_config()
+    if tracking:
+        run.trackers = Trackers(tracking, rd.path, rd.read_config(), start_step=run.step)
     run.masks.attach(run.lm)
     try:
         done = run.train(stop_after=stop_after, progress=progress)
     finally:
         run.masks.detach()
+        if run.trackers is not None:
+            run.trackers.close()
     return (run.finish() if done else None), run
 
 
@@ -464,13 +473,18 @@ def discover(
     stop_after: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    track: Sequence[str] | Tracking | None = None,
     **overrides: Any,
 ) -> dict[str, Any] | None:
     """Find a knowledge-critical subnetwork; returns the summary (None if stopped early).
 
     ``discover(target_kg="location", seed=1318, out="runs/loc")`` uses the defaults of
     :class:`~kcs_lens.discovery.config.DiscoveryConfig`; ``discover(resume="runs/loc")`` continues a run. ``lens_model`` reuses a model already loaded.
+    ``track``: ``["tensorboard"]``, ``["wandb"]`` or both (:mod:`kcs_lens.tracking`), a run option
+    like ``progress``: not part of the run's config, so a run may be resumed with or without it.
     """
+    tracking = parse_tracking(track)
+    check_tracking(tracking)  # a missing package or W&B login: one error line before any work
     if resume is not None:
         rd, lock, created = open_run_dir(resume, resume=True, force=False)
         try:
@@ -486,7 +500,7 @@ def discover(
         rd, lock, created = open_run_dir(out_dir, resume=False, force=force)
     try:
         try:
-            summary, run = _run(cfg, rd, resume is not None, force, lens_model, stop_after, progress, log)
+            summary, run = _run(cfg, rd, resume is not None, force, lens_model, stop_after, progress, log, tracking)
         except (OSError, OutputError) as e:  # disk full, permissions, ...: the last complete checkpoint is kept
             msg = str(e) if isinstance(e, OutputError) else f"{e.filename or rd.path}: {e.strerror or e}"
             if rd.config.exists():

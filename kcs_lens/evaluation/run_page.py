@@ -34,8 +34,13 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 # Settings that say where a run ran, not what it computed: runs differing only in these (and the
 # seed) share a page.
 EXECUTION_KEYS = ("seed", "device")
-SECTIONS = (("summary", "Summary"), ("curves", "Training curves"), ("facts", "Per-fact answers"), ("density", "Density"))
-SECTIONS += (("config", "Configuration"),)
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("summary", "Summary"),
+    ("curves", "Training curves"),
+    ("facts", "Per-fact answers"),
+    ("density", "Density"),
+    ("config", "Configuration"),
+)
 # Curves first in this order; every other number of metrics.jsonl follows in the order it appears.
 FIRST = (
     "target_ratio",
@@ -216,8 +221,8 @@ def _nice(x: float) -> float:
 def _ticks(lo: float, hi: float, log: bool) -> list[float]:
     if log:
         a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-        step = max(1, math.ceil((b - a) / 5))
-        return [10.0**k for k in range(a, b + 1, step)]
+        every = max(1, math.ceil((b - a) / 5))
+        return [10.0**k for k in range(a, b + 1, every)]
     step = _nice((hi - lo) / 4 if hi > lo else abs(hi) or 1.0)
     start = math.floor(lo / step) * step
     return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
@@ -256,7 +261,7 @@ def line_chart(
     t_lo, t_hi = tr(min(ticks[0], ylo)), tr(max(ticks[-1], yhi))
     x_lo, x_hi = min(xs), max(xs)
     x_hi = x_hi if x_hi > x_lo else x_lo + 1
-    L, R, T, B = 52, 8, 22, 28
+    L, R, T, B = 52, 16, 22, 28
     px = lambda x: L + (x - x_lo) / (x_hi - x_lo) * (width - L - R)
     py = lambda y: T + (1 - (tr(y) - t_lo) / ((t_hi - t_lo) or 1)) * (height - T - B)
     out = [
@@ -331,7 +336,7 @@ def summary_section(d: dict[str, Any]) -> str:
             "<b>mean ± sd over seeds</b>" if is_mean else _e(r["seed"]),
             step,
             "yes" if r["meets_criteria"] else "no",
-            f"{100 * r['sparsity']:.2f}" + (f' <span class="sd">± {100 * sd("sparsity"):.2f}</span>' if is_mean else ""),
+            f"{100 * r['sparsity']:.2f}" + (f' <span class="sd">± {100 * (sd("sparsity") or 0):.2f}</span>' if is_mean else ""),
         ]
         for k, _ in KEYS:
             rnd = r.get(f"random_dppl_{k}")

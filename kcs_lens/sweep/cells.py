@@ -15,12 +15,13 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from kcs_lens.discovery.rundir import RunDir
 from kcs_lens.errors import KcsLensError
 from kcs_lens.files import atomic_write_json
 from kcs_lens.sweep.plan import Cell, identity
+from kcs_lens.tracking import Tracking
 
 STATUS_DIR = ".cells"
 # What a cell's run directory says about it (``cell_state``).
@@ -95,12 +96,14 @@ def run_cell(
     device: str | None = None,
     load: ModelLoader | None = None,
     force: bool = False,
+    track: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run (or resume, or skip) one cell; never raises for the cell's own errors: returns
     ``{"name", "state": done|failed|skipped, "elapsed", "result" | "error", "resumed_from"}`` and
     records it in the cell's status file. ``device`` replaces the cell's ``device`` setting;
     ``load(model, backend, device)`` returns a (cached) LensModel, else discovery loads it.
-    ``force``: a run directory with other settings is started over (else the cell fails)."""
+    ``force``: a run directory with other settings is started over (else the cell fails).
+    ``track``: trackers (``kcs-lens sweep --log``), one tracking run per cell, grouped by the study."""
     from kcs_lens.discovery.runner import discover
 
     t0 = time.time()
@@ -144,10 +147,11 @@ def run_cell(
         )
         log(f"attempt {attempt}: " + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting"))
         lm = load(cfg.model, cfg.backend, cfg.device) if load is not None else None
+        tracking = Tracking(tuple(track), group=Path(study_dir).resolve().name, name=cell.name, tags=("kcs-lens sweep",))
         if state == PARTIAL:
-            discover(resume=rd.path, lens_model=lm, log=log)
+            discover(resume=rd.path, lens_model=lm, log=log, track=tracking)
         else:
-            discover(cfg, out=rd.path, force=True, lens_model=lm, log=log)
+            discover(cfg, out=rd.path, force=True, lens_model=lm, log=log, track=tracking)
         result = result_of(study_dir, cell)
         elapsed = time.time() - t0
         write_status(

@@ -44,7 +44,9 @@ def _threads(workers: int, device: str | None) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def _worker(study_dir: str, device: str | None, workers: int, force: bool, tasks: Any, events: Any) -> None:
+def _worker(
+    study_dir: str, device: str | None, workers: int, force: bool, tasks: Any, events: Any, track: tuple[str, ...] = ()
+) -> None:
     """A local worker process: cells from ``tasks`` until a None, events to ``events``."""
     _threads(workers, device)
     cache = ModelCache()
@@ -54,11 +56,18 @@ def _worker(study_dir: str, device: str | None, workers: int, force: bool, tasks
             return
         cell = Cell(**item)
         events.put({"event": "start", "name": cell.name, "pid": os.getpid(), "device": device})
-        events.put({"event": "finish", **run_cell(study_dir, cell, device=device, load=cache, force=force)})
+        events.put({"event": "finish", **run_cell(study_dir, cell, device=device, load=cache, force=force, track=track)})
 
 
 def run_local(
-    study_dir: Path, cells: list[Cell], *, workers: int, devices: list[str], force: bool, max_retries: int
+    study_dir: Path,
+    cells: list[Cell],
+    *,
+    workers: int,
+    devices: list[str],
+    force: bool,
+    max_retries: int,
+    track: tuple[str, ...] = (),
 ) -> Iterator[Event]:
     """Run ``cells`` on ``workers`` processes (devices round-robin), cells of one model in a row; one
     worker and no process isolation when ``workers == 1``. A worker that dies (killed, out of
@@ -69,7 +78,7 @@ def run_local(
         cache = ModelCache()
         for cell in order:
             yield {"event": "start", "name": cell.name, "pid": os.getpid(), "device": device}
-            yield {"event": "finish", **run_cell(study_dir, cell, device=device, load=cache, force=force)}
+            yield {"event": "finish", **run_cell(study_dir, cell, device=device, load=cache, force=force, track=track)}
         return
     ctx = mp.get_context("spawn")  # fork would copy torch's threads and locks
     tasks, events = ctx.Queue(), ctx.Queue()
@@ -82,7 +91,7 @@ def run_local(
     left = len(cells)
 
     def start(i: int, device: str | None) -> None:
-        p = ctx.Process(target=_worker, args=(str(study_dir), device, workers, force, tasks, events), daemon=True)
+        p = ctx.Process(target=_worker, args=(str(study_dir), device, workers, force, tasks, events, track), daemon=True)
         p.start()
         procs[i] = (p, device)
 
@@ -140,9 +149,9 @@ def ray_options(resources: dict[str, float], max_retries: int) -> dict[str, Any]
     return opts
 
 
-def _ray_cell(study_dir: str, cell: dict[str, Any], force: bool) -> dict[str, Any]:
+def _ray_cell(study_dir: str, cell: dict[str, Any], force: bool, track: tuple[str, ...] = ()) -> dict[str, Any]:
     """The body of a cell's Ray task: the cell runs (or resumes) on the node Ray chose."""
-    return run_cell(study_dir, Cell(**cell), force=force)
+    return run_cell(study_dir, Cell(**cell), force=force, track=track)
 
 
 def import_ray() -> Any:
@@ -162,6 +171,7 @@ def run_ray(
     max_retries: int,
     force: bool,
     log: Callable[[str], None] = print,
+    track: tuple[str, ...] = (),
 ) -> Iterator[Event]:
     """One Ray task per cell with ``resources``; Ray retries a task whose worker died up to
     ``max_retries`` times (the retry resumes from the cell's last checkpoint). ``address``: a
@@ -171,7 +181,7 @@ def run_ray(
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
     task = ray.remote(_ray_cell).options(**ray_options(resources, max_retries))
-    refs = {task.remote(str(study_dir.resolve()), c.to_json(), force): c for c in cells}
+    refs = {task.remote(str(study_dir.resolve()), c.to_json(), force, track): c for c in cells}
     log(f"submitted {len(refs)} Ray task(s) with {resources}; cluster: {ray.cluster_resources()}")
     pending = list(refs)
     started: set[str] = set()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from kcs_lens.errors import ConfigError
 from kcs_lens.sweep.cells import DONE, cell_state, describe
 from kcs_lens.sweep.executors import import_ray, run_local, run_ray
 from kcs_lens.sweep.plan import expand, load_plan, reconcile, write_plan
+from kcs_lens.tracking import Tracking, check_tracking, parse_tracking
 
 EXECUTORS = ("local", "ray")
 
@@ -50,10 +51,12 @@ def run_sweep(
     add: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    track: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Expand ``study`` into its plan, write ``out/sweep.json``, and run every cell not done yet
     (interrupted ones resume). Returns ``{"plan", "results", "failed", "skipped"}``; a failed cell
-    is recorded and the others go on."""
+    is recorded and the others go on. ``track``: ``--log`` trackers, one tracking run per cell
+    (:mod:`kcs_lens.tracking`; a W&B group per study)."""
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
     if force and add:
@@ -62,6 +65,8 @@ def run_sweep(
         raise ConfigError(f"--workers {workers}: must be >= 1")
     if max_retries < 0:
         raise ConfigError(f"--max-retries {max_retries}: must be >= 0")
+    kinds = parse_tracking(track).kinds
+    check_tracking(Tracking(kinds))  # a missing package or login: one error line before any cell runs
     devices = [d.strip() for d in (devices or []) if d.strip()]
     if devices:
         from kcs_lens.model.loading import check_device
@@ -84,10 +89,19 @@ def run_sweep(
     log(f"study {out}: {len(plan.cells)} cells, {len(skipped)} done, {len(todo)} to run ({executor} executor)")
     if executor == "local":
         n = workers or max(1, len(devices))
-        events = run_local(out, todo, workers=min(n, max(1, len(todo))), devices=devices, force=force, max_retries=max_retries)
+        events = run_local(
+            out, todo, workers=min(n, max(1, len(todo))), devices=devices, force=force, max_retries=max_retries, track=kinds
+        )
     else:
         events = run_ray(
-            out, todo, address=ray_address, resources=resources or {"CPU": 1.0}, max_retries=max_retries, force=force, log=log
+            out,
+            todo,
+            address=ray_address,
+            resources=resources or {"CPU": 1.0},
+            max_retries=max_retries,
+            force=force,
+            log=log,
+            track=kinds,
         )
     results = _follow(events, len(plan.cells), len(skipped), progress, log)
     failed = [r["name"] for r in results if r["state"] == "failed"]

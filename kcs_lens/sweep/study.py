@@ -87,9 +87,9 @@ def study_report(
         summary.append(m)
     res = {"study": plan.study, "dir": str(study_dir), "groups": summary, "runs": rows, "not_finished": pending}
     files = write_study(base, res, infos, groups)
-    res["files"] = files
     if html and infos:
-        res["files"] += [str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, device=device, log=log)]
+        files = [*files, *(str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, device=device, log=log))]
+    res["files"] = files
     return res
 
 
