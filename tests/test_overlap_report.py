@@ -166,7 +166,13 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
     assert "top-1 TargetKG (original → remaining)" in md and "rank TargetKG (original → remaining)" in md
     assert f"{a0['top1_original_target']:.2f} → {a0['top1_remaining_target']:.2f}" in md
     with open(tmp_path / "out" / "report.csv") as f:
-        assert "top1_remaining_target" in next(csv.reader(f))
+        assert {"top1_remaining_target", "mc_remaining_target", "mc_random_target"} <= set(next(csv.reader(f)))
+    # multiple choice beside them, with the random baseline's mean (baseline.json)
+    assert a0["mc_remaining_target"] == ev["metrics"]["remaining"]["target"]["mc"]
+    assert a0["mc_random_target"] == base["baseline"]["mean"]["metrics"]["remaining"]["target"]["mc"]
+    assert a0["mc_chance_target"] == pytest.approx(0.2)
+    assert "### Removal in other formats" in md and "MC TargetKG (original → remaining)" in md
+    assert f"{a0['mc_original_target']:.2f} → {a0['mc_remaining_target']:.2f} [{a0['mc_random_target']:.2f}]" in md
     # an evaluation.json written before the ranks existed: its cells read "-", the mean uses the others
     for v in ev["metrics"].values():
         for m in v.values():

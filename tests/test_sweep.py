@@ -325,12 +325,14 @@ def test_study_report(local_study):
     assert "/target | 2/2 |" in md and "/target2 | 2/2 |" in md
     assert "Jaccard" in md and "union" in md and "## Per run" in md
     assert "top-1 TargetKG (original → remaining)" in md and "top-1 ControlKG (original → remaining)" in md
+    assert "MC TargetKG (original → remaining [random])" in md and "### Removal in other formats" in md
     for f in ("study.csv", "study.json", "study-density.png", "study-tradeoff.png"):
         assert (out / f).stat().st_size > 0, f
     js = json.loads((out / "study.json").read_text())
     g = next(x for x in js["groups"] if x["group"].endswith("/target"))
     assert g["n_seeds"] == 2 and 0 < g["overlap"]["jaccard_mean"] <= 1
     assert 0 <= g["top1_remaining_target"] <= 1 and g["rank_original_control"] is not None  # from kcs_lens.evaluation.paper_table
+    assert 0 <= g["mc_remaining_target"] <= 1 and 0 <= g["mc_random_target"] <= 1
     own = [x["sparsity"] for x in js["runs"] if x["group"] == g["group"]]
     assert g["overlap"]["union"]["sparsity"] <= min(own) and g["overlap"]["intersection"]["sparsity"] >= max(own)
     rows = (out / "study.csv").read_text().splitlines()

@@ -24,21 +24,32 @@ Log = Callable[[str], None]
 
 
 KEYS = (("target", "TargetKG"), ("control", "ControlKG"), ("lm", "ControlLM"))
-# Triplet sets whose answers (top-1 accuracy, mean rank of the tail's first token) the tables show,
-# original -> remaining model (kcs_lens.evaluation.scoring.TailScores.headline).
-ANSWER_SETS = (("target", "TargetKG"), ("control", "ControlKG"), ("paraphrases", "paraphrases"))
-ANSWER_METRICS = (("top1", "top-1"), ("rank", "rank"))
-_EVAL_NAME = {"top1": "top1", "rank": "rank_mean"}  # the names in evaluation.json (evaluation.set_metrics)
+# Triplet sets whose answers (top-1 accuracy, mean rank of the tail's first token, multiple choice)
+# the tables show, original -> remaining model (kcs_lens.evaluation.scoring.TailScores.headline,
+# kcs_lens.evaluation.choice.ChoiceScores.headline), with the random baseline's remaining model.
+ANSWER_SETS = (
+    ("target", "TargetKG"),
+    ("control", "ControlKG"),
+    ("control_test", "ControlKG test"),
+    ("paraphrases", "paraphrases"),
+)
+ANSWER_METRICS = (("top1", "top-1"), ("rank", "rank"), ("mc", "MC"), ("mc_norm", "MC norm"), ("ratio", "PPL ratio"))
+# the names in evaluation.json (evaluation.set_metrics)
+_EVAL_NAME = {"top1": "top1", "rank": "rank_mean", "mc": "mc", "mc_norm": "mc_norm", "ratio": "ppl_ratio"}
 
 
-def answer_columns(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """``{top1,rank}_{original,remaining}_{set}`` from an evaluation's metrics; None where the
+def answer_columns(metrics: dict[str, Any], random: dict[str, Any] | None = None) -> dict[str, float | None]:
+    """``{metric}_{original,remaining}_{set}`` from an evaluation's metrics and, with ``random`` (the
+    baseline's mean metrics of the remaining model), ``{metric}_random_{set}``; None where the
     evaluation lacks the set (no paraphrases) or the metric (older files)."""
     out: dict[str, float | None] = {}
     for s, _ in ANSWER_SETS:
         for m, _ in ANSWER_METRICS:
             for v in ("original", "remaining"):
                 out[f"{m}_{v}_{s}"] = metrics.get(v, {}).get(s, {}).get(_EVAL_NAME[m])
+            if random is not None:
+                out[f"{m}_random_{s}"] = random.get(s, {}).get(_EVAL_NAME[m])
+        out[f"mc_chance_{s}"] = metrics.get("original", {}).get(s, {}).get("mc_chance")
     return out
 
 
@@ -81,7 +92,7 @@ def run_row(info: RunInfo, ev_: dict[str, Any], base: dict[str, Any]) -> dict[st
     for k, _ in KEYS:
         row.update({f"dppl_{k}": rem[k]["dppl"], f"ratio_{k}": rem[k]["ppl_ratio"], f"random_dppl_{k}": b_mean[k]["dppl"]})
         row.update({f"random_dppl_{k}_std": b_std[k]["dppl"], f"ppl_original_{k}": ev_["metrics"]["original"][k]["ppl"]})
-    row.update(answer_columns(ev_["metrics"]))
+    row.update(answer_columns(ev_["metrics"], b_mean))
     row["random_draws"] = base["draws"]
     row["config"] = info.config.to_dict()
     row["density_per_layer"] = ev_["subnetwork"]["density"]["per_layer"]
@@ -93,7 +104,8 @@ NUMERIC = (
     + [f"{p}{k}" for p in ("dppl_", "ratio_") for k, _ in KEYS]
     + [f"random_dppl_{k}{s}" for k, _ in KEYS for s in ("", "_std")]
     + [f"ppl_original_{k}" for k, _ in KEYS]
-    + [f"{m}_{v}_{s}" for s, _ in ANSWER_SETS for m, _ in ANSWER_METRICS for v in ("original", "remaining")]
+    + [f"{m}_{v}_{s}" for s, _ in ANSWER_SETS for m, _ in ANSWER_METRICS for v in ("original", "remaining", "random")]
+    + [f"mc_chance_{s}" for s, _ in ANSWER_SETS]
 )
 
 
@@ -244,6 +256,7 @@ def markdown(table: list[dict[str, Any]], infos: list[RunInfo]) -> str:
             "random dPPL ControlLM",
             *[f"top-1 {label} (original → remaining)" for _, label in ANSWER_SETS],
             "rank TargetKG (original → remaining)",
+            *[f"MC {label} (original → remaining)" for _, label in ANSWER_SETS],
             "criteria met",
         ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -266,10 +279,60 @@ def markdown(table: list[dict[str, Any]], infos: list[RunInfo]) -> str:
             ]
             cells += [before_after(r.get(f"top1_original_{k}"), r.get(f"top1_remaining_{k}")) for k, _ in ANSWER_SETS]
             cells.append(before_after(r.get("rank_original_target"), r.get("rank_remaining_target"), ".1f"))
+            cells += [before_after(r.get(f"mc_original_{k}"), r.get(f"mc_remaining_{k}")) for k, _ in ANSWER_SETS]
             cells.append("yes" if r["meets_criteria"] else "no")
             lines.append("| " + " | ".join(cells) + " |")
-        lines += config_note(rows) + ablation_lines(rows)
+        lines += formats_lines(rows) + config_note(rows) + ablation_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+# The removal-in-other-formats table (docs/method.md): (row key stem, set, label, format)
+FORMAT_COLUMNS = (
+    ("top1", "target", "top-1 TargetKG", ".2f"),
+    ("mc", "target", "MC TargetKG", ".2f"),
+    ("top1", "paraphrases", "top-1 unseen wordings", ".2f"),
+    ("mc", "paraphrases", "MC unseen wordings", ".2f"),
+    ("top1", "control_test", "top-1 ControlKG test", ".2f"),
+    ("mc", "control_test", "MC ControlKG test", ".2f"),
+    ("ratio", "control_test", "PPL ratio ControlKG test", ".3f"),
+    ("mc", "control", "MC ControlKG val", ".2f"),
+)
+
+
+def format_cell(r: dict[str, Any], m: str, s: str, spec: str) -> str:
+    """``original → remaining [random]``, ``±`` the spread over seeds on a mean row; ``-`` where missing."""
+    f = lambda x: "-" if x is None else format(x, spec)
+    rem = f(r.get(f"{m}_remaining_{s}"))
+    sd = r.get(f"{m}_remaining_{s}_seed_std") if r["seed"] == "mean" else None
+    rem += f" ± {format(sd, spec)}" if sd else ""
+    orig = "" if m == "ratio" else f"{f(r.get(f'{m}_original_{s}'))} → "
+    return f"{orig}{rem} [{f(r.get(f'{m}_random_{s}'))}]"
+
+
+def formats_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Removal in formats the run never optimized: the answers in the training wording, multiple
+    choice, unseen wordings, and the held-out ControlKG part, with the random baseline."""
+    cols = [c for c in FORMAT_COLUMNS if any(r.get(f"{c[0]}_remaining_{c[1]}") is not None for r in rows)]
+    if not any(c[0] == "mc" for c in cols):
+        return []
+    chance = next((r[f"mc_chance_{s}"] for r in rows for s in ("target",) if r.get(f"mc_chance_{s}") is not None), None)
+    out = [
+        "",
+        "### Removal in other formats",
+        "",
+        "original → remaining [random removal of the same size]; MC = multiple choice among same-relation tails "
+        + (f"(chance {chance:.2f}); " if chance is not None else "; ")
+        + "unseen wordings = the TargetKG in templates the run did not train on (docs/method.md).",
+        "",
+    ]
+    head = ["ablation", "TargetKG", "seed", *[c[2] for c in cols]]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        seed = f"**{r['seed']}**" if r["seed"] == "mean" else r["seed"]
+        out.append(
+            "| " + " | ".join([r["ablation"], short(r["target_kg"]), seed] + [format_cell(r, m, s, f) for m, s, _, f in cols]) + " |"
+        )
+    return out
 
 
 def config_note(rows: list[dict[str, Any]]) -> list[str]:
