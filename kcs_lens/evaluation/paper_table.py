@@ -330,7 +330,9 @@ def formats_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         seed = f"**{r['seed']}**" if r["seed"] == "mean" else r["seed"]
         out.append(
-            "| " + " | ".join([r["ablation"], short(r["target_kg"]), seed] + [format_cell(r, m, s, f) for m, s, _, f in cols]) + " |"
+            "| "
+            + " | ".join([r["ablation"], short(r["target_kg"]), seed] + [format_cell(r, m, s, f) for m, s, _, f in cols])
+            + " |"
         )
     return out
 
