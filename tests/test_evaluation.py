@@ -36,6 +36,9 @@ def test_evaluate_matches_discovery_summary(real_run, tiny_lm):
             )
             assert m[v][k]["mc"] == pytest.approx(s[v][f"{k}_mc"]) and m[v][k]["mc_norm"] == pytest.approx(s[v][f"{k}_mc_norm"])
     assert m["original"]["target"]["mc_chance"] == pytest.approx(s["multiple_choice"]["target"]["chance"])
+    for v in ("original", "remaining"):  # the logit lens of the removed facts, as discovery recorded it
+        assert m[v]["target"]["lens_top10_any"] == pytest.approx(s[v]["target_lens_top10_any"])
+        assert m[v]["target"]["lens_top10_any"] >= m[v]["target"]["top10"]  # the last layer is the output
     assert res["subnetwork"]["sparsity"] == pytest.approx(s["sparsity"])
     assert json.loads((real_run / "evaluation.json").read_text())["subnetwork_sha"] == res["subnetwork_sha"]
     t = m["remaining"]["target"]

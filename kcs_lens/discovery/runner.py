@@ -28,6 +28,7 @@ from kcs_lens.discovery.rundir import RunData, RunDir, abandon_run_dir, load_run
 from kcs_lens.discovery.selection import meets_criteria, select_checkpoint, selection_rule
 from kcs_lens.errors import ConfigError, KcsLensError, NonFiniteLoss, OutputError, RunError
 from kcs_lens.evaluation.choice import ChoiceSet, choice_scores, run_choice_sets
+from kcs_lens.evaluation.lens import LENS_TOPK, lens_metrics, lens_ranks
 from kcs_lens.evaluation.scoring import lm_nll, tail_scores
 from kcs_lens.files import atomic_write_bytes
 from kcs_lens.masks.mask import MaskConfig, WeightMask, resolve_layers
@@ -70,14 +71,16 @@ def eval_batches(data: RunData) -> dict[str, TripletBatch]:
 def evaluate_split(lm: LensModel, data: RunData, choices: dict[str, ChoiceSet] | None = None) -> dict[str, float]:
     """Tail PPL, top-1 accuracy and mean rank of the tail's first token
     (:class:`~kcs_lens.evaluation.scoring.TailScores`) and, with ``choices``, multiple-choice accuracy
-    (:mod:`kcs_lens.evaluation.choice`) on every set of :func:`eval_batches`; LM PPL on held-out
-    text; for what ``lm`` is now."""
+    (:mod:`kcs_lens.evaluation.choice`) on every set of :func:`eval_batches`, the TargetKG's
+    logit-lens share (:mod:`kcs_lens.evaluation.lens`); LM PPL on held-out text; for what ``lm`` is now."""
     out: dict[str, float] = {}
     for name, batch in eval_batches(data).items():
         out.update({f"{name}_{k}": v for k, v in tail_scores(lm, batch).headline().items()})
         if choices and name in choices:
             mc = choice_scores(lm, choices[name]).headline()
             out.update({f"{name}_{k}": v for k, v in mc.items() if k != "mc_chance"})
+        if name == "target":
+            out[f"target_lens_top{LENS_TOPK}_any"] = lens_metrics(lens_ranks(lm, batch))[f"lens_top{LENS_TOPK}_any"]
     out["lm_ppl"] = math.exp(lm_nll(lm, data.lm_heldout))
     return out
 
@@ -86,7 +89,7 @@ def evaluate_split(lm: LensModel, data: RunData, choices: dict[str, ChoiceSet] |
 # multiple choice and the ControlKG test part).
 REMAINING_KEYS = tuple(
     f"{s}_{m}" for s in ("target", "control", "control_test") for m in ("ppl", "top1", "rank", "mc", "mc_norm", "mc_prob")
-) + ("lm_ppl",)
+) + ("lm_ppl", f"target_lens_top{LENS_TOPK}_any")
 
 
 def with_ratios(rem: dict[str, float], orig: dict[str, float]) -> dict[str, float]:

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, concat, tokenize_triplets
 from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
 from kcs_lens.errors import KGError, RunError, SubnetworkError
 from kcs_lens.evaluation.choice import ChoiceScores, ChoiceSet, DistractorPool, choice_scores, choice_sets
+from kcs_lens.evaluation.lens import lens_metrics, lens_ranks
 from kcs_lens.evaluation.scoring import TailScores, lm_nll, tail_scores
 from kcs_lens.files import atomic_write_json
 from kcs_lens.masks.mask import Keep
@@ -33,6 +35,7 @@ from kcs_lens.model.loading import load_model
 
 VARIANTS: dict[str, Keep | None] = {"original": None, "remaining": "remaining", "subnetwork": "subnetwork"}
 Metrics = dict[str, dict[str, dict[str, float]]]  # variant -> set -> metric -> value
+LENS_SETS = ("target", "paraphrases")  # the removed facts, whose tail the logit lens looks for at every layer
 Log = Callable[[str], None]
 
 
@@ -40,10 +43,15 @@ Log = Callable[[str], None]
 # Scoring the three variants
 # ------------------------------------------------------------------------------------------
 def set_metrics(
-    s: TailScores, o: TailScores | None, c: ChoiceScores | None = None, oc: ChoiceScores | None = None
+    s: TailScores,
+    o: TailScores | None,
+    c: ChoiceScores | None = None,
+    oc: ChoiceScores | None = None,
+    lens: Tensor | None = None,
 ) -> dict[str, float]:
     """PPL, mean tail rank / log-prob, top-k and, with ``c``, multiple choice (``mc``, ``mc_norm``,
-    ``mc_prob``, ``mc_chance``); with ``o`` / ``oc`` (original) also deltas (per-triplet mean/min/max)."""
+    ``mc_prob``, ``mc_chance``), with ``lens`` (ranks per layer) the logit-lens shares; with ``o`` /
+    ``oc`` (original) also deltas (per-triplet mean/min/max)."""
     m = {
         "ppl": s.ppl,
         "rank_mean": s.rank_mean,
@@ -60,6 +68,8 @@ def set_metrics(
         m.update(c.headline())
         if oc is not None:
             m.update(dmc=c.accuracy() - oc.accuracy(), dmc_norm=c.accuracy(norm=True) - oc.accuracy(norm=True))
+    if lens is not None:
+        m.update(lens_metrics(lens))
     return m
 
 
@@ -168,6 +178,7 @@ class Evaluator:
         with nullcontext() if sub is None else sub.applied(self.lm, keep=keep):
             out: dict[str, Any] = {k: tail_scores(self.lm, b) for k, b in self.batches.items()}
             out["mc"] = {k: choice_scores(self.lm, c) for k, c in self.choices.items()}
+            out["lens"] = {k: lens_ranks(self.lm, self.batches[k]) for k in LENS_SETS if k in self.batches}
             out["lm"] = lm_nll(self.lm, self.lm_blocks)
         return out
 
@@ -179,7 +190,9 @@ class Evaluator:
             o = None if keep is None else self.original
             mc, omc = s["mc"], None if o is None else o["mc"]
             m = {
-                k: set_metrics(s[k], None if o is None else o[k], mc.get(k), None if omc is None else omc.get(k))
+                k: set_metrics(
+                    s[k], None if o is None else o[k], mc.get(k), None if omc is None else omc.get(k), s["lens"].get(k)
+                )
                 for k in self.batches
             }
             ppl = math.exp(s["lm"])

@@ -33,9 +33,23 @@ ANSWER_SETS = (
     ("control_test", "ControlKG test"),
     ("paraphrases", "paraphrases"),
 )
-ANSWER_METRICS = (("top1", "top-1"), ("rank", "rank"), ("mc", "MC"), ("mc_norm", "MC norm"), ("ratio", "PPL ratio"))
+ANSWER_METRICS = (
+    ("top1", "top-1"),
+    ("rank", "rank"),
+    ("mc", "MC"),
+    ("mc_norm", "MC norm"),
+    ("ratio", "PPL ratio"),
+    ("lens_top10", "lens top-10"),
+)
 # the names in evaluation.json (evaluation.set_metrics)
-_EVAL_NAME = {"top1": "top1", "rank": "rank_mean", "mc": "mc", "mc_norm": "mc_norm", "ratio": "ppl_ratio"}
+_EVAL_NAME = {
+    "top1": "top1",
+    "rank": "rank_mean",
+    "mc": "mc",
+    "mc_norm": "mc_norm",
+    "ratio": "ppl_ratio",
+    "lens_top10": "lens_top10_any",
+}
 
 
 def answer_columns(metrics: dict[str, Any], random: dict[str, Any] | None = None) -> dict[str, float | None]:
@@ -292,6 +306,8 @@ FORMAT_COLUMNS = (
     ("mc", "target", "MC TargetKG", ".2f"),
     ("top1", "paraphrases", "top-1 unseen wordings", ".2f"),
     ("mc", "paraphrases", "MC unseen wordings", ".2f"),
+    ("lens_top10", "target", "lens top-10 TargetKG (any layer)", ".2f"),
+    ("lens_top10", "paraphrases", "lens top-10 unseen wordings", ".2f"),
     ("top1", "control_test", "top-1 ControlKG test", ".2f"),
     ("mc", "control_test", "MC ControlKG test", ".2f"),
     ("ratio", "control_test", "PPL ratio ControlKG test", ".3f"),
@@ -322,7 +338,8 @@ def formats_lines(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "original → remaining [random removal of the same size]; MC = multiple choice among same-relation tails "
         + (f"(chance {chance:.2f}); " if chance is not None else "; ")
-        + "unseen wordings = the TargetKG in templates the run did not train on (docs/method.md).",
+        + "unseen wordings = the TargetKG in templates the run did not train on; lens top-10 = share of facts whose "
+        "tail is in the top 10 of the logit lens at some layer (docs/method.md).",
         "",
     ]
     head = ["ablation", "TargetKG", "seed", *[c[2] for c in cols]]
