@@ -40,7 +40,7 @@ from torch import Tensor
 from kcs_lens.data.templates import indefinite_article
 from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, tokenize_triplets
 from kcs_lens.errors import KGError
-from kcs_lens.evaluation.scoring import ModelFn, tail_scores
+from kcs_lens.evaluation.scoring import ModelFn
 
 if TYPE_CHECKING:
     from kcs_lens.discovery.config import DiscoveryConfig
@@ -121,12 +121,19 @@ def _context_len(texts: Sequence[str]) -> int:
 
 @dataclass
 class ChoiceSet:
-    """The tokenized choices of a triplet set: one row per (triplet, choice); the true tail is
-    each scored triplet's first row."""
+    """The tokenized choices of a triplet set. Choices are numbered triplet by triplet, the true
+    tail first. The model runs on shared ``rows``: a choice's scored logits sit at positions its
+    row shares with it, so choices whose continuation is one token share their context's row and
+    choices that extend the same tokens share one row (a causal model gives the same logits there)."""
 
-    batch: TripletBatch  # context + continuation of every choice
-    item: Int[Tensor, " rows"]  # index (among the scored triplets) of each row's triplet
-    is_true: Bool[Tensor, " rows"]
+    rows: Int[Tensor, "n_rows seq"]  # right-padded token ids the model runs on
+    row_len: Int[Tensor, " n_rows"]
+    tok_row: Int[Tensor, " n_tok"]  # per scored continuation token (sorted by row): its row,
+    tok_pos: Int[Tensor, " n_tok"]  # the position whose logits predict it,
+    tok_target: Int[Tensor, " n_tok"]  # the token,
+    tok_choice: Int[Tensor, " n_tok"]  # and its choice
+    item: Int[Tensor, " choices"]  # index (among the scored triplets) of each choice's triplet
+    is_true: Bool[Tensor, " choices"]
     n_choices: Int[Tensor, " items"]  # choices per scored triplet (true tail included)
     k: int
     n_triplets: int  # triplets in the set, scored or not
@@ -146,6 +153,7 @@ class ChoiceSet:
         """How the choices were drawn, for the output files."""
         return {
             "k": self.k,
+            "n_rows": int(self.rows.shape[0]),
             "n_scored": self.n_items,
             "n_short": self.n_short,
             "n_skipped": len(self.skipped),
@@ -196,7 +204,7 @@ def build_choices(
         raise KGError(f"{source or 'triplet set'}: no triplet has another tail of its relation to choose from")
     batch = tokenize_triplets(rows, tokenizer, prepend_bos=prepend_bos, tail_scoring="all", d_vocab=d_vocab, source=source)
     return ChoiceSet(
-        batch,
+        *_shared_rows(batch, item),
         torch.tensor(item),
         torch.tensor(is_true),
         torch.tensor(n_choices),
@@ -205,6 +213,43 @@ def build_choices(
         skipped,
         all_choices,
     )
+
+
+def _shared_rows(batch: TripletBatch, item: list[int]) -> tuple[Tensor, ...]:
+    """The rows the model must run to score every choice of ``batch`` (one per choice, tokenized),
+    and where each scored token's logits are; see :class:`ChoiceSet`."""
+    needed: list[tuple[int, ...]] = []  # per choice: the tokens up to its last scored position
+    for b in range(len(batch)):
+        last = int(batch.score_mask[b].nonzero().max())
+        needed.append(tuple(batch.tokens[b, : last + 1].tolist()))
+    row_of: dict[tuple[int, ...], int] = {}
+    rows: list[tuple[int, ...]] = []
+    choice_row: list[int] = []
+    b = 0
+    while b < len(batch):  # the choices of one triplet: b .. e-1
+        e = b
+        while e < len(batch) and item[e] == item[b]:
+            e += 1
+        group = sorted(set(needed[b:e]), key=len, reverse=True)
+        for c in range(b, e):
+            cover = next(g for g in group if g[: len(needed[c])] == needed[c])  # the longest row it is a prefix of
+            if cover not in row_of:
+                row_of[cover] = len(rows)
+                rows.append(cover)
+            choice_row.append(row_of[cover])
+        b = e
+    pad = int(batch.tokens[0, 0])  # right padding: never read
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    pos = batch.score_mask.nonzero()  # [n_tok, 2]: (choice, position), row-major
+    tok_choice, tok_pos = pos[:, 0], pos[:, 1]
+    tok_target = batch.targets[tok_choice, tok_pos]
+    tok_row = torch.tensor(choice_row)[tok_choice]
+    order = torch.argsort(tok_row, stable=True)
+    lengths = torch.tensor([len(r) for r in rows])
+    return tokens, lengths, tok_row[order], tok_pos[order], tok_target[order], tok_choice[order]
 
 
 @dataclass
@@ -252,10 +297,29 @@ class ChoiceScores:
 
 @torch.no_grad()
 def choice_scores(model: ModelFn, choices: ChoiceSet, batch_size: int = 256) -> ChoiceScores:
-    """Score every choice of ``choices`` under ``model`` (batched like :func:`tail_scores`)."""
-    s = tail_scores(model, choices.batch, batch_size=batch_size)
-    mean = -s.nll
-    return ChoiceScores(mean * s.n_scored, mean, choices.item, choices.is_true, choices.n_items, choices.chance)
+    """Score every choice of ``choices`` under ``model``: the log-probability of each continuation
+    token at its position (log-softmax over the vocabulary), summed per choice and averaged per token."""
+    n_choices = int(choices.item.numel())
+    total = torch.zeros(n_choices, dtype=torch.float64)
+    bounds = torch.searchsorted(choices.tok_row, torch.arange(0, choices.rows.shape[0] + batch_size, batch_size))
+    for i in range(0, choices.rows.shape[0], batch_size):
+        lo, hi = int(bounds[i // batch_size]), int(bounds[i // batch_size + 1])
+        rows = choices.rows[i : i + batch_size]
+        rows = rows[:, : int(choices.row_len[i : i + batch_size].max())]
+        logits = model(rows.to(_device(model)))
+        r, p = (choices.tok_row[lo:hi] - i).to(logits.device), choices.tok_pos[lo:hi].to(logits.device)
+        logp = torch.log_softmax(logits[r, p].float(), dim=-1)
+        lp = logp.gather(-1, choices.tok_target[lo:hi, None].to(logp.device))[:, 0]
+        total.index_add_(0, choices.tok_choice[lo:hi], lp.double().cpu())
+    n_tok = torch.zeros(n_choices, dtype=torch.float64).index_add_(
+        0, choices.tok_choice, torch.ones(len(choices.tok_choice), dtype=torch.float64)
+    )
+    return ChoiceScores(total.float(), (total / n_tok).float(), choices.item, choices.is_true, choices.n_items, choices.chance)
+
+
+def _device(model: Any) -> torch.device | str:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, (torch.device, str)) else "cpu"
 
 
 def choice_sets(
