@@ -117,6 +117,8 @@ def print_summary(s: dict[str, Any]) -> None:
     sets = [("target", "TargetKG"), ("control", "ControlKG (val)"), ("lm", "ControlLM (held-out)")]
     if "control_test_ppl" in r:
         sets.insert(2, ("control_test", "ControlKG (test, held out)"))
+    if "paraphrases_ppl" in r:
+        sets.insert(1, ("paraphrases", "TargetKG, unseen wordings"))
     for key, label in sets:
         answers = key != "lm"
         chance = (mc.get(key) or {}).get("chance")

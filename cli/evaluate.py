@@ -12,7 +12,7 @@ SET_LABELS = {
     "control": "ControlKG (val)",
     "control_test": "ControlKG (test, held out)",
     "lm": "ControlLM (held-out)",
-    "paraphrases": "paraphrases",
+    "paraphrases": "unseen wordings",
 }
 
 RUN_ARG = typer.Argument(..., help="run directory of kcs-lens discover")

@@ -121,12 +121,17 @@ def test_discovery_records_and_selects_on_multiple_choice(tmp_path, tiny_kg, tin
     from kcs_lens.discovery.runner import discover
     from kcs_lens.discovery.selection import selection_rule
 
-    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | dict(control_test_size=4, select_min_target_ratio=0.0)
+    para = tmp_path / "para.jsonl"  # the TargetKG in another wording
+    rows = [json.loads(x) for x in tiny_kg["target"].read_text().splitlines()]
+    para.write_text("".join(json.dumps({**r, "text": r["text"].replace(" is a ", " is a kind of ")}) + "\n" for r in rows))
+    kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | dict(control_test_size=4, select_min_target_ratio=0.0, paraphrases=str(para))
     s = discover(out=tmp_path / "r", **kw)
     recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     for r in recs:
-        for k in ("target_mc", "target_mc_norm", "control_mc", "control_test_mc", "control_test_ratio"):
+        for k in ("target_mc", "target_mc_norm", "control_mc", "control_test_mc", "control_test_ratio", "paraphrases_mc"):
             assert 0 <= r[k] and math.isfinite(r[k]), k
+        assert 0 <= r["paraphrases_top1"] <= 1 and 0 <= r["target_lens_top10_any"] <= 1
+    assert s["data"]["paraphrases"] == 6 and "paraphrases_ratio" in s["ratio"]
     assert s["data"]["control_val"] == 6 and s["data"]["control_test"] == 4
     assert s["multiple_choice"]["target"]["k"] == 5 and s["multiple_choice"]["target"]["chance"] == pytest.approx(0.2)
     assert (

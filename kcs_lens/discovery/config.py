@@ -151,6 +151,16 @@ class DiscoveryConfig:
         check=at_least(0),
     )
     templates: str | None = opt(None, "relation templates file (JSON/TOML/YAML) for KG rows without text")
+    paraphrases: str | None = opt(
+        None,
+        "unseen wordings: KG spec of the TargetKG in other templates, never trained on, scored at every evaluation and "
+        "by evaluate/report (unset: the bundled <target>-paraphrases where there is one; '': none)",
+    )
+    train_templates: list[str] | None = opt(
+        None,
+        "TargetKG wordings to train on, by the rows' 'template' field (e.g. 0 or 0,1): rows of the TargetKG and of "
+        "--paraphrases with other templates are held out as unseen wordings (unset: the TargetKG as given)",
+    )
     prepend_bos: bool = opt(True, "prepend BOS to every triplet prompt", flag="--prepend-bos/--no-prepend-bos")
     tail_scoring: Literal["all", "last"] = opt(
         "all", "score all tail tokens (teacher forcing) or only the last (the paper's data has one-token tails)"

@@ -380,6 +380,8 @@ class RunData:
     lm_heldout: Int[Tensor, "n_heldout block"]
     control_test: TripletSet | None = None  # held out from training and selection (``control_test_size``)
     control_test_batch: TripletBatch | None = None
+    paraphrases: TripletSet | None = None  # the TargetKG in wordings training never sees (``paraphrases``, ``train_templates``)
+    paraphrases_batch: TripletBatch | None = None
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -387,6 +389,7 @@ class RunData:
             "control_train": len(self.control),
             "control_val": len(self.control_val),
             **({"control_test": len(self.control_test)} if self.control_test is not None else {}),
+            **({"paraphrases": len(self.paraphrases)} if self.paraphrases is not None else {}),
             "control_overlap_dropped": self.n_overlap_dropped,
             "lm_train_blocks": int(self.lm_train.shape[0]),
             "lm_heldout_blocks": int(self.lm_heldout.shape[0]),
@@ -401,6 +404,7 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
 
     kw: dict[str, Any] = dict(model_name=lm.spec, templates=cfg.templates)
     target = load_kg(cfg.target_kg, **kw)
+    target, paraphrases = split_wordings(cfg, target, kw)
     control = load_kg(cfg.control_kg, **kw)
     val_spec = cfg.control_val_source
     if val_spec:
@@ -458,4 +462,50 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
         lm_heldout,
         control_test,
         None if control_test is None else tok(control_test, f"{val_spec or cfg.control_kg} (test part)"),
+        paraphrases,
+        None if paraphrases is None else tok(paraphrases, paraphrases.source or "paraphrases"),
     )
+
+
+def paraphrase_spec(cfg: DiscoveryConfig) -> str | None:
+    """The run's unseen-wordings KG spec: ``cfg.paraphrases``, else the bundled ``<target>-paraphrases``
+    where the TargetKG is a bundled set that has one ('' : none)."""
+    from kcs_lens.data.loaders import builtin_names
+
+    if cfg.paraphrases is not None:
+        return cfg.paraphrases or None
+    name = str(cfg.target_kg)
+    name = name[len("builtin:") :] if name.startswith("builtin:") else name
+    if any(c in name for c in "/:\\."):
+        return None
+    return f"{name}-paraphrases" if f"{name}-paraphrases" in builtin_names() else None
+
+
+def split_wordings(cfg: DiscoveryConfig, target: TripletSet, kw: dict[str, Any]) -> tuple[TripletSet, TripletSet | None]:
+    """(the TargetKG trained on, the unseen wordings). With ``train_templates``, the rows of the
+    TargetKG and of the paraphrase set whose ``template`` field is listed are trained on and the
+    others held out; every row needs the field."""
+    from kcs_lens.data.loaders import load_kg
+
+    spec = paraphrase_spec(cfg)
+    para = load_kg(spec, **kw) if spec else None
+    if not cfg.train_templates:
+        return target, para
+    rows = [*target, *(para or [])]
+    missing = [t for t in rows if "template" not in t.meta]
+    if missing:
+        raise ConfigError(
+            f"--train-templates: {len(missing)} TargetKG/paraphrase row(s) have no 'template' field (first: {missing[0].text!r}); "
+            "it needs KG files whose rows name their template"
+        )
+    keep = {str(x) for x in cfg.train_templates}
+    train = [t for t in rows if str(t.meta["template"]) in keep]
+    held = [t for t in rows if str(t.meta["template"]) not in keep]
+    if not train:
+        have = sorted({str(t.meta["template"]) for t in rows})
+        raise ConfigError(
+            f"--train-templates {','.join(cfg.train_templates)}: no TargetKG row has one of these templates (have {have})"
+        )
+    source = target.source + (f" + {para.source}" if para is not None else "")
+    unseen = TripletSet(held, f"{target.name}-unseen", f"{source} (templates not in {','.join(cfg.train_templates)})")
+    return TripletSet(train, target.name, f"{source} (templates {','.join(cfg.train_templates)})"), (unseen if held else None)

@@ -61,10 +61,13 @@ def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
 # ------------------------------------------------------------------------------------------
 def eval_batches(data: RunData) -> dict[str, TripletBatch]:
     """The triplet sets every evaluation scores: TargetKG, ControlKG validation and, where the run
-    holds one out, the ControlKG test part."""
+    has them, the ControlKG test part and the unseen wordings (``paraphrases``; no selection
+    criterion reads these two)."""
     out = {"target": data.target_batch, "control": data.control_val_batch}
     if data.control_test_batch is not None:
         out["control_test"] = data.control_test_batch
+    if data.paraphrases_batch is not None:
+        out["paraphrases"] = data.paraphrases_batch
     return out
 
 
@@ -88,14 +91,19 @@ def evaluate_split(lm: LensModel, data: RunData, choices: dict[str, ChoiceSet] |
 # What summary.json keeps of the selected evaluation (older runs' records lack the ranks, the
 # multiple choice and the ControlKG test part).
 REMAINING_KEYS = tuple(
-    f"{s}_{m}" for s in ("target", "control", "control_test") for m in ("ppl", "top1", "rank", "mc", "mc_norm", "mc_prob")
+    f"{s}_{m}"
+    for s in ("target", "control", "control_test", "paraphrases")
+    for m in ("ppl", "top1", "rank", "mc", "mc_norm", "mc_prob")
 ) + ("lm_ppl", f"target_lens_top{LENS_TOPK}_any")
+
+
+RATIO_SETS = ("target", "control", "lm", "control_test", "paraphrases")
 
 
 def with_ratios(rem: dict[str, float], orig: dict[str, float]) -> dict[str, float]:
     """The record plus PPL deltas and ratios (remaining / original) of every set it has."""
     out = dict(rem)
-    for k in ("target", "control", "lm", "control_test"):
+    for k in RATIO_SETS:
         if f"{k}_ppl" in rem and f"{k}_ppl" in orig:
             out[f"{k}_dppl"] = rem[f"{k}_ppl"] - orig[f"{k}_ppl"]
             out[f"{k}_ratio"] = rem[f"{k}_ppl"] / orig[f"{k}_ppl"]
@@ -394,8 +402,8 @@ class Run:
             "sparsity_all_linear": sub.sparsity_all_linear,
             "original": self.original,
             "remaining": {k: chosen[k] for k in REMAINING_KEYS if k in chosen},
-            "delta": {k: chosen[k] for k in ("target_dppl", "control_dppl", "lm_dppl", "control_test_dppl") if k in chosen},
-            "ratio": {k: chosen[k] for k in ("target_ratio", "control_ratio", "lm_ratio", "control_test_ratio") if k in chosen},
+            "delta": {f"{k}_dppl": chosen[f"{k}_dppl"] for k in RATIO_SETS if f"{k}_dppl" in chosen},
+            "ratio": {f"{k}_ratio": chosen[f"{k}_ratio"] for k in RATIO_SETS if f"{k}_ratio" in chosen},
             "data": self.data.sizes(),
             **({"multiple_choice": self.choice_info()} if self.choices else {}),
         }

@@ -340,7 +340,8 @@ def choice_sets(
 
 def run_choice_sets(cfg: "DiscoveryConfig", data: "RunData", lm: "LensModel") -> dict[str, ChoiceSet]:
     """The multiple choice of a run (``cfg.mc_choices`` choices; none when 0) on its TargetKG,
-    ControlKG validation and test parts, against the pool of all its triplets and ``cfg.distractors``."""
+    ControlKG validation and test parts, against the pool of all its triplets and ``cfg.distractors``,
+    and on its unseen wordings (that pool and their own tails)."""
     if not cfg.mc_choices:
         return {}
     from kcs_lens.data.loaders import load_kg
@@ -351,4 +352,8 @@ def run_choice_sets(cfg: "DiscoveryConfig", data: "RunData", lm: "LensModel") ->
     pool = DistractorPool([data.target, data.control, *sets.values()])
     if cfg.distractors:
         pool.add(load_kg(cfg.distractors, model_name=lm.spec, templates=cfg.templates))
-    return choice_sets(sets, pool, lm.tokenizer, k=cfg.mc_choices, prepend_bos=cfg.prepend_bos, d_vocab=lm.shape.d_vocab)
+    kw: dict[str, Any] = dict(k=cfg.mc_choices, prepend_bos=cfg.prepend_bos, d_vocab=lm.shape.d_vocab)
+    out = choice_sets(sets, pool, lm.tokenizer, **kw)
+    if data.paraphrases is not None:  # their own tails join the pool for them only
+        out |= choice_sets({"paraphrases": data.paraphrases}, pool.extended(data.paraphrases), lm.tokenizer, **kw)
+    return out

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, concat, tokenize_triplets
 from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
-from kcs_lens.errors import KGError, RunError, SubnetworkError
+from kcs_lens.errors import RunError, SubnetworkError
 from kcs_lens.evaluation.choice import ChoiceScores, ChoiceSet, DistractorPool, choice_scores, choice_sets
 from kcs_lens.evaluation.lens import lens_metrics, lens_ranks
 from kcs_lens.evaluation.scoring import TailScores, lm_nll, tail_scores
@@ -77,8 +77,9 @@ class Evaluator:
     """A model plus the evaluation sets of one run; the original model's scores are computed once.
 
     ``kgs``: extra KG specs evaluated against the same subnetwork. ``paraphrases``: KG specs of
-    other verbalizations of the TargetKG (merged into the set ``paraphrases``); ``None`` looks for
-    the bundled ``<target>-paraphrases`` set. ``distractors``: KG specs whose tails join the
+    other verbalizations of the TargetKG (merged into the set ``paraphrases``); ``None``: the run's
+    own unseen wordings (its ``paraphrases`` setting, the bundled ``<target>-paraphrases``, or the
+    rows ``train_templates`` held out). ``distractors``: KG specs whose tails join the
     multiple-choice pool (beside the run's own ``distractors``). Every triplet set is also scored
     as multiple choice (:mod:`kcs_lens.evaluation.choice`) unless the run's ``mc_choices`` is 0.
     """
@@ -128,9 +129,12 @@ class Evaluator:
             source=src,
         ).to(self.lm.device)
         extra: dict[str, TripletSet] = {}  # sets beside the run's: their multiple choice adds their own tails
-        if paraphrases is None:
-            paraphrases = self._auto_paraphrases(load_kg)
-        if paraphrases:
+        if paraphrases is None and data.paraphrases is not None and data.paraphrases_batch is not None:
+            # the run's own unseen wordings (its --paraphrases, the bundled set, or the --train-templates split)
+            self.batches["paraphrases"] = data.paraphrases_batch
+            extra["paraphrases"] = data.paraphrases
+            self.sets["paraphrases"] = {"spec": data.paraphrases.source or str(cfg.paraphrases), "n": len(data.paraphrases)}
+        elif paraphrases:
             ts = concat([load_kg(p, model_name=self.lm.spec) for p in paraphrases], name="paraphrases")
             self.batches["paraphrases"] = tok(ts, "paraphrases")
             extra["paraphrases"] = ts
@@ -162,16 +166,6 @@ class Evaluator:
             "block_len": int(self.lm_blocks.shape[1]),
         }
         self.original = self.scores(None)
-
-    def _auto_paraphrases(self, load_kg) -> list[str]:
-        spec = f"{self.config.target_kg}-paraphrases"
-        if any(c in str(self.config.target_kg) for c in "/:\\."):
-            return []
-        try:
-            load_kg(spec, model_name=self.lm.spec)
-        except KGError:
-            return []
-        return [spec]
 
     def scores(self, sub: Subnetwork | None, keep: Keep = "remaining") -> dict[str, Any]:
         """Raw scores of every set: TailScores per triplet set, mean NLL for ``lm``."""
