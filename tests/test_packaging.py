@@ -44,6 +44,7 @@ def test_wheel_contains_only_kcs_lens(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"kcs_lens", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     assert "kcs_lens/cli/main.py" in names and "kcs_lens/analyses/__init__.py" in names
+    assert {"kcs_lens/analyses/compare_circuits.ipynb", "kcs_lens/analyses/discovery_to_downstream.ipynb"} <= set(names)
     if (ROOT / "kcs_lens" / "bundled" / "model" / "config.json").exists():
         assert "kcs_lens/bundled/model/model.safetensors" in names
     if (ROOT / "kcs_lens" / "bundled" / "llama" / "model" / "config.json").exists():  # bundled-llama

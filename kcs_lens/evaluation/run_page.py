@@ -47,6 +47,8 @@ FIRST = (
     "control_ratio",
     "lm_ratio",
     "target_top1",
+    "target_mc",
+    "control_mc",
     "sparsity",
     "control_top1",
     "target_rank",
@@ -136,8 +138,13 @@ def thresholds(info: RunInfo) -> dict[str, tuple[float, str]]:
         "control_ratio": (c.select_max_control_ratio, "<="),
         "lm_ratio": (c.select_max_lm_ratio, "<="),
     }
-    if c.select_max_target_top1 is not None:
-        out["target_top1"] = (c.select_max_target_top1, "<=")
+    for key, value, op in (
+        ("target_top1", c.select_max_target_top1, "<="),
+        ("target_mc", c.select_max_target_mc, "<="),
+        ("control_mc", c.select_min_control_mc, ">="),
+    ):
+        if value is not None:
+            out[key] = (value, op)
     return out
 
 
@@ -174,6 +181,33 @@ def page_data(
     }
 
 
+def pages_data(
+    infos: Sequence[RunInfo],
+    *,
+    draws: int = 5,
+    seed: int = 0,
+    recompute: bool = False,
+    lens_model: LensModel | None = None,
+    device: str | None = None,
+    log: Log = print,
+) -> list[dict[str, Any]]:
+    """The data of each page (one per setting group, :func:`group_runs` order): evaluations and
+    baselines reused from the run directories as ``kcs-lens report`` reuses them, else computed."""
+    groups = group_runs(infos)
+    ordered = [r for g in groups for r in g.runs]
+    rows = evaluated_rows(
+        ordered, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, device=device, log=log, facts=True
+    )
+    out, i = [], 0
+    for g in groups:
+        n = len(g.runs)
+        evals = [json.loads(r.files.evaluation.read_text()) for r in g.runs]
+        bases = [json.loads(r.files.baseline.read_text()) if r.files.baseline.exists() else None for r in g.runs]
+        out.append(page_data(g, rows[i : i + n], evals, bases))
+        i += n
+    return out
+
+
 def run_pages(
     infos: Sequence[RunInfo],
     base: str | Path,
@@ -185,21 +219,11 @@ def run_pages(
     device: str | None = None,
     log: Log = print,
 ) -> list[Path]:
-    """Write one page per setting group of ``infos`` (paths: :func:`page_paths`). Evaluations and
-    baselines are reused from the run directories as ``kcs-lens report`` reuses them."""
-    groups = group_runs(infos)
-    paths = check_pages(groups, base)
-    ordered = [r for g in groups for r in g.runs]
-    rows = evaluated_rows(
-        ordered, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, device=device, log=log, facts=True
-    )
-    i = 0
-    for g, path in zip(groups, paths):
-        n = len(g.runs)
-        evals = [json.loads(r.files.evaluation.read_text()) for r in g.runs]
-        bases = [json.loads(r.files.baseline.read_text()) if r.files.baseline.exists() else None for r in g.runs]
-        atomic_write_bytes(path, render(page_data(g, rows[i : i + n], evals, bases)).encode())
-        i += n
+    """Write one page per setting group of ``infos`` (paths: :func:`page_paths`, checked first)."""
+    paths = check_pages(group_runs(infos), base)
+    data = pages_data(infos, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, device=device, log=log)
+    for path, d in zip(paths, data):
+        atomic_write_bytes(path, render(d).encode())
     return paths
 
 
