@@ -73,6 +73,9 @@ def test_facts_agree_with_the_evaluation(page, real_run):
             assert top1 == pytest.approx(ev["metrics"][variant][s]["top1"])
             rank = sum(f[f"rank_{variant}"] for f in facts) / len(facts)
             assert rank == pytest.approx(ev["metrics"][variant][s]["rank_mean"])
+            picked = [f[f"mc_{variant}"] == f["tail"] for f in facts if f"mc_{variant}" in f]
+            assert picked, "the run has multiple choice (mc_choices): every scored fact has its pick"
+            assert sum(picked) / len(picked) == pytest.approx(ev["metrics"][variant][s]["mc"])
     text = path.read_text()
     n_rows = sum(len(v) for v in ev["facts"].values())
     assert text.count('data-rel="') == n_rows

@@ -195,3 +195,16 @@ def test_sweep_checks_tracking_before_any_cell(tmp_path, monkeypatch):
     r = cli("sweep", study_file(tmp_path), "--out", tmp_path / "study", "--log", "wandb", "--no-progress")
     assert r.exit_code == 2 and r.output.startswith("error: --log wandb needs the wandb package"), r.output
     assert not (tmp_path / "study").exists()
+
+
+def test_force_deletes_the_tracking_folders(tmp_path):
+    """--force replaces a run's own files, tensorboard/ and wandb/ included, and keeps the user's."""
+    from kcs_lens.discovery.rundir import RunDir
+
+    for d in ("tensorboard", "wandb"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x").write_text("x")
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert RunDir(tmp_path).clear() == [tmp_path / "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

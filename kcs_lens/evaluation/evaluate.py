@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, concat, tokenize_triplets
@@ -203,10 +204,17 @@ def fact_answers(ev: Evaluator, sub: Subnetwork) -> dict[str, list[dict[str, Any
     page's per-fact table shows: which facts lost their answer and what the model says instead."""
     with sub.applied(ev.lm, keep="remaining"):
         rem = {k: tail_scores(ev.lm, b) for k, b in ev.batches.items()}
+        rem_mc = {k: choice_scores(ev.lm, c) for k, c in ev.choices.items()}
     word = lambda i: ev.lm.tokenizer.decode([int(i)])
     out: dict[str, list[dict[str, Any]]] = {}
     for k, triplets in ev.triplets.items():
         o, r = ev.original[k], rem[k]
+        mc: dict[int, dict[str, str]] = {}
+        if k in ev.choices:  # multiple choice: the tail each model picks among the set's choices
+            cs = ev.choices[k]
+            scored = [i for i in range(cs.n_triplets) if i not in set(cs.skipped)]
+            picks = {v: _picked(sc) for v, sc in (("original", ev.original["mc"][k]), ("remaining", rem_mc[k]))}
+            mc = {i: {f"mc_{v}": cs.choices[j][int(p[j])] for v, p in picks.items()} for j, i in enumerate(scored)}
         out[k] = [
             {
                 "head": t.head,
@@ -219,10 +227,22 @@ def fact_answers(ev: Evaluator, sub: Subnetwork) -> dict[str, list[dict[str, Any
                 "rank_remaining": int(r.first_rank[i]),
                 "logprob_original": float(o.first_logprob[i]),
                 "logprob_remaining": float(r.first_logprob[i]),
+                **mc.get(i, {}),
             }
             for i, t in enumerate(triplets)
         ]
     return out
+
+
+def _picked(sc: ChoiceScores) -> Int[Tensor, " items"]:
+    """Per scored triplet: the position, among its choices (true tail first), of the best-scored one."""
+    best = torch.full((sc.n_items,), float("-inf"), dtype=sc.sum_logprob.dtype)
+    best = best.scatter_reduce(0, sc.item, sc.sum_logprob, "amax")
+    counts = torch.bincount(sc.item, minlength=sc.n_items)
+    starts = counts.cumsum(0) - counts  # an item's rows are contiguous, its true tail first
+    pos = torch.arange(len(sc.item)) - starts[sc.item]
+    hit = sc.sum_logprob >= best[sc.item]
+    return torch.full((sc.n_items,), 10**9, dtype=torch.long).scatter_reduce(0, sc.item[hit], pos[hit], "amin")
 
 
 def check_model(run: RunInfo, lm: LensModel) -> None:

@@ -429,6 +429,7 @@ def facts_section(d: dict[str, Any]) -> str:
     runs = d["runs"]
     rows, attrs = [], []
     relations, sets = set(), []
+    has_mc = any("mc_original" in f for x in runs for fs in x["facts"].values() for f in fs)
     for x in runs:
         for s, facts in x["facts"].items():
             if s not in sets:
@@ -451,6 +452,7 @@ def facts_section(d: dict[str, Any]) -> str:
                         f"{f['logprob_original']:.2f}",
                         f"{f['logprob_remaining']:.2f}",
                     ]
+                    + ([_e(f.get("mc_original", "")), _e(f.get("mc_remaining", ""))] if has_mc else [])
                 )
                 attrs.append(
                     f'data-set="{_e(s)}" data-rel="{_e(f["relation"])}" data-seed="{_e(x["seed"])}" '
@@ -470,12 +472,13 @@ def facts_section(d: dict[str, Any]) -> str:
     )
     head = ["set", "seed", "head", "relation", "tail", "answer: original", "answer: remaining"]
     head += ["tail rank: original", "tail rank: remaining", "log p tail: original", "log p tail: remaining"]
+    head += ["multiple choice: original", "multiple choice: remaining"] if has_mc else []
     n_lost = sum("lost" in a for a in attrs)
     n_target = sum('data-set="target"' in a for a in attrs)
     n_lost_t = sum("lost" in a and 'data-set="target"' in a for a in attrs)
     return (
         f"<p class='note'>The answer is the model's top token at the tail's first position; rank 0 = the tail is the "
-        f"answer. Rows in red lost their answer (rank 0 before, not after): {n_lost_t} of {n_target} TargetKG rows, "
+        f"answer. Multiple choice (when the run has it): the tail the model scores best among the set's choices. Rows in red lost their answer (rank 0 before, not after): {n_lost_t} of {n_target} TargetKG rows, "
         f"{n_lost} of {len(rows)} in all. Click a column to sort.</p>" + controls + _table(head, rows, "num facts", attrs)
     )
 
