@@ -3,6 +3,8 @@
 - :class:`~kcs_lens.errors.KcsLensError` (bad input or state), an ``OSError`` (disk full, no
   permission) or a bad flag value (click's usage errors): one ``error:`` line on stderr, exit code 2.
 - :class:`~kcs_lens.errors.KcsLensWarning`: one ``note:`` line on stderr; the command goes on.
+- Ctrl-C (outside discovery, which saves its state and says how to resume): one ``error:`` line,
+  exit code 130.
 - Anything else is a bug: one line naming the exception and a log file holding the traceback,
   exit code 1. ``kcs-lens --debug ...`` (or ``KCS_LENS_DEBUG=1``) lets the traceback through.
 """
@@ -23,6 +25,7 @@ from kcs_lens.errors import KcsLensError, KcsLensWarning
 
 EXIT_BAD_INPUT = 2
 EXIT_BUG = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -74,7 +77,10 @@ def guarded(fn: F) -> F:
         except OSError as e:  # the environment, not a bug: disk full, permissions, a vanished file
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}")
-        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:  # Ctrl-C outside discovery's own handling (loading a model, reading data)
+            typer.echo("error: interrupted (Ctrl-C); no file was left half-written", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:
             if debug_enabled():

@@ -315,7 +315,7 @@ def report(
     """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot;
     on a study directory the study report (groups over seeds, seed overlap, unfinished cells); --html adds the run pages."""
     from kcs_lens.errors import ConfigError
-    from kcs_lens.evaluation.paper_table import report_runs
+    from kcs_lens.evaluation.paper_table import report_files, report_runs
     from kcs_lens.files import check_output_file
     from kcs_lens.sweep import is_study
 
@@ -326,9 +326,8 @@ def report(
     else:
         if out is None:
             raise ConfigError("report: --out FILE is required for run directories (only a study directory has a default)")
-        base = out.with_suffix("") if out.suffix in (".md", ".csv", ".png", ".html") else out
-        for suffix in (".md", ".csv", ".png"):
-            check_output_file(base.with_name(base.name + suffix), "--out")
+        for f in report_files(out)[1]:
+            check_output_file(f, "--out")
         res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo, html=html)
     typer.echo(Path(res["files"][0]).read_text())
     typer.echo("wrote " + ", ".join(res["files"]))

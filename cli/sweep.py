@@ -62,7 +62,7 @@ def run(
     ),
 ) -> None:
     """Run every cell of a study not done yet (interrupted cells resume); exit code 3 when a cell failed."""
-    from kcs_lens.sweep import parse_resources, run_sweep
+    from kcs_lens.sweep import run_sweep
 
     res = run_sweep(
         study,
@@ -71,7 +71,7 @@ def run(
         workers=workers,
         devices=devices.split(",") if devices else None,
         ray_address=ray_address,
-        resources=parse_resources(resources) if executor == "ray" else None,
+        resources=resources,
         max_retries=max_retries,
         dry_run=dry_run,
         force=force,
@@ -105,7 +105,8 @@ def print_plan(plan: Any, *, changed: bool, out: Path) -> None:
 
 @sweep_app.command("status")
 def status(study_dir: Path = typer.Argument(..., help="study directory (written by kcs-lens sweep --out)")) -> None:
-    """A table of the study's cells: state (pending/running/interrupted/done/failed), step, sparsity, last error."""
+    """A table of the study's cells: state (pending/running/interrupted/done/failed), step, sparsity, the node of
+    each attempt, last error."""
     from rich.console import Console
     from rich.table import Table
 
@@ -113,11 +114,12 @@ def status(study_dir: Path = typer.Argument(..., help="study directory (written 
 
     rows = sweep_status(study_dir)
     t = Table(title=f"study {study_dir}")
-    for col in ("cell", "state", "step", "sparsity %", "attempts", "last error"):
+    for col in ("cell", "state", "step", "sparsity %", "attempts", "node(s)", "last error"):
         t.add_column(col, justify="right" if col in ("step", "sparsity %", "attempts") else "left", overflow="fold")
     for r in rows:
         sp = "" if r["sparsity"] is None else f"{100 * r['sparsity']:.2f}"
-        t.add_row(r["cell"], r["state"], f"{r['step']}/{r['steps']}", sp, str(r["attempt"]), r["error"])
+        nodes = " -> ".join(r.get("nodes", []))
+        t.add_row(r["cell"], r["state"], f"{r['step']}/{r['steps']}", sp, str(r["attempt"]), nodes, r["error"])
     c = Console(width=max(140, Console().width))
     c.print(t)
     counts: dict[str, int] = {}

@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from safetensors.torch import save
 from torch import Tensor
@@ -28,10 +28,41 @@ _umask_lock = threading.Lock()
 
 def file_mode() -> int:
     """The mode a newly created regular file gets under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode a newly created folder gets under the current umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
     with _umask_lock:
         mask = os.umask(0)
         os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A new temporary folder ``parent/.NAME.XXXX`` with the mode of a normally created folder
+    (``mkdtemp`` alone gives 0700): it is renamed into place once complete."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+def output_files(out: str | os.PathLike[str], suffixes: tuple[str, ...]) -> tuple[Path, list[Path]]:
+    """``--out FILE`` of a command that writes FILE.md, FILE.csv...: the base name and the files.
+    A given suffix among ``suffixes`` is dropped (``rep.md`` -> ``rep``); any other dot stays part
+    of the name (``results-v1.2`` -> ``results-v1.2.md``, never ``results-v1.md``)."""
+    p = Path(out)
+    base = p.with_name(p.name[: -len(p.suffix)]) if p.suffix in suffixes else p
+    return base, [with_added_suffix(base, s) for s in suffixes]
+
+
+def with_added_suffix(base: Path, suffix: str) -> Path:
+    """``base`` + ``suffix`` (``Path.with_suffix`` would replace the part after a dot in the name)."""
+    return base.with_name(base.name + suffix)
 
 
 def _tmp_path(path: Path) -> Path:
@@ -150,6 +181,44 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def json_records(path: Path, error: type[KcsLensError]) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a ``.jsonl`` file (one JSON value per line) or a ``.json`` file (a JSON
+    array, or JSON lines saved as .json); ``where`` is ``FILE:LINE`` or ``FILE: item I``. A UTF-8
+    byte-order mark and CRLF line ends are accepted (files saved on Windows). Any problem is one
+    ``error`` naming the file and line: invalid JSON, a whole file that is one JSON object instead
+    of a list, text that is not UTF-8, nesting too deep to parse."""
+    if path.suffix.lower() == ".json":
+        raw = path.read_text(encoding="utf-8-sig")
+        head = raw.lstrip()
+        if head.startswith(("[", "{")):
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as e:
+                if head.startswith("["):
+                    raise error(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                data = None  # JSON lines saved as .json: read line by line below
+            except RecursionError:
+                raise error(f"{path}: JSON nested too deeply to read") from None
+            if isinstance(data, list):
+                for i, row in enumerate(data):
+                    yield f"{path}: item {i}", row
+                return
+            if isinstance(data, dict) and len(raw.strip().splitlines()) > 1:
+                raise error(
+                    f"{path}: the file is one JSON object; expected a JSON list of records [{{...}}, ...] or one record per line"
+                )
+    with path.open(encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise error(f"{path}:{lineno}: JSON nested too deeply to read") from None
+
+
 def read_mapping(path: str | os.PathLike[str], *, what: str, error: type[KcsLensError]) -> Any:
     """Parse a JSON, TOML or YAML file (by its extension). Any problem is one ``error`` line naming
     ``what`` and the file (with line and column for a syntax error)."""
@@ -162,7 +231,7 @@ def read_mapping(path: str | os.PathLike[str], *, what: str, error: type[KcsLens
     if not p.is_file():
         raise error(f"{what} {p}: not a file")
     try:
-        raw = p.read_text(encoding="utf-8")
+        raw = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise error(f"{what} {p}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -181,6 +250,8 @@ def read_mapping(path: str | os.PathLike[str], *, what: str, error: type[KcsLens
         return yaml.safe_load(raw)
     except json.JSONDecodeError as e:
         raise error(f"{what} {p}:{e.lineno}:{e.colno}: cannot parse ({e.msg})") from None
+    except RecursionError:
+        raise error(f"{what} {p}: nested too deeply to parse") from None
     except Exception as e:  # TOML and YAML syntax errors
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)

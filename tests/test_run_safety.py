@@ -199,11 +199,13 @@ def test_damaged_state_and_partial_metrics_line(tmp_path, tiny_kg, tiny_model_di
     state.write_bytes(state.read_bytes()[:100])
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "target_p')
-    log: list[str] = []
-    s = discover(resume=out, log=log.append)
+    from kcs_lens.discovery.runner import ResumeWarning
+
+    with pytest.warns(ResumeWarning) as caught:
+        s = discover(resume=out, log=lambda m: None)
     assert s is not None and s["selected_step"] in (6, 12)
-    warn = [m for m in log if m.startswith("warning:")]
-    assert len(warn) == 1 and "state.pt is damaged" in warn[0] and "step 6" in warn[0], log
+    warn = [str(w.message) for w in caught if w.category is ResumeWarning]
+    assert len(warn) == 1 and "state.pt is damaged" in warn[0] and "step 6" in warn[0], warn
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 9, 12]
 

@@ -22,7 +22,6 @@ and the field concerned.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from kcs_lens.data.templates import canonical_relation, merge_templates, verbalize
 from kcs_lens.data.triplets import Triplet, TripletSet, concat
 from kcs_lens.errors import KGError
+from kcs_lens.files import json_records
 
 __all__ = [
     "KGFallbackWarning",
@@ -218,33 +218,9 @@ def rows_to_triplets(
 # ------------------------------------------------------------------------------------------
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise KGError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    raw = path.read_text(encoding="utf-8")
-    if not raw.lstrip().startswith("["):
-        yield from _jsonl_rows(path)  # JSON lines saved as .json
-        return
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise KGError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    for i, row in enumerate(data):
-        yield f"{path}: item {i}", row
-
-
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark (Windows) is not a column name
         reader = csv.DictReader(f, delimiter=delimiter)
         cols = reader.fieldnames or []
         if not cols:
@@ -263,10 +239,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, row) pairs of a .jsonl/.json/.csv/.tsv file; ``where`` = 'file:line' or 'file: item i'."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_rows(path)
-    if suffix == ".json":
-        return _json_rows(path)
+    if suffix in (".jsonl", ".json"):
+        return json_records(path, KGError)
     if suffix in (".csv", ".tsv"):
         return _csv_rows(path)
     raise KGError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}")

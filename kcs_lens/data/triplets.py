@@ -167,11 +167,13 @@ def tokenize_triplets(
     d_vocab: int | None = None,
     pad_id: int | None = None,
     source: str = "",
+    n_ctx: int | None = None,
 ) -> TripletBatch:
     """Tokenize the prefix and the whole text; the tail's tokens are the text's tokens after the
     prefix's (KGError where the prefix's tokens are not a prefix of the text's). The BOS token (or
     EOS where the tokenizer has no BOS, as Qwen's) is placed here, never by the tokenizer, so
-    tokenizers that add ``<s>`` themselves (Llama's) do not get it twice."""
+    tokenizers that add ``<s>`` themselves (Llama's) do not get it twice. ``n_ctx``: the model's
+    context; a longer triplet is a KGError naming it."""
     if tail_scoring not in ("all", "last"):
         raise KGError(f"tail_scoring must be 'all' or 'last', got {tail_scoring!r}")
     rows: list[list[int]] = []
@@ -199,6 +201,11 @@ def tokenize_triplets(
             raise KGError(
                 f"{source or 'triplet'} #{i} ({t.text!r}): token id {max(ids)} >= the model's vocabulary size "
                 f"{d_vocab}; the tokenizer does not match the model"
+            )
+        if n_ctx is not None and len(ids) > n_ctx:
+            raise KGError(
+                f"{source or 'triplet'} #{i} ({t.text[:60]!r}{'...' if len(t.text) > 60 else ''}): {len(ids)} tokens, "
+                f"more than the model's context of {n_ctx} tokens"
             )
         rows.append(ids)
         n_prefix.append(len(pre))

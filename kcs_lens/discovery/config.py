@@ -98,6 +98,17 @@ def seed_range(x: Any) -> str | None:
     return None if isinstance(x, int) and 0 <= x < 2**63 else "an integer in [0, 2^63)"
 
 
+def torch_device(x: Any) -> str | None:
+    """A device name torch understands (whether it is present here is checked when the model loads)."""
+    import torch
+
+    try:
+        torch.device(x)
+    except (RuntimeError, TypeError, ValueError):
+        return "a torch device name such as cpu, cuda, cuda:1 or mps"
+    return None
+
+
 def non_empty(x: Any) -> str | None:
     return None if isinstance(x, str) and x.strip() else "a non-empty string"
 
@@ -243,7 +254,7 @@ class DiscoveryConfig:
     control_batch: int = opt(250, "ControlKG triplets per step, cycling (paper: 250)", check=at_least(1))
     lm_batch: int = opt(10, "ControlLM blocks per step (paper: 10)", check=at_least(1))
     seed: int = opt(84, "seed of the mask noise and data order (paper: 84, 1318, 735)", check=seed_range)
-    device: str = opt("cpu", "torch device, e.g. cpu, cuda, cuda:1", check=non_empty)
+    device: str = opt("cpu", "torch device, e.g. cpu, cuda, cuda:1", check=torch_device)
     # speed (docs/performance.md): none of these changes the method except autocast's rounding
     objective: Literal["fast", "reference"] = opt(
         "fast", "fast (default: the same losses and gradients, cheaper) or reference (the straightforward implementation)"

@@ -282,6 +282,29 @@ def expand_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return out
 
 
+def read_state_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """A run's ``checkpoints/state.pt`` loaded with ``torch.load(weights_only=True)``: tensors,
+    numbers, strings, lists and dicts only (what :meth:`Run.save_state` writes). A file that needs
+    any other Python object is refused without unpickling it (a RunError): a state.pt planted in a
+    run directory on shared storage must not run code. Other problems (a truncated file) raise
+    as torch raises them."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise
+        raise RunError(
+            f"{path}: refused to load: it holds Python objects other than tensors, numbers, strings and lists "
+            "(loading it could run code; kcs-lens never writes such a file). Remove it to resume from the "
+            "last mask checkpoint instead"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a dict, got {type(state).__name__}")
+    return state
+
+
 class StillRunning(KcsLensWarning):
     """A reader was given a run directory whose writer is still running."""
 
@@ -436,7 +459,13 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
 
     def tok(ts: TripletSet, name: str) -> TripletBatch:
         return tokenize_triplets(
-            ts, lm.tokenizer, prepend_bos=cfg.prepend_bos, tail_scoring=cfg.tail_scoring, d_vocab=lm.shape.d_vocab, source=name
+            ts,
+            lm.tokenizer,
+            prepend_bos=cfg.prepend_bos,
+            tail_scoring=cfg.tail_scoring,
+            d_vocab=lm.shape.d_vocab,
+            source=name,
+            n_ctx=lm.shape.n_ctx,
         ).to(lm.device)
 
     block = min(cfg.lm_block_len, lm.shape.n_ctx)

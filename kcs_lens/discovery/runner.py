@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -24,9 +25,17 @@ from torch import Tensor
 
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.discovery.config import DiscoveryConfig, build_config
-from kcs_lens.discovery.rundir import RunData, RunDir, abandon_run_dir, load_run_data, open_run_dir, package_versions
+from kcs_lens.discovery.rundir import (
+    RunData,
+    RunDir,
+    abandon_run_dir,
+    load_run_data,
+    open_run_dir,
+    package_versions,
+    read_state_file,
+)
 from kcs_lens.discovery.selection import meets_criteria, select_checkpoint, selection_rule
-from kcs_lens.errors import ConfigError, KcsLensError, NonFiniteLoss, OutputError, RunError
+from kcs_lens.errors import ConfigError, KcsLensError, KcsLensWarning, NonFiniteLoss, OutputError, RunError
 from kcs_lens.evaluation.choice import ChoiceSet, choice_scores, run_choice_sets
 from kcs_lens.evaluation.lens import LENS_TOPK, lens_metrics, lens_ranks
 from kcs_lens.evaluation.scoring import lm_nll, tail_scores
@@ -41,6 +50,15 @@ from kcs_lens.objective.fast import FastObjective
 from kcs_lens.objective.reference import Objective, ReferenceObjective
 from kcs_lens.progress import Progress
 from kcs_lens.tracking import Trackers, Tracking, check_tracking, parse_tracking
+
+
+class ResumeWarning(KcsLensWarning):
+    """A resume that cannot continue exactly (a damaged state.pt or checkpoint): the CLI prints it as
+    one ``note:`` line on stderr."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, ResumeWarning, stacklevel=3)
 
 
 def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
@@ -230,13 +248,15 @@ class Run:
         if not path.exists():
             return None, None
         try:
-            state = torch.load(path, map_location=self.lm.device, weights_only=False)
+            state = read_state_file(path, map_location=self.lm.device)
             logits = state["logits"]
             if set(logits) != set(self.masks.names) or any(logits[n].shape != p.shape for n, p in self.masks.items()):
                 return None, f"{path} does not match this run's masks"
             for k in ("step", "opt", "sched", "generator", "original"):
                 state[k]  # noqa: B018 (a KeyError marks a damaged file)
             return state, None
+        except RunError:  # a file kcs-lens did not write (it could run code): refused, not skipped
+            raise
         except Exception as e:  # truncated, corrupted or foreign file
             first = str(e).splitlines()[0][:200] if str(e) else ""
             return None, f"{path} is damaged ({type(e).__name__}: {first})"
@@ -262,7 +282,7 @@ class Run:
                 if set(logits) != set(self.masks.names) or any(logits[n].shape != p.shape for n, p in self.masks.items()):
                     raise RunError(f"{path} does not match this run's masks")
             except KcsLensError as e:
-                self.log(f"warning: skipping damaged checkpoint {path} ({e})")
+                warn(f"skipping damaged checkpoint {path} ({e})")
                 continue
             with torch.no_grad():
                 for n, p in self.masks.items():
@@ -274,13 +294,13 @@ class Run:
             self.masks.generator.manual_seed(self.cfg.seed + 1_000_003 * step)
             self.step, self.original = step, {}
             why = problem or f"{self.dir.state} is missing"
-            self.log(
-                f"warning: {why}; resuming from the mask checkpoint at step {step} with a fresh optimizer and "
+            warn(
+                f"{why}; resuming from the mask checkpoint at step {step} with a fresh optimizer and "
                 "noise state (the result can differ from an uninterrupted run)"
             )
             return
         if problem:
-            self.log(f"warning: {problem} and there is no intact mask checkpoint; starting again from step 0")
+            warn(f"{problem} and there is no intact mask checkpoint; starting again from step 0")
         else:
             self.log(f"{self.dir.path} never reached a checkpoint; starting from step 0")
 

@@ -47,6 +47,9 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
         seeds = [int(x) for x in text]
     if not seeds or len(set(seeds)) != len(seeds):
         raise TaskError(f"--seeds {text!r}: expected one or more distinct integers")
+    bad = [x for x in seeds if not 0 <= x < 2**63]
+    if bad:
+        raise TaskError(f"--seeds {text!r}: seed {bad[0]} is out of range; seeds are integers in [0, 2^63)")
     return seeds
 
 
@@ -70,6 +73,8 @@ def split_val(questions: list[Question], fraction: float) -> tuple[list[Question
     tr = [q for i, q in enumerate(questions) if i not in val]
     if not tr:
         raise TaskError(f"--val-fraction {fraction}: leaves no training question of {len(questions)}")
+    if not val:
+        raise TaskError(f"--val-fraction {fraction}: holds out no question of {len(questions)}; raise it")
     return tr, [q for i, q in enumerate(questions) if i in val]
 
 
@@ -111,8 +116,8 @@ def downstream(
         raise TaskError("give at least one run directory")
     if baseline_draws < 1:
         raise TaskError(f"--baseline-draws must be at least 1, got {baseline_draws}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise TaskError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 < val_fraction < 1.0:
+        raise TaskError(f"--val-fraction must be in (0, 1) (the held-out share picks the best epoch), got {val_fraction}")
     if bootstrap < 100:
         raise TaskError(f"--bootstrap must be at least 100 resamples, got {bootstrap}")
     if len(runs) > 1 and out is None:

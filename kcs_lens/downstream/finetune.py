@@ -66,6 +66,13 @@ class FinetuneSettings:
             raise TaskError(f"--lm-score {self.lm_score!r}: expected sum or mean")
         if "{question}" not in self.prompt:
             raise TaskError(f"--prompt {self.prompt!r}: must contain {{question}}")
+        try:
+            self.prompt.format(question="")
+        except (KeyError, IndexError, ValueError) as e:
+            what = f"unknown field {{{e.args[0]}}}" if isinstance(e, (KeyError, IndexError)) else str(e)
+            raise TaskError(
+                f"--prompt {self.prompt!r}: {what}; only {{question}} is filled in (write {{{{ and }}}} for literal braces)"
+            ) from None
         for name, v, lo in (
             ("--epochs", self.epochs, 0),
             ("--batch-size", self.batch_size, 1),

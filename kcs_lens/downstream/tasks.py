@@ -19,7 +19,6 @@ KG rows that carry a question ``id`` (the paper's CSQA files) link questions too
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from kcs_lens.data.templates import canonical_relation
 from kcs_lens.data.triplets import triplet_key
 from kcs_lens.errors import KGError, TaskError
+from kcs_lens.files import json_records
 
 Key = tuple[str, str, str]
 BUNDLED_SPLITS = ("train", "test")
@@ -110,8 +110,10 @@ def parse_question(row: Any, where: str) -> Question:
     if len(set(labels)) != len(labels):
         raise TaskError(f"{where}: duplicate choice labels {labels}")
     qid = row.get("id")
-    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid).strip() == "":
+    if qid is None or qid == "":
         raise TaskError(f"{where}: missing field 'id'")
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid).strip() == "":
+        raise TaskError(f"{where}: field 'id' must be a string or an integer, got {qid!r}")
     key = row.get("answerKey")
     if key not in labels:
         raise TaskError(f"{where}: answerKey {key!r} is not one of the labels {labels} (unlabelled test split?)")
@@ -132,26 +134,11 @@ def bundled_task_dir() -> Path:
 
 def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        raw = path.read_text(encoding="utf-8")
+        yield from json_records(path, TaskError)
     except UnicodeDecodeError as e:
         raise TaskError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise TaskError(f"{path}: cannot read ({e.strerror or e})") from None
-    if path.suffix.lower() == ".json" and raw.lstrip().startswith("["):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        for i, row in enumerate(data):
-            yield f"{path}: item {i}", row
-        return
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
 
 
 def _resolve(spec: str) -> Path | None:

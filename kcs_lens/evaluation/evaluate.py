@@ -128,6 +128,7 @@ class Evaluator:
             tail_scoring=cfg.tail_scoring,
             d_vocab=self.lm.shape.d_vocab,
             source=src,
+            n_ctx=self.lm.shape.n_ctx,
         ).to(self.lm.device)
         extra: dict[str, TripletSet] = {}  # sets beside the run's: their multiple choice adds their own tails
         if paraphrases is None and data.paraphrases is not None and data.paraphrases_batch is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ from torch import Tensor
 from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import ExportError
 from kcs_lens.evaluation.evaluate import check_model
+from kcs_lens.files import make_temp_dir
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.backends import LensModel
 from kcs_lens.model.canonical import canonical_shape, parse_weight_name
@@ -76,7 +76,7 @@ def export_model(
     sd = masked_hf_state_dict(lm, sub, remove)
     cfg = {k: v for k, v in lm.hf_config().items() if k not in ("_name_or_path", "transformers_version")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         dtype = next(iter(sd.values())).dtype

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,7 +14,7 @@ import torch
 from kcs_lens.discovery.rundir import RunInfo, load_run
 from kcs_lens.errors import RunError, SubnetworkError
 from kcs_lens.evaluation.evaluate import Evaluator, run_header
-from kcs_lens.files import atomic_write_json
+from kcs_lens.files import atomic_write_json, make_temp_dir
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.canonical import parse_weight_name
 
@@ -26,6 +25,12 @@ def check_compatible(runs: Sequence[RunInfo]) -> None:
     """Runs to combine must share model weights, masked layers/matrices and granularity."""
     if len(runs) < 2:
         raise RunError("overlap needs at least two runs")
+    seen: dict[Path, Path] = {}
+    for r in runs:
+        key = Path(r.dir).resolve()
+        if key in seen:
+            raise RunError(f"overlap: {r.dir} is given twice (as {seen[key]}); give the runs of different seeds")
+        seen[key] = Path(r.dir)
     a = runs[0]
     for r in runs[1:]:
         if r.fingerprint != a.fingerprint:
@@ -147,7 +152,7 @@ def write_combinations(out: Path, first: RunInfo, combos: dict[str, Subnetwork],
     if out.exists():
         raise RunError(f"{out} exists; choose a new --out directory for the combinations")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         for name, c in combos.items():
             cfg = {**first.raw_config, "combination": {"name": name, "runs": [r["run"] for r in result["runs"]]}}

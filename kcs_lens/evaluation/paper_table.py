@@ -16,13 +16,14 @@ from typing import Any, Callable, Sequence
 from kcs_lens.discovery.rundir import RunInfo, expand_runs, load_run
 from kcs_lens.errors import RunError
 from kcs_lens.evaluation.evaluate import Evaluator, baseline_run, evaluate_run
-from kcs_lens.files import atomic_write_bytes
+from kcs_lens.files import atomic_write_bytes, output_files, with_added_suffix
 from kcs_lens.model.backends import LensModel
 from kcs_lens.model.loading import load_model
 
 Log = Callable[[str], None]
 
 
+REPORT_SUFFIXES = (".md", ".csv", ".png")  # report --out FILE writes FILE.md, FILE.csv, FILE.png
 KEYS = (("target", "TargetKG"), ("control", "ControlKG"), ("lm", "ControlLM"))
 # Triplet sets whose answers (top-1 accuracy, mean rank of the tail's first token, multiple choice)
 # the tables show, original -> remaining model (kcs_lens.evaluation.scoring.TailScores.headline,
@@ -136,6 +137,13 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return m
 
 
+def report_files(out: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """``report --out FILE``: the base name (a given .md/.csv/.png/.html dropped, other dots kept)
+    and the table files FILE.md, FILE.csv, FILE.png (the run pages: :func:`run_page.page_paths`)."""
+    base = output_files(out, (*REPORT_SUFFIXES, ".html"))[0]
+    return base, [with_added_suffix(base, s) for s in REPORT_SUFFIXES]
+
+
 def report_runs(
     runs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -156,9 +164,7 @@ def report_runs(
     infos = [load_run(p) for p in expand_runs(runs)]
     if not infos:
         raise RunError("report needs at least one run")
-    base_out = Path(out)
-    if base_out.suffix in (".md", ".csv", ".png", ".html"):
-        base_out = base_out.with_suffix("")
+    base_out, report_paths = report_files(out)
     if html:
         run_page.check_pages(run_page.group_runs(infos), base_out)
     rows = evaluated_rows(
@@ -166,7 +172,7 @@ def report_runs(
     )
     table = with_means(rows)
     write_report_files(base_out, table, infos)
-    files = [str(base_out.with_suffix(s)) for s in (".md", ".csv", ".png")]
+    files = [str(f) for f in report_paths]
     if html:
         pages = run_page.run_pages(infos, base_out, draws=draws, seed=seed, lens_model=lens_model, device=device, log=log)
         files += [str(p) for p in pages]
@@ -452,6 +458,7 @@ def density_png(table: list[dict[str, Any]]) -> bytes:
 
 
 def write_report_files(base: Path, table: list[dict[str, Any]], infos: list[RunInfo]) -> None:
-    atomic_write_bytes(base.with_suffix(".md"), markdown(table, infos).encode())
-    atomic_write_bytes(base.with_suffix(".csv"), csv_text(table).encode())
-    atomic_write_bytes(base.with_suffix(".png"), density_png(table))
+    md, csv_file, png = (with_added_suffix(base, s) for s in REPORT_SUFFIXES)
+    atomic_write_bytes(md, markdown(table, infos).encode())
+    atomic_write_bytes(csv_file, csv_text(table).encode())
+    atomic_write_bytes(png, density_png(table))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from kcs_lens.discovery.rundir import RunInfo
 from kcs_lens.evaluation.paper_table import ANSWER_SETS, KEYS, before_after, evaluated_rows, mean_row, short
-from kcs_lens.files import atomic_write_bytes, check_output_file
+from kcs_lens.files import atomic_write_bytes, check_output_file, output_files
 from kcs_lens.model.backends import LensModel
 
 Log = Callable[[str], None]
@@ -92,9 +92,7 @@ def group_runs(infos: Sequence[RunInfo]) -> list[Group]:
 
 def page_paths(groups: Sequence[Group], base: str | Path) -> list[Path]:
     """``BASE.html`` for one group, ``BASE-<label>.html`` for each of several."""
-    base = Path(base)
-    if base.suffix in (".html", ".md", ".csv", ".png"):
-        base = base.with_suffix("")
+    base = output_files(base, (".html", ".md", ".csv", ".png"))[0]  # a dotted name keeps its dots
     if len(groups) == 1:
         return [base.with_name(base.name + ".html")]
     return [base.with_name(f"{base.name}-{re.sub(r'[^A-Za-z0-9._=+-]+', '_', g.label)}.html") for g in groups]

@@ -16,12 +16,13 @@ TransformerLens 3.x is installed, the bridge otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -167,18 +168,18 @@ def load_model(
     return from_hf(hf, tok, backend=backend, spec=spec_s, source=source, device=device)
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device, or a ModelLoadError saying why it cannot be used here."""
+def check_device(device: str | torch.device, option: str = "--device") -> torch.device:
+    """``device`` as a torch.device, or a ModelLoadError naming ``option`` and saying why it cannot be used here."""
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ModelLoadError(f"--device {device!r}: not a torch device ({e})") from None
+        raise ModelLoadError(f"{option} {device!r}: not a torch device ({e})") from None
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device}: CUDA is not available (torch {torch.__version__} sees no GPU)")
+        raise ModelLoadError(f"{option} {device}: CUDA is not available (torch {torch.__version__} sees no GPU)")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        raise ModelLoadError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s)")
     if d.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError(f"--device {device}: MPS is not available")
+        raise ModelLoadError(f"{option} {device}: MPS is not available")
     return d
 
 
@@ -196,9 +197,33 @@ def _load_hf(spec: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     path, kind, model_type = local
     from transformers import AutoTokenizer
 
-    hf = _causal_lm_class(model_type).from_pretrained(str(path))
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        with _no_weight_bar():
+            hf = _causal_lm_class(model_type).from_pretrained(str(path))
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # the checks of _local_dir passed, the weights still do not load
+        raise ModelLoadError(f"model {spec!r}: cannot load the weights in {path} ({_first_line(e)})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"model {spec!r}: cannot load the tokenizer in {path} ({_first_line(e)})") from None
     return hf, tok, {"kind": kind, "path": str(path.resolve()), "hf_config": hf.config.to_diff_dict()}
+
+
+@contextlib.contextmanager
+def _no_weight_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off while a local checkpoint loads (it would print on
+    stderr in logs and before an ``error:`` line, and ``--no-progress`` cannot reach it)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _local_dir(spec: str) -> tuple[Path, str, str | None] | None:
@@ -224,15 +249,51 @@ def _local_dir(spec: str) -> tuple[Path, str, str | None] | None:
     if not cfg_file.exists():
         raise ModelLoadError(f"model {spec!r}: {cfg_file} is missing (expected an HF checkpoint directory)")
     try:
-        cfg = json.loads(cfg_file.read_text())
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"model {spec!r}: {cfg_file} is not valid JSON ({e})") from e
+        raise ModelLoadError(f"model {spec!r}: {cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"model {spec!r}: {cfg_file}: not a readable JSON file ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"model {spec!r}: {cfg_file}: expected a JSON object of settings, got {type(cfg).__name__}")
     check_config(cfg.get("model_type"), cfg, f"model {spec!r}")
+    _check_hf_config(path, spec)
     if not any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
         raise ModelLoadError(f"model {spec!r}: {path} has no weights (model.safetensors or pytorch_model.bin)")
+    _check_safetensors(path, spec)
     if not any((path / f).exists() for f in ("tokenizer.json", "vocab.json")):
         raise ModelLoadError(f"model {spec!r}: {path} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     return path, kind, cfg.get("model_type")
+
+
+def _check_hf_config(path: Path, spec: str) -> None:
+    """transformers' own checks of config.json (types of its fields), as one error naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers' validation errors have no common base class
+        raise ModelLoadError(f"model {spec!r}: {path / 'config.json'}: {_first_line(e)}") from None
+
+
+def _check_safetensors(path: Path, spec: str) -> None:
+    """Every ``*.safetensors`` weights file has a readable header (a truncated or foreign file is named
+    now, not as a SafetensorError from inside transformers)."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError
+            raise ModelLoadError(
+                f"model {spec!r}: {f} is not a readable safetensors file ({_first_line(e)}); truncated or damaged?"
+            ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) if str(e) else ""
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 def _causal_lm_class(model_type: str | None) -> Any:

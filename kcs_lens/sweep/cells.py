@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kcs_lens.discovery.rundir import RunDir
+from kcs_lens.discovery.rundir import RunDir, read_state_file
 from kcs_lens.errors import KcsLensError
 from kcs_lens.files import atomic_write_json
 from kcs_lens.sweep.plan import Cell, identity
@@ -86,6 +86,17 @@ def result_of(study_dir: str | Path, cell: Cell) -> dict[str, Any]:
     }
 
 
+def resumed_step(rd: RunDir) -> int | None:
+    """The step a partial cell resumes from (its state.pt), None when the state is damaged (discovery
+    falls back to a mask checkpoint); a state.pt that would run code is refused (a RunError)."""
+    try:
+        return int(read_state_file(rd.state)["step"])
+    except KcsLensError:
+        raise
+    except Exception:
+        return None
+
+
 ModelLoader = Callable[[str, "str | None", str], Any]
 
 
@@ -97,20 +108,24 @@ def run_cell(
     load: ModelLoader | None = None,
     force: bool = False,
     track: Sequence[str] = (),
+    node: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or skip) one cell; never raises for the cell's own errors: returns
     ``{"name", "state": done|failed|skipped, "elapsed", "result" | "error", "resumed_from"}`` and
     records it in the cell's status file. ``device`` replaces the cell's ``device`` setting;
     ``load(model, backend, device)`` returns a (cached) LensModel, else discovery loads it.
     ``force``: a run directory with other settings is started over (else the cell fails).
-    ``track``: trackers (``kcs-lens sweep --log``), one tracking run per cell, grouped by the study."""
+    ``track``: trackers (``kcs-lens sweep --log``), one tracking run per cell, grouped by the study.
+    ``node``: where it runs (a Ray node; default: the host name), recorded with every attempt in the status
+    file (``attempts``: node, pid, start, the step it resumed from, how it ended)."""
     from kcs_lens.discovery.runner import discover
 
     t0 = time.time()
     prev = read_status(study_dir, cell)
     attempt = int(prev.get("attempt", 0)) + 1
     base = {"name": cell.name, "attempt": attempt}
-    where = {"pid": os.getpid(), "host": socket.gethostname()}
+    where = {"pid": os.getpid(), "host": socket.gethostname(), "node": node or socket.gethostname()}
+    history: list[dict[str, Any]] = [a for a in prev.get("attempts", []) if isinstance(a, dict)]
     rd = run_dir(study_dir, cell)
     logf = log_file(study_dir, cell)
     logf.parent.mkdir(parents=True, exist_ok=True)
@@ -132,9 +147,9 @@ def run_cell(
             cfg = dataclasses.replace(cfg, device=device).validate()
         resumed_from = None
         if state == PARTIAL:
-            import torch
-
-            resumed_from = int(torch.load(rd.state, map_location="cpu", weights_only=False)["step"])
+            resumed_from = resumed_step(rd)
+        this = {"attempt": attempt, "node": where["node"], "pid": where["pid"], "started": t0, "resumed_from": resumed_from}
+        history.append(this)
         write_status(
             study_dir,
             cell,
@@ -144,6 +159,7 @@ def run_cell(
             device=cfg.device,
             started=t0,
             resumed_from=resumed_from,
+            attempts=history,
         )
         log(f"attempt {attempt}: " + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting"))
         lm = load(cfg.model, cfg.backend, cfg.device) if load is not None else None
@@ -154,8 +170,17 @@ def run_cell(
             discover(cfg, out=rd.path, force=True, lens_model=lm, log=log, track=tracking)
         result = result_of(study_dir, cell)
         elapsed = time.time() - t0
+        this["state"] = "done"
         write_status(
-            study_dir, cell, state="done", attempt=attempt, elapsed=elapsed, result=result, resumed_from=resumed_from, **where
+            study_dir,
+            cell,
+            state="done",
+            attempt=attempt,
+            elapsed=elapsed,
+            result=result,
+            resumed_from=resumed_from,
+            **where,
+            attempts=history,
         )
         log(f"done in {elapsed:.1f} s: {result}")
         return {**base, "state": "done", "elapsed": elapsed, "result": result, "resumed_from": resumed_from}
@@ -163,7 +188,9 @@ def run_cell(
         err = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log(f"failed: {err}\n{traceback.format_exc()}")
         elapsed = time.time() - t0
-        write_status(study_dir, cell, state="failed", attempt=attempt, elapsed=elapsed, error=err, **where)
+        if history and history[-1].get("attempt") == attempt:
+            history[-1]["state"] = "failed"
+        write_status(study_dir, cell, state="failed", attempt=attempt, elapsed=elapsed, error=err, **where, attempts=history)
         return {**base, "state": "failed", "elapsed": elapsed, "error": err}
 
 
@@ -191,6 +218,7 @@ def describe(study_dir: str | Path, cell: Cell) -> dict[str, Any]:
         "sparsity": rec.get("sparsity"),
         "error": st.get("error", ""),
         "attempt": st.get("attempt", 0),
+        "nodes": [a.get("node", "?") for a in st.get("attempts", []) if isinstance(a, dict)],
     }
     if state == DONE:
         row.update(state="done", step=row["steps"], sparsity=result_of(study_dir, cell)["sparsity"], error="")

@@ -151,7 +151,9 @@ def ray_options(resources: dict[str, float], max_retries: int) -> dict[str, Any]
 
 def _ray_cell(study_dir: str, cell: dict[str, Any], force: bool, track: tuple[str, ...] = ()) -> dict[str, Any]:
     """The body of a cell's Ray task: the cell runs (or resumes) on the node Ray chose."""
-    return run_cell(study_dir, Cell(**cell), force=force, track=track)
+    from kcs_lens.sweep.raycluster import node_label
+
+    return run_cell(study_dir, Cell(**cell), force=force, track=track, node=node_label())
 
 
 def import_ray() -> Any:
@@ -178,8 +180,11 @@ def run_ray(
     running cluster (``auto`` or ``HOST:PORT``); None starts Ray on this machine, unless this
     process already called ``ray.init``."""
     ray = import_ray()
+    from kcs_lens.sweep.raycluster import check_shared_out, connect
+
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+        connect(ray, address)
+    check_shared_out(ray, study_dir.resolve())
     task = ray.remote(_ray_cell).options(**ray_options(resources, max_retries))
     refs = {task.remote(str(study_dir.resolve()), c.to_json(), force, track): c for c in cells}
     log(f"submitted {len(refs)} Ray task(s) with {resources}; cluster: {ray.cluster_resources()}")
@@ -192,7 +197,7 @@ def run_ray(
             st = read_status(study_dir, cell)
             if cell.name not in started and st.get("state") == "running":
                 started.add(cell.name)
-                yield {"event": "start", "name": cell.name, "pid": st.get("pid"), "device": st.get("host")}
+                yield {"event": "start", "name": cell.name, "pid": st.get("pid"), "device": st.get("node") or st.get("host")}
         for ref in ready:
             cell = refs[ref]
             try:

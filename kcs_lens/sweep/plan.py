@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kcs_lens.discovery.config import FIELD_NAMES, DiscoveryConfig, build_config, check_setting, config_from_saved
+from kcs_lens.discovery.config import (
+    FIELD_NAMES,
+    DiscoveryConfig,
+    build_config,
+    check_setting,
+    config_from_saved,
+    field_default,
+)
 from kcs_lens.errors import ConfigError, KcsLensError, RunError
 from kcs_lens.files import atomic_write_json, read_mapping
 
@@ -121,7 +128,8 @@ def read_study(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]], 
         if key not in FIELD_NAMES:
             raise ConfigError(f"{p}: [grid] key {k!r}: not a discover setting; valid keys are {sorted(FIELD_NAMES)}")
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{p}: [grid] {k} = {values!r}: must be a non-empty list of values, e.g. {k} = [{values!r}]")
+            example = json.dumps(field_default(key) if isinstance(values, list) else values, default=str)
+            raise ConfigError(f"{p}: [grid] {k} = {values!r}: must be a non-empty list of values, e.g. {k} = [{example}]")
         grid[key] = [check_setting(key, v, where=f"{p}: [grid] {k}[{i}] =") for i, v in enumerate(values)]
     raw_cells = data.get("cells", [])
     if not isinstance(raw_cells, list) or not all(isinstance(c, dict) for c in raw_cells):
@@ -228,10 +236,17 @@ def load_plan(study_dir: str | Path) -> Plan:
     if not f.is_file():
         raise RunError(f"{study_dir}: not a study directory ({PLAN_FILE} missing; kcs-lens sweep writes it)")
     try:
-        raw = json.loads(f.read_text())
-        return Plan(raw["study"], [Cell(c["name"], c["config"]) for c in raw["cells"]])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        raw = json.loads(f.read_text(encoding="utf-8-sig"))
+        plan = Plan(raw["study"], [Cell(c["name"], c["config"]) for c in raw["cells"]])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise RunError(f"{f}: not a readable kcs-lens study plan ({type(e).__name__}: {e})") from None
+    for c in plan.cells:  # a cell's name is a path under the study directory: nothing may escape it
+        if not isinstance(c.name, str) or not _valid_name(c.name) or not isinstance(c.config, dict):
+            raise RunError(
+                f"{f}: cell {c.name!r}: not a valid cell (its name must be a relative path of letters, digits and "
+                "._,+=- without '..'); was the file edited by hand?"
+            )
+    return plan
 
 
 def reconcile(new: Plan, study_dir: str | Path, *, force: bool = False, add: bool = False) -> tuple[Plan, bool]:

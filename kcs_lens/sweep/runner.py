@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kcs_lens.errors import ConfigError
+from kcs_lens.errors import ConfigError, KcsLensError
 from kcs_lens.sweep.cells import DONE, cell_state, describe
 from kcs_lens.sweep.executors import import_ray, run_local, run_ray
 from kcs_lens.sweep.plan import expand, load_plan, reconcile, write_plan
@@ -31,6 +31,23 @@ def parse_resources(text: str | None) -> dict[str, float]:
     return {k: float(v) for k, v in d.items()}
 
 
+def check_study_dir(out: str | Path) -> Path:
+    """``sweep --out``: a new folder, an empty one or a study directory, writable; never a file or a
+    run directory of ``discover`` (or a folder inside one)."""
+    from kcs_lens.discovery.rundir import RunDir
+    from kcs_lens.files import check_output_dir
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {p}: is a file; expected a study directory (a new folder, or one written by kcs-lens sweep)")
+    for d in (p, *p.absolute().parents):
+        if RunDir(d).is_run():
+            what = "is" if d == p or d == p.absolute() else f"is inside {d}, which is"
+            raise ConfigError(f"--out {p}: {what} a run directory of kcs-lens discover; a study needs a folder of its own")
+    check_output_dir(p, "--out")
+    return p
+
+
 def status(study_dir: str | Path) -> list[dict[str, Any]]:
     """One row per planned cell (``sweep status``)."""
     return [describe(study_dir, c) for c in load_plan(study_dir).cells]
@@ -44,7 +61,7 @@ def run_sweep(
     workers: int | None = None,
     devices: list[str] | None = None,
     ray_address: str | None = None,
-    resources: dict[str, float] | None = None,
+    resources: dict[str, float] | str | None = None,
     max_retries: int = 1,
     dry_run: bool = False,
     force: bool = False,
@@ -67,18 +84,30 @@ def run_sweep(
         raise ConfigError(f"--max-retries {max_retries}: must be >= 0")
     kinds = parse_tracking(track).kinds
     check_tracking(Tracking(kinds))  # a missing package or login: one error line before any cell runs
+    if resources is not None and executor != "ray":
+        raise ConfigError("--resources is for --executor ray (the local executor takes --workers and --devices)")
+    if isinstance(resources, str):
+        resources = parse_resources(resources)
     devices = [d.strip() for d in (devices or []) if d.strip()]
     if devices:
         from kcs_lens.model.loading import check_device
 
         for d in devices:
-            check_device(d)
+            check_device(d, option="--devices")
+    out = check_study_dir(out)
     if executor == "ray":
         import_ray()  # the missing extra is one error line before anything else
         if workers is not None or devices:
             raise ConfigError("--workers and --devices are for --executor local; with ray use --resources (Ray assigns devices)")
-    out = Path(out)
     plan, changed = reconcile(expand(study), out, force=force, add=add)
+    if executor == "local" and not devices:  # where the cells run is known: their devices must be here
+        from kcs_lens.model.loading import check_device
+
+        for d in dict.fromkeys(c.config["device"] for c in plan.cells):
+            try:
+                check_device(d, option="device =")
+            except KcsLensError as e:
+                raise ConfigError(f"{study}: {e}") from None
     if dry_run:
         return {"plan": plan, "results": [], "failed": [], "skipped": [], "changed": changed}
     if changed:

@@ -15,13 +15,14 @@ from typing import Any, Callable
 
 from kcs_lens.discovery.rundir import RunInfo, load_run
 from kcs_lens.evaluation import paper_table as report
-from kcs_lens.files import atomic_write_bytes, atomic_write_json
+from kcs_lens.files import atomic_write_bytes, atomic_write_json, check_output_file, output_files, with_added_suffix
 from kcs_lens.sweep.cells import DONE, cell_state, describe
 from kcs_lens.sweep.plan import Cell, identity, load_plan
 
 Log = Callable[[str], None]
 OVERLAP_CACHE = ".cells/overlap"
 COMBOS = ("union", "intersection")
+STUDY_SUFFIXES = (".md", ".csv", ".json", "-density.png", "-tradeoff.png")
 
 
 def group_key(cell: Cell) -> str:
@@ -51,9 +52,9 @@ def study_report(
 
     study_dir = Path(study_dir)
     plan = load_plan(study_dir)
-    base = Path(out) if out is not None else study_dir / "study"
-    if base.suffix in (".md", ".csv", ".json", ".png"):
-        base = base.with_suffix("")
+    base, files = study_files(out if out is not None else study_dir / "study")
+    for f in files:  # every file it writes is checked before the evaluations
+        check_output_file(f, "--out")
     done = [c for c in plan.cells if cell_state(study_dir, c) == DONE]
     pending = [describe(study_dir, c) for c in plan.cells if c not in done]
     infos = [load_run(study_dir / c.name) for c in done]
@@ -285,17 +286,22 @@ def tradeoff_png(res: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def study_files(out: str | Path) -> tuple[Path, list[Path]]:
+    """The base name of ``--out`` and the files of the study report (``study_dir/study`` by
+    default): BASE.md, .csv, .json, -density.png, -tradeoff.png; a dotted name keeps its dots."""
+    base, _ = output_files(out, (".md", ".csv", ".json", ".png"))
+    return base, [with_added_suffix(base, s) for s in STUDY_SUFFIXES]
+
+
 def write_study(base: Path, res: dict[str, Any], infos: list[RunInfo], groups: dict[str, dict[str, Any]]) -> list[str]:
-    files = {
-        ".md": markdown(res, infos).encode(),
-        ".csv": csv_text(res, groups).encode(),
-    }
-    out = []
-    for suffix, data in files.items():
-        out.append(str(atomic_write_bytes(base.with_suffix(suffix), data)))
+    md, csv_file, json_file, density, tradeoff = (with_added_suffix(base, s) for s in STUDY_SUFFIXES)
+    out = [
+        str(atomic_write_bytes(md, markdown(res, infos).encode())),
+        str(atomic_write_bytes(csv_file, csv_text(res, groups).encode())),
+    ]
     slim = {**res, "runs": [{k: v for k, v in r.items() if k != "config"} for r in res["runs"]]}
-    out.append(str(atomic_write_json(base.with_suffix(".json"), slim)))
+    out.append(str(atomic_write_json(json_file, slim)))
     if infos:
-        out.append(str(atomic_write_bytes(base.parent / f"{base.name}-density.png", density_png(groups))))
-        out.append(str(atomic_write_bytes(base.parent / f"{base.name}-tradeoff.png", tradeoff_png(res))))
+        out.append(str(atomic_write_bytes(density, density_png(groups))))
+        out.append(str(atomic_write_bytes(tradeoff, tradeoff_png(res))))
     return out

@@ -1,0 +1,152 @@
+"""Joining a Ray cluster for ``sweep --executor ray``, and checking it before any cell runs.
+
+- :func:`connect`: ``ray.init`` with its failures as one :class:`~kcs_lens.errors.ConfigError`
+  line naming the fix: nothing listening at ``--ray-address`` (found by a TCP probe within
+  seconds, where ``ray.init`` would wait for minutes), a cluster that refuses the driver's token
+  (Ray 2.60's token authentication, docs/study.md#authentication), any other refusal. Ray's own
+  log lines of a failed connection (C++ retries on stderr) are kept out of the terminal.
+- :func:`check_shared_out`: every node of the cluster sees the study directory: the driver writes
+  a marker under ``--out``, one task pinned to each node reads it and writes its own; a node that
+  cannot (a node-local path, a filesystem not mounted there) is named before any cell runs.
+- :func:`node_label`: the node a Ray task runs on, as recorded in a cell's status file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from kcs_lens.errors import ConfigError
+
+AUTH_HINT = (
+    "the cluster uses token authentication (Ray's default since 2.52); run with RAY_AUTH_MODE=token and the "
+    "cluster's token: ~/.ray/auth_token copied from the head node, or RAY_AUTH_TOKEN=<the output of "
+    "`ray get-auth-token` on the head> (docs/study.md#authentication)"
+)
+PROBE_TIMEOUT_S = 5.0
+MARKER_DIR = ".cells/nodes"
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``HOST:PORT`` address; None for ``auto``, ``ray://`` and other forms."""
+    if address == "auto" or "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected auto or HOST:PORT (the head's GCS port, 6379 by default)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def probe(address: str) -> None:
+    """A ConfigError within :data:`PROBE_TIMEOUT_S` if nothing accepts connections at ``address``."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        why = "no answer" if isinstance(e, (socket.timeout, TimeoutError)) else (e.strerror or str(e))
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers there ({why}); start the head node with "
+            f"`ray start --head --port={hp[1]}` or give its address"
+        ) from None
+
+
+@contextlib.contextmanager
+def _stderr_into(said: list[str]) -> Iterator[None]:
+    """File descriptor 2 (where Ray's C++ core logs its connection retries) into ``said``."""
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            said.append(tmp.read().decode(errors="replace"))
+
+
+def connect(ray: Any, address: str | None) -> None:
+    """``ray.init(address)`` (None: start Ray on this machine), failures as one ConfigError line."""
+    if address is not None:
+        probe(address)
+    said: list[str] = []
+    try:
+        with _stderr_into(said):
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except Exception as e:
+        text = f"{e} {' '.join(said)}"
+        where = f"the Ray cluster at {address}" if address else "Ray on this machine"
+        if isinstance(e, getattr(ray.exceptions, "AuthenticationError", ())) or any(
+            k in text for k in ("InvalidAuthToken", "Unauthenticated", "Authentication token")
+        ):
+            raise ConfigError(f"{where} refused this driver's authentication: {AUTH_HINT}") from None
+        first = " ".join(str(e).split())[:300]
+        raise ConfigError(f"could not connect to {where}: {type(e).__name__}: {first}") from None
+
+
+def node_label() -> str:
+    """The node this Ray task runs on: its IP and the first 8 hex digits of its Ray node id
+    (several nodes of one machine share the IP)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"{ray.util.get_node_ip_address()}/{node_id[:8]}"
+
+
+def _see(out: str, token: str, node_id: str) -> str | None:
+    """On one node: read the driver's marker and write this node's; None, or what went wrong."""
+    marker = Path(out) / MARKER_DIR / "driver"
+    try:
+        if marker.read_text() != token:
+            return f"{marker} holds another study's marker (another --out at the same path?)"
+        mine = Path(out) / MARKER_DIR / node_id
+        mine.write_text(token)
+        return None
+    except OSError as e:
+        return f"{e.filename or out}: {e.strerror or e}"
+
+
+def check_shared_out(ray: Any, out: Path) -> None:
+    """Every alive node sees ``out`` (see the module docstring): a ConfigError naming the first
+    node that does not, before any cell runs. The markers are removed afterwards."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    token = secrets.token_hex(8)
+    mdir = out / MARKER_DIR
+    mdir.mkdir(parents=True, exist_ok=True)
+    (mdir / "driver").write_text(token)
+    see = ray.remote(_see)
+    try:
+        refs = {
+            see.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), max_retries=0
+            ).remote(str(out), token, n["NodeID"]): n
+            for n in nodes
+        }
+        for ref, n in refs.items():
+            where = f"{n.get('NodeManagerAddress')}/{n['NodeID'][:8]}"
+            try:
+                problem = ray.get(ref, timeout=120)
+            except Exception as e:  # the node died or did not answer
+                problem = f"{type(e).__name__}: no answer within 120 s"
+            if problem is None and (mdir / n["NodeID"]).is_file() and (mdir / n["NodeID"]).read_text() == token:
+                continue
+            raise ConfigError(
+                f"--out {out}: Ray node {where} cannot see the study directory "
+                f"({problem or 'its marker did not appear here'}); --out must be on storage every node mounts "
+                "at the same path (docs/study.md#on-a-cluster---executor-ray)"
+            )
+    finally:
+        for p in mdir.iterdir() if mdir.is_dir() else []:
+            p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            mdir.rmdir()
