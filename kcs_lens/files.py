@@ -51,6 +51,15 @@ def make_temp_dir(parent: Path, name: str) -> Path:
     return tmp
 
 
+def normal_modes(root: Path) -> None:
+    """Give every file and folder under ``root`` the mode of a normally created one (libraries that
+    write through private temporary files, e.g. transformers' safetensors, leave 0600)."""
+    fmode, dmode = file_mode(), dir_mode()
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, dmode if p.is_dir() else fmode)
+
+
 def output_files(out: str | os.PathLike[str], suffixes: tuple[str, ...]) -> tuple[Path, list[Path]]:
     """``--out FILE`` of a command that writes FILE.md, FILE.csv...: the base name and the files.
     A given suffix among ``suffixes`` is dropped (``rep.md`` -> ``rep``); any other dot stays part

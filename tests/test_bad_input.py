@@ -8,13 +8,16 @@ hostile values to every option of ``discover``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_run_kwargs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,6 +35,49 @@ def finished_run(tmp_path_factory, tiny_kg, tiny_model_dir) -> Path:
     kw = tiny_run_kwargs(tiny_kg, tiny_model_dir) | dict(steps=4, eval_every=2, checkpoint_every=2)
     discover(out=out, **kw)
     return out
+
+
+class _Crafted:
+    """Unpickling this runs ``open(path, "w")``: a state.pt that would create a file when loaded."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_model_dir, finished_run) -> Path:
+    """Read-only inputs of the rows that need more than a few bytes: damaged model directories,
+    hostile KG / question files, a run with a crafted state.pt (shared by the rows, never written)."""
+    d = tmp_path_factory.mktemp("inputs")
+    for name in ("m_trunc", "m_rand", "m_four", "m_list", "m_badjson", "m_notok", "m_vocab"):
+        shutil.copytree(tiny_model_dir, d / name)
+    weights = (tiny_model_dir / "model.safetensors").read_bytes()
+    (d / "m_trunc" / "model.safetensors").write_bytes(weights[:50])
+    (d / "m_rand" / "model.safetensors").write_bytes(bytes(range(256)) * 16)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    (d / "m_four" / "config.json").write_text(json.dumps({**cfg, "n_layer": "four"}))
+    (d / "m_list" / "config.json").write_text("[1, 2]")
+    (d / "m_badjson" / "config.json").write_text('{"model_type": "gpt2",\n  "n_layer": }')
+    for f in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (d / "m_notok" / f).unlink(missing_ok=True)
+        (d / "m_vocab" / f).unlink(missing_ok=True)
+    (d / "m_vocab" / "vocab.json").write_text("not json")  # vocab.json without merges.txt
+    row = {"head": "car0", "relation": "IsA", "tail": "vehicle"}
+    (d / "long.jsonl").write_text(json.dumps({**row, "text": "A car " * 4000 + "is a vehicle"}) + "\n")
+    (d / "nested.json").write_text("[" * 200_000)
+    (d / "nested.jsonl").write_text("[" * 200_000 + "\n")
+    (d / "object.json").write_text(json.dumps({"rows": [row]}, indent=2))
+    q = {"question": "A car is a?", "choices": {"label": ["A", "B"], "text": ["vehicle", "fish"]}, "answerKey": "A"}
+    (d / "q.jsonl").write_text(json.dumps({**q, "id": "q1"}) + "\n")
+    (d / "id15.jsonl").write_text(json.dumps({**q, "id": 1.5}) + "\n")
+    (d / "qobject.json").write_text(json.dumps({"questions": [{**q, "id": "q1"}]}, indent=2))
+    crafted = d / "crafted"
+    shutil.copytree(finished_run, crafted)
+    torch.save({"step": _Crafted(str(d / "PWNED"))}, crafted / "checkpoints" / "state.pt")
+    return d
 
 
 def discover_args(tiny_kg, model_dir, **over) -> list[str]:
@@ -54,9 +100,18 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def workspace(ws: Path, run: Path) -> dict[str, str]:
+def workspace(ws: Path, run: Path, model: Path, kg: dict[str, Path]) -> dict[str, str]:
     """The inputs of the table's rows, built in ``ws``."""
     shutil.copytree(run, ws / "run")
+    base = f'[base]\nmodel = "{model}"\ntarget_kg = "{kg["target"]}"\ncontrol_kg = "{kg["control"]}"\nsteps = 2\n'
+    (ws / "study.toml").write_text(base + "[grid]\nseed = [1, 2]\n")
+    (ws / "tpu.toml").write_text(base + 'device = "tpu:0"\n[grid]\nseed = [1, 2]\n')
+    (ws / "noseed.toml").write_text(base + "[grid]\nseed = []\n")
+    trav = ws / "trav"
+    trav.mkdir()
+    cfg = json.loads((run / "config.json").read_text())["config"]
+    plan = {"version": 1, "study": "x", "cells": [{"name": "../trav_escape", "config": cfg}]}
+    (trav / "sweep.json").write_text(json.dumps(plan))
     notrun = ws / "notrun"
     (notrun / "sub").mkdir(parents=True)
     (notrun / "thesis.txt").write_text("years of work\n")
@@ -129,27 +184,110 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("downstream-out-in-proc", ["downstream", "{run}", "--task", "bundled", "--out", "/proc/kcs-x"], "--out"),
     ("kg-wordnet-out-in-proc", ["kg", "wordnet", "--root", "building.n.01", "--out", "/proc/kcs-x"], "--out"),
     ("unknown-command", ["discovr"], "No such command"),
+    # --- issue 25: model directories (each refused before any weight is used)
+    ("model-truncated-safetensors", ["D", "--model", "{in}/m_trunc"], "m_trunc/model.safetensors is not a readable"),
+    ("model-random-bytes-safetensors", ["D", "--model", "{in}/m_rand"], "m_rand/model.safetensors is not a readable"),
+    ("model-config-field-wrong-type", ["D", "--model", "{in}/m_four"], "config.json: StrictDataclassFieldValidationError"),
+    ("model-config-a-list", ["D", "--model", "{in}/m_list"], "expected a JSON object of settings"),
+    ("model-config-invalid-json", ["D", "--model", "{in}/m_badjson"], "config.json:2: not valid JSON"),
+    ("model-no-tokenizer", ["D", "--model", "{in}/m_notok"], "has no tokenizer files"),
+    ("model-vocab-without-merges", ["D", "--model", "{in}/m_vocab"], "cannot load the tokenizer"),
+    # --- KG and question files
+    ("kg-row-longer-than-context", ["D", "--target-kg", "{in}/long.jsonl"], "more than the model's context of 128"),
+    ("kg-json-nested-too-deep", ["D", "--target-kg", "{in}/nested.json"], "nested.json: JSON nested too deeply"),
+    ("kg-json-object-not-list", ["D", "--target-kg", "{in}/object.json"], "the file is one JSON object"),
+    (
+        "downstream-prompt-unknown-field",
+        ["downstream", "{run}", "--task", "bundled", "--prompt", "Q: {question} {answer}"],
+        "unknown field {answer}",
+    ),
+    ("downstream-prompt-single-brace", ["downstream", "{run}", "--task", "bundled", "--prompt", "Q: {question} {"], "--prompt"),
+    (
+        "downstream-train-jsonl-nested",
+        ["downstream", "{run}", "--train", "{in}/nested.jsonl", "--test", "{in}/q.jsonl"],
+        "nested.jsonl:1: JSON nested too deeply",
+    ),
+    (
+        "downstream-train-json-nested",
+        ["downstream", "{run}", "--train", "{in}/nested.json", "--test", "{in}/q.jsonl"],
+        "nested.json: JSON nested too deeply",
+    ),
+    (
+        "downstream-train-json-object",
+        ["downstream", "{run}", "--train", "{in}/qobject.json", "--test", "{in}/q.jsonl"],
+        "one JSON object",
+    ),
+    (
+        "downstream-id-a-float",
+        ["downstream", "{run}", "--train", "{in}/id15.jsonl", "--test", "{in}/q.jsonl"],
+        "field 'id' must be a string or an integer, got 1.5",
+    ),
+    ("downstream-seed-overflow", ["downstream", "{run}", "--task", "bundled", "--seeds", "9" * 23], "--seeds"),
+    ("downstream-val-fraction-zero", ["downstream", "{run}", "--task", "bundled", "--val-fraction", "0"], "--val-fraction"),
+    # --- sweep
+    (
+        "sweep-device-not-torch",
+        ["sweep", "{ws}/tpu.toml", "--out", "{ws}/st", "--dry-run"],
+        "device = 'tpu:0': must be a torch device",
+    ),
+    (
+        "sweep-resources-with-local",
+        ["sweep", "{ws}/study.toml", "--out", "{ws}/st", "--resources", "not json at all"],
+        "--resources is for --executor ray",
+    ),
+    ("sweep-grid-empty-list", ["sweep", "{ws}/noseed.toml", "--out", "{ws}/st"], "e.g. seed = [84]"),
+    ("sweep-devices-missing-gpu", ["sweep", "{ws}/study.toml", "--out", "{ws}/st", "--devices", "cuda:9"], "--devices cuda:9"),
+    (
+        "sweep-devices-not-a-device",
+        ["sweep", "{ws}/study.toml", "--out", "{ws}/st", "--devices", "cpu,banana"],
+        "--devices 'banana'",
+    ),
+    ("sweep-out-a-file", ["sweep", "{ws}/study.toml", "--out", "{ws}/afile"], "is a file; expected a study directory"),
+    ("sweep-out-a-run-directory", ["sweep", "{ws}/study.toml", "--out", "{run}"], "is a run directory of kcs-lens discover"),
+    ("sweep-out-inside-a-run", ["sweep", "{ws}/study.toml", "--out", "{run}/study"], "is inside"),
+    ("sweep-cell-name-escapes", ["sweep", "{ws}/study.toml", "--out", "{ws}/trav"], "cell '../trav_escape': not a valid cell"),
+    ("sweep-status-cell-name-escapes", ["sweep", "status", "{ws}/trav"], "cell '../trav_escape': not a valid cell"),
+    ("overlap-a-run-with-itself", ["overlap", "{run}", "{run}"], "is given twice"),
+    ("resume-state-pt-that-runs-code", ["discover", "--resume", "{in}/crafted"], "refused to load"),
+    # --- Ray (where the extra is installed; the authentication failure is in test_sweep_ray_cluster.py)
+    (
+        "sweep-ray-address-nothing-listening",
+        ["sweep", "{ws}/study.toml", "--out", "{ws}/st", "--executor", "ray", "--ray-address", "127.0.0.1:1"],
+        "--ray-address 127.0.0.1:1: nothing answers there",
+    ),
+    (
+        "sweep-ray-address-not-host-port",
+        ["sweep", "{ws}/study.toml", "--out", "{ws}/st", "--executor", "ray", "--ray-address", "headnode"],
+        "expected auto or HOST:PORT",
+    ),
 ]
+HAS_RAY = importlib.util.find_spec("ray") is not None
 
 
 @pytest.mark.parametrize("argv, phrase", [pytest.param(a, p, id=i) for i, a, p in ROWS])
-def test_bad_input_table(argv, phrase, tmp_path, finished_run, tiny_kg, tiny_model_dir):
+def test_bad_input_table(argv, phrase, tmp_path, finished_run, tiny_kg, tiny_model_dir, inputs):
     if "/proc/" in " ".join(argv) and not HAS_PROC:
         pytest.skip("no /proc")
+    if "ray" in argv and not HAS_RAY:
+        pytest.skip("Ray is not installed (the ray extra)")
     ws = tmp_path / "ws"
     ws.mkdir()
-    names = workspace(ws, finished_run)
-    args = [a.format(**names) for a in argv]
+    names = workspace(ws, finished_run, tiny_model_dir, tiny_kg)
+    args = [a.replace("{ws}", names["ws"]).replace("{run}", names["run"]).replace("{in}", str(inputs)) for a in argv]
     out = str(ws / "out")
     if args[0] == "D":  # discover on the tiny model and data with these flags last
         args = discover_args(tiny_kg, tiny_model_dir) + ([] if "--out" in args else ["--out", out]) + args[1:]
-    before = snapshot(ws)
+    before, shared = snapshot(ws), snapshot(inputs)
+    t0 = time.monotonic()
     r = CliRunner().invoke(app, args)
+    assert time.monotonic() - t0 < 30, r.output  # an unreachable cluster or a hostile file never hangs
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output, r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and phrase in errors[0], r.output
+    assert "Loading weights" not in r.output and "it/s]" not in r.output, r.output  # no progress bar before it
     assert snapshot(ws) == before  # nothing changed, nothing left behind (no empty --out folder)
+    assert snapshot(inputs) == shared and not (inputs / "PWNED").exists()  # the crafted state.pt never ran
     assert not Path(out).exists()
 
 
@@ -221,3 +359,150 @@ def test_fuzz_discover_options(option, value, tiny_kg, tiny_model_dir):
                 assert option in errors[0], note
             assert not out.exists() or (out / "config.json").exists(), note
         sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 25, second round: valid input that was refused, outputs never written under an unchecked
+# name, the unsafe state.pt, Ctrl-C, permissions, warnings on stderr
+# ------------------------------------------------------------------------------------------
+def test_utf8_bom_and_crlf_files_load_like_plain_ones(tmp_path, tiny_kg):
+    """KG files saved on Windows (a UTF-8 byte-order mark, CRLF line ends) give the same triplets;
+    so do question files and study files."""
+    from kcs_lens.data.loaders import load_kg
+    from kcs_lens.downstream.tasks import load_questions
+    from kcs_lens.sweep.plan import read_study
+
+    plain = load_kg(str(tiny_kg["target"]))
+    lines = tiny_kg["target"].read_text().splitlines()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    rows = [json.loads(x) for x in lines]
+    csv_text = "head,relation,tail,text\r\n" + "".join(f"{r['head']},{r['relation']},{r['tail']},{r['text']}\r\n" for r in rows)
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + csv_text.encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=1).replace("\n", "\r\n").encode())
+    for name in ("bom.jsonl", "bom.csv", "bom.json"):
+        got = load_kg(str(tmp_path / name))
+        assert [(t.head, t.relation, t.tail, t.text) for t in got] == [(t.head, t.relation, t.tail, t.text) for t in plain]
+    q = {"id": "q1", "question": "A car is a?", "choices": {"label": ["A", "B"], "text": ["vehicle", "fish"]}, "answerKey": "A"}
+    (tmp_path / "q.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(q).encode() + b"\r\n")
+    assert [x.id for x in load_questions(str(tmp_path / "q.jsonl"))] == ["q1"]
+    (tmp_path / "s.toml").write_bytes(b"\xef\xbb\xbf[grid]\r\nseed = [1, 2]\r\n")
+    assert read_study(tmp_path / "s.toml")[1] == {"seed": [1, 2]}
+
+
+def test_report_with_a_dotted_out_never_touches_another_file(tmp_path, finished_run):
+    """`report RUN --out rep/results-v1.2` writes results-v1.2.md/.csv/.png; a hand-written
+    results-v1.md beside it (what `with_suffix` used to replace) stays as it was."""
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "results-v1.md").write_text("mine\n")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    r = CliRunner().invoke(app, ["report", str(run), "--out", str(rep / "results-v1.2"), "--draws", "1"])
+    assert r.exit_code == 0, r.output
+    assert (rep / "results-v1.md").read_text() == "mine\n"
+    assert sorted(p.name for p in rep.iterdir()) == ["results-v1.2.csv", "results-v1.2.md", "results-v1.2.png", "results-v1.md"]
+
+
+def test_study_report_with_a_dotted_out_and_an_unwritable_name(tmp_path, tiny_kg, tiny_model_dir):
+    """The study report (pending cells only: no evaluation) to a dotted --out writes exactly its
+    five names; a name it cannot write is refused before anything is written."""
+    from kcs_lens.sweep.plan import expand, write_plan
+
+    study = tmp_path / "study.toml"
+    study.write_text(
+        f'[base]\nmodel = "{tiny_model_dir}"\ntarget_kg = "{tiny_kg["target"]}"\ncontrol_kg = "{tiny_kg["control"]}"\n'
+        "[grid]\nseed = [1, 2]\n"
+    )
+    sdir = tmp_path / "s"
+    write_plan(expand(study), sdir)
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "results-v1.md").write_text("mine\n")
+    r = CliRunner().invoke(app, ["report", str(sdir), "--out", str(rep / "results-v1.2")])
+    assert r.exit_code == 0, r.output
+    assert (rep / "results-v1.md").read_text() == "mine\n"
+    assert sorted(p.name for p in rep.iterdir()) == ["results-v1.2.csv", "results-v1.2.json", "results-v1.2.md", "results-v1.md"]
+    (rep / "x.csv").mkdir()  # one of the names is a folder: refused, nothing else written
+    r = CliRunner().invoke(app, ["report", str(sdir), "--out", str(rep / "x")])
+    assert r.exit_code == 2 and "x.csv: is a directory" in r.output, r.output
+    assert not (rep / "x.md").exists()
+
+
+def test_sweep_refuses_a_state_pt_that_would_run_code(tmp_path, inputs):
+    """The sweep reads a partial cell's state.pt (the step it resumes from) with weights_only: a
+    crafted file is refused with a RunError and its code does not run."""
+    from kcs_lens.discovery.rundir import RunDir
+    from kcs_lens.errors import RunError
+    from kcs_lens.sweep.cells import resumed_step
+
+    with pytest.raises(RunError, match="refused to load"):
+        resumed_step(RunDir(inputs / "crafted"))
+    assert not (inputs / "PWNED").exists()
+    assert resumed_step(RunDir(inputs / "m_list")) is None  # no state.pt: nothing to resume from
+
+
+def test_state_pt_holds_only_tensors_numbers_and_lists(finished_run):
+    """What discovery writes loads with weights_only=True (the resume test of test_run_safety
+    checks that it continues bit-identically)."""
+    state = torch.load(finished_run / "checkpoints" / "state.pt", weights_only=True)
+    assert set(state) == {"step", "logits", "opt", "sched", "generator", "original"}
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_exit_130(tmp_path, tiny_kg, tiny_model_dir, monkeypatch):
+    """A Ctrl-C inside transformers' from_pretrained (simulated: the loader raises KeyboardInterrupt
+    as Python does on SIGINT) exits 130 with one line and leaves no --out folder."""
+    import transformers
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", interrupted)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, discover_args(tiny_kg, tiny_model_dir) + ["--out", str(out)])
+    assert r.exit_code == 130, r.output
+    assert [x for x in r.output.splitlines() if x.startswith("error:")] == [
+        "error: interrupted (Ctrl-C); no file was left half-written"
+    ]
+    assert not out.exists()
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    return {("d" if p.is_dir() else "f", p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")]}
+
+
+def test_export_and_overlap_outputs_get_umask_permissions(tmp_path, finished_run):
+    """Folders 0755 and files 0644 under umask 022 (mkdtemp alone gave the folders 0700)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        shutil.copytree(finished_run, tmp_path / "a")
+        shutil.copytree(finished_run, tmp_path / "b")
+        r = CliRunner().invoke(app, ["overlap", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ov")])
+        assert r.exit_code == 0, r.output
+        assert _modes(tmp_path / "ov") == {("d", 0o755), ("f", 0o644)}
+        r = CliRunner().invoke(app, ["export", str(tmp_path / "a"), "--out", str(tmp_path / "hf")])
+        assert r.exit_code == 0, r.output
+        assert _modes(tmp_path / "hf") == {("d", 0o755), ("f", 0o644)}
+    finally:
+        os.umask(old)
+
+
+def test_damaged_state_warning_goes_to_stderr(tmp_path, tiny_kg, tiny_model_dir):
+    """`discover --resume` of a run whose state.pt is truncated: the fallback is a `note:` line on
+    stderr, stdout keeps the results only."""
+    import subprocess
+
+    out = tmp_path / "run"
+    discover(out=out, stop_after=8, log=lambda _: None, **tiny_run_kwargs(tiny_kg, tiny_model_dir))
+    state = out / "checkpoints" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    p = subprocess.run(
+        [sys.executable, "-m", "kcs_lens.cli.main", "discover", "--resume", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "state.pt is damaged" in p.stderr and "state.pt is damaged" not in p.stdout
+    assert [x for x in p.stderr.splitlines() if "damaged" in x][0].startswith("note: ")

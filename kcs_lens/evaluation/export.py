@@ -24,7 +24,7 @@ from torch import Tensor
 from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import ExportError
 from kcs_lens.evaluation.evaluate import check_model
-from kcs_lens.files import make_temp_dir
+from kcs_lens.files import make_temp_dir, normal_modes
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.backends import LensModel
 from kcs_lens.model.canonical import canonical_shape, parse_weight_name
@@ -98,6 +98,7 @@ def export_model(
             **(provenance or {}),
         }
         (tmp / "kcs_lens_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        normal_modes(tmp)
         if out.exists():
             raise ExportError(f"{out} appeared while exporting; nothing written")
         os.rename(tmp, out)

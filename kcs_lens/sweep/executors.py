@@ -180,11 +180,10 @@ def run_ray(
     running cluster (``auto`` or ``HOST:PORT``); None starts Ray on this machine, unless this
     process already called ``ray.init``."""
     ray = import_ray()
-    from kcs_lens.sweep.raycluster import check_shared_out, connect
+    from kcs_lens.sweep.raycluster import connect
 
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # run_sweep connected already (and checked the storage)
         connect(ray, address)
-    check_shared_out(ray, study_dir.resolve())
     task = ray.remote(_ray_cell).options(**ray_options(resources, max_retries))
     refs = {task.remote(str(study_dir.resolve()), c.to_json(), force, track): c for c in cells}
     log(f"submitted {len(refs)} Ray task(s) with {resources}; cluster: {ray.cluster_resources()}")

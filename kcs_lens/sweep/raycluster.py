@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -33,8 +34,8 @@ MARKER_DIR = ".cells/nodes"
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of a ``HOST:PORT`` address; None for ``auto``, ``ray://`` and other forms."""
-    if address == "auto" or "://" in address:
+    """(host, port) of a ``HOST:PORT`` address; None for ``auto``, ``local`` and ``ray://`` addresses."""
+    if address in ("auto", "local") or "://" in address:
         return None
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -90,6 +91,22 @@ def connect(ray: Any, address: str | None) -> None:
             raise ConfigError(f"{where} refused this driver's authentication: {AUTH_HINT}") from None
         first = " ".join(str(e).split())[:300]
         raise ConfigError(f"could not connect to {where}: {type(e).__name__}: {first}") from None
+
+
+def join_cluster(address: str | None, out: Path) -> None:
+    """:func:`connect` (unless this process is connected already), then :func:`check_shared_out`;
+    an ``out`` this call created is removed again when the check fails."""
+    import ray
+
+    if not ray.is_initialized():
+        connect(ray, address)
+    created = not out.exists()
+    try:
+        check_shared_out(ray, out.resolve())
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def node_label() -> str:
@@ -148,5 +165,6 @@ def check_shared_out(ray: Any, out: Path) -> None:
     finally:
         for p in mdir.iterdir() if mdir.is_dir() else []:
             p.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            mdir.rmdir()
+        for d in (mdir, mdir.parent):  # .cells/nodes, and .cells when it holds nothing else
+            with contextlib.suppress(OSError):
+                d.rmdir()

@@ -110,6 +110,10 @@ def run_sweep(
                 raise ConfigError(f"{study}: {e}") from None
     if dry_run:
         return {"plan": plan, "results": [], "failed": [], "skipped": [], "changed": changed}
+    if executor == "ray":  # the cluster answers and every node sees --out, before anything is written
+        from kcs_lens.sweep.raycluster import join_cluster
+
+        join_cluster(ray_address, Path(out))
     if changed:
         write_plan(plan, out)
     states = {c.name: cell_state(out, c) for c in plan.cells}
