@@ -95,17 +95,21 @@ def connect(ray: Any, address: str | None) -> None:
 
 def join_cluster(address: str | None, out: Path) -> None:
     """:func:`connect` (unless this process is connected already), then :func:`check_shared_out`;
-    an ``out`` this call created is removed again when the check fails."""
+    the folders this call created are removed again when the check fails."""
     import ray
 
     if not ray.is_initialized():
         connect(ray, address)
-    created = not out.exists()
+    top = None  # the outermost folder of ``out`` that the check creates
+    for d in (out.absolute(), *out.absolute().parents):
+        if d.exists():
+            break
+        top = d
     try:
-        check_shared_out(ray, out.resolve())
+        check_shared_out(ray, out.absolute())
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
         raise
 
 
