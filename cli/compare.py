@@ -60,9 +60,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare a subnetwork with activation patching, attribution and knock-out; write an offline HTML report."""
         from kcs_lens.analyses.compare import compare_circuits, kg_key
+        from kcs_lens.errors import OutputError
         from kcs_lens.files import check_output_dir
 
-        check_output_dir(out or run / f"compare-{kg_key(kg)}", "--out")  # before the analysis, not after
+        target = check_output_dir(out or run / f"compare-{kg_key(kg)}", "--out")  # before the analysis, not after
+        if target.is_dir() and any(target.iterdir()) and not (target / "comparison.json").is_file():
+            raise OutputError(
+                f"--out {target}: the folder holds other files and is not the output of an earlier compare-circuits "
+                "(no comparison.json); its report.html and figures would replace files of the same names: choose a "
+                "new or empty folder"
+            )
 
         data = compare_circuits(
             run,

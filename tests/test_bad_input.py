@@ -177,6 +177,13 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("compare-out-under-a-file", ["compare-circuits", "{run}", "--out", "{ws}/afile/c"], "--out"),
     ("compare-seed-negative", ["compare-circuits", "{run}", "--seed", "-1"], "--seed"),
     (
+        "compare-out-a-folder-of-other-files",
+        ["compare-circuits", "{run}", "--out", "{ws}/notrun"],
+        "not the output of an earlier",
+    ),
+    ("compare-out-the-run-directory", ["compare-circuits", "{run}", "--out", "{run}"], "not the output of an earlier"),
+    ("config-json-nested-too-deep", ["D", "--config", "{in}/nested.json"], "nested too deeply"),
+    (
         "kg-wordnet-min-above-max",
         ["kg", "wordnet", "--root", "building.n.01", "--min-triplets", "50", "--max-triplets", "10"],
         "--min-triplets",

@@ -35,7 +35,7 @@ from kcs_lens.sweep.cells import read_status
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-STEPS = dict(steps=24, eval_every=6, checkpoint_every=6)
+STEPS = dict(steps=18, eval_every=6, checkpoint_every=6)
 HIDE = """
 import builtins, io, os
 _hidden = os.environ["KCS_TEST_HIDDEN_PATH"]

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from kcs_lens.errors import ConfigError
 
 AUTH_HINT = (
-    "the cluster uses token authentication (Ray's default since 2.52); run with RAY_AUTH_MODE=token and the "
+    "the cluster uses token authentication (Ray 2.60's default); run with RAY_AUTH_MODE=token and the "
     "cluster's token: ~/.ray/auth_token copied from the head node, or RAY_AUTH_TOKEN=<the output of "
     "`ray get-auth-token` on the head> (docs/study.md#authentication)"
 )

@@ -97,6 +97,10 @@ def run_sweep(
     out = check_study_dir(out)
     if executor == "ray":
         import_ray()  # the missing extra is one error line before anything else
+        if ray_address is not None and not dry_run:
+            from kcs_lens.sweep.raycluster import probe
+
+            probe(ray_address)  # nothing listening there: seconds, before the study is read
         if workers is not None or devices:
             raise ConfigError("--workers and --devices are for --executor local; with ray use --resources (Ray assigns devices)")
     plan, changed = reconcile(expand(study), out, force=force, add=add)
