@@ -87,10 +87,10 @@ def study_report(
             m["overlap"] = seed_overlap(study_dir, g, models, device=device, recompute=recompute, log=log)
         summary.append(m)
     res = {"study": plan.study, "dir": str(study_dir), "groups": summary, "runs": rows, "not_finished": pending}
-    files = write_study(base, res, infos, groups)
+    written = write_study(base, res, infos, groups)
     if html and infos:
-        files = [*files, *(str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, device=device, log=log))]
-    res["files"] = files
+        written += [str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, device=device, log=log)]
+    res["files"] = written
     return res
 
 
@@ -289,7 +289,7 @@ def tradeoff_png(res: dict[str, Any]) -> bytes:
 def study_files(out: str | Path) -> tuple[Path, list[Path]]:
     """The base name of ``--out`` and the files of the study report (``study_dir/study`` by
     default): BASE.md, .csv, .json, -density.png, -tradeoff.png; a dotted name keeps its dots."""
-    base, _ = output_files(out, (".md", ".csv", ".json", ".png"))
+    base, _ = output_files(out, (".md", ".csv", ".json", ".png", ".html"))
     return base, [with_added_suffix(base, s) for s in STUDY_SUFFIXES]
 
 
