@@ -1,8 +1,10 @@
-"""Bad input never costs data and never shows a traceback (issue 15).
+"""Bad input never costs data and never shows a traceback (issues 15 and 25).
 
 One table: every bad input found by trying the CLI as a new user; each must give exit code 2, one
 ``error:`` line containing the phrase, and leave every file of the workspace as it was (the run
-used as input included; a discover that fails leaves no --out folder). Then a fuzz test feeds
+used as input included; a discover that fails leaves no --out folder), with no progress bar
+before the line (a Ray address where nothing listens: within 30 s). Rows that need a model share the tiny fixture model; the damaged
+model directories and hostile files are built once (``inputs``). Then a fuzz test feeds
 hostile values to every option of ``discover``.
 """
 
@@ -287,7 +289,8 @@ def test_bad_input_table(argv, phrase, tmp_path, finished_run, tiny_kg, tiny_mod
     before, shared = snapshot(ws), snapshot(inputs)
     t0 = time.monotonic()
     r = CliRunner().invoke(app, args)
-    assert time.monotonic() - t0 < 30, r.output  # an unreachable cluster or a hostile file never hangs
+    if "--ray-address" in args:  # an unreachable cluster fails at once, not after Ray's minutes of retries
+        assert time.monotonic() - t0 < 30, r.output
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output, r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
