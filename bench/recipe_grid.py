@@ -1,4 +1,4 @@
-"""The bundled recipe's grid (issue 14): how TargetKG top-1 and the other criteria move with
+"""The bundled recipe's grid (the tail-term recipe's screen): how TargetKG top-1 and the other criteria move with
 steps, the sparsity-weight schedule, the suppression weight, the learning rate, the objective and
 the selection rule, on the bundled model.
 
@@ -12,7 +12,7 @@ skipped), and a markdown table to the same path with ``.md``::
     nice -n 10 .venv/bin/python bench/recipe_grid.py --points base,supp3 --targets building --seeds 84
     .venv/bin/python bench/recipe_grid.py --table-only        # rewrite the .md from the .jsonl
 
-The targets of issue 14, checked per run on the checkpoint a rule selects: TargetKG top-1 <= 0.2,
+The recipe's targets, checked per run on the checkpoint a rule selects: TargetKG top-1 <= 0.2,
 ControlKG-val top-1 >= 0.95, ControlKG PPL ratio <= 1.15, held-out LM PPL ratio <= 1.05,
 sparsity >= 98%.
 """
@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The bundled recipe before issue 14, in the keys that issue 14 changed: every grid point except
+# The first bundled recipe (no tail term), in the keys the tail-term recipe changed: every grid point except
 # "default" starts from it, so the rows stay reproducible after the recipe changed.
-PRE_ISSUE14 = {"sparsity_start": 50.0, "sparsity_end": 75.0, "tail_weight": 0.0, "select_max_target_top1": None}
+FIRST_RECIPE = {"sparsity_start": 50.0, "sparsity_end": 75.0, "tail_weight": 0.0, "select_max_target_top1": None}
 
-# Named grid points: overrides of the pre-issue-14 bundled recipe.
+# Named grid points: overrides of the first bundled recipe.
 POINTS: dict[str, dict[str, Any]] = {
     "default": {},  # the bundled recipe as it is now (kcs_lens.discovery.config.BUNDLED_RECIPE), no overrides
     "base": {},
@@ -59,7 +59,7 @@ POINTS: dict[str, dict[str, Any]] = {
     "tail0.3-lam75-100": {"tail_weight": 0.3, "tail_kind": "uniform", "sparsity_start": 75.0, "sparsity_end": 100.0},
     "tail3": {"tail_weight": 3.0, "tail_kind": "uniform"},
     "tail10": {"tail_weight": 10.0, "tail_kind": "uniform"},
-    # head granularity (issue 12): one logit per attention head and MLP neuron; the sparsity weight
+    # head granularity: one logit per attention head and MLP neuron; the sparsity weight
     # is screened for its bundled default (the weight-granularity 75 -> 100 empties the subnetwork)
     "head-lam1-1.5": {"granularity": "head", "sparsity_start": 1.0, "sparsity_end": 1.5, "tail_weight": 0.5},
     "head-lam2-3": {"granularity": "head", "sparsity_start": 2.0, "sparsity_end": 3.0, "tail_weight": 0.5},
@@ -114,10 +114,10 @@ def run_one(point: str, target: str, seed: int, lm: Any, workdir: Path) -> dict[
     from kcs_lens.discovery.runner import discover
 
     over = dict(POINTS[point])
-    start = {} if point == "default" else {k: v for k, v in PRE_ISSUE14.items() if v is not None}
+    start = {} if point == "default" else {k: v for k, v in FIRST_RECIPE.items() if v is not None}
     cfg = build_config(model="bundled", target_kg=target, seed=seed, **{**start, **over})
     if point != "default" and "select_max_target_top1" not in over:
-        cfg.select_max_target_top1 = None  # as before issue 14 (None cannot be passed as "not given")
+        cfg.select_max_target_top1 = None  # as in the first recipe (None cannot be passed as "not given")
     out = workdir / f"{point}-{target}-{seed}"
     t0 = time.perf_counter()
     discover(cfg, out=out, force=True, lens_model=lm, progress=False, log=lambda s: None)
@@ -167,7 +167,7 @@ def fmt(x: Any, nd: int = 2) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "# Bundled recipe grid (issue 14)",
+        "# Bundled recipe grid (tail-term recipe)",
         "",
         "One row per run and selection rule: the selected checkpoint's step and numbers (remaining / original "
         "ratios for PPL). `ok` = meets all targets: TargetKG top-1 <= 0.2, ControlKG-val top-1 >= 0.95, "

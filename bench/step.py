@@ -1,4 +1,4 @@
-"""Cost of one discovery step against one plain training step of the same model (issue 7).
+"""Cost of one discovery step against one plain training step of the same model (the speed target: ratio <= 0.7).
 
     python bench/step.py --shape gpt2-small --kg-batch 32 --kg-len 12 --lm-batch 2 --lm-len 256
 
@@ -61,7 +61,7 @@ SHAPES: dict[str, dict[str, int]] = {
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, vocab_size=50257, n_positions=1024),
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_inner=4096, vocab_size=50257, n_positions=1024),
 }
-# Other families (issue 12): shape -> (transformers config class, its arguments). Pythia-160m as
+# Other families: shape -> (transformers config class, its arguments). Pythia-160m as
 # published; "llama-gqa" a Llama-style model of about GPT-2-small's cost (RMSNorm, rotary,
 # grouped-query attention 12 query / 4 key-value heads, gated MLP).
 FAMILY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -91,7 +91,7 @@ FAMILY_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
-# Per-shape default batches (the issue's yardstick for GPT-2 shapes; the bundled recipe for bundled).
+# Per-shape default batches (the speed target's yardstick for GPT-2 shapes; the bundled recipe for bundled).
 DEFAULT_BATCH = {
     "tiny": dict(kg_batch=16, kg_len=10, lm_batch=2, lm_len=64),
     "bundled": dict(kg_batch=30, control_batch=64, kg_len=10, lm_batch=4, lm_len=128),

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Wall time of a whole `kcs-lens sweep` study (issue 11's measurement), with the machine's load and
+# Wall time of a whole `kcs-lens sweep` study (docs/study.md's measurement), with the machine's load and
 # the same yardstick as bench/discover_wall.sh around it (bench/step.py's dense step of the bundled
 # model, 2 threads, idle 0.159 s) as a record of how busy the machine was. No idle estimate is
 # derived from it: a 2-thread step slows far more under contention than the sweep's 1-thread cells

@@ -1,4 +1,4 @@
-"""docs/families.md's acceptance tables from studies of the two bundled models (issue 12): per model
+"""docs/families.md's acceptance tables from studies of the two bundled models: per model
 and TargetKG, mean ± std over seeds of sparsity, the PPL ratios and the random baseline (from each
 study's ``study.json``, written by ``kcs-lens report DIR``), and the subnetworks' density per
 masked block and matrix (mean over every run of the study).

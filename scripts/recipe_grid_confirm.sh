@@ -1,5 +1,5 @@
 #!/bin/bash
-# Confirmation stage of the bundled-recipe grid (issue 14): one grid point on every bundled
+# Confirmation stage of the bundled-recipe grid (the tail-term recipe): one grid point on every bundled
 # TargetKG x the paper's three seeds (seed 84 first, so a cut-short run still covers every TargetKG).
 # Run from the repository root: POINT=base nice -n 10 bash scripts/recipe_grid_confirm.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

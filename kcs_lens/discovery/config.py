@@ -33,7 +33,7 @@ Recipe = Literal["auto", "paper", "bundled"]
 # minutes, so it runs 250 steps and compensates with a 37x sparsity weight (75 -> 100 instead of
 # 2 -> 3) and half the learning rate (0.1): with the paper's weights, 600 steps reach only 91%
 # sparsity. With the paper's objective alone the removed facts' answers survive at that sparsity
-# (TargetKG top-1 0.47-0.77 after 250 steps, issue 14), so the bundled recipe adds the tail term
+# (TargetKG top-1 0.47-0.77 after 250 steps), so the bundled recipe adds the tail term
 # (margin form, weight 0.5; not in the paper) and selects only checkpoints whose TargetKG top-1 is
 # at most 0.2. Measured grid: bench/results/recipe_grid*.md.
 BUNDLED_RECIPE: dict[str, Any] = {

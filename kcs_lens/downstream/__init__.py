@@ -1,4 +1,4 @@
-"""The downstream experiment (issue 10; docs/downstream.md): does removing a knowledge-critical
+"""The downstream experiment (docs/downstream.md): does removing a knowledge-critical
 subnetwork hurt a finetuned multiple-choice task exactly on the questions that need the removed
 knowledge?
 

@@ -412,7 +412,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"# downstream: {res['run']} (TargetKG {res['target_kg']}, seed {res['seed']})",
         "",
-        f"finetune {st['mode']}, {st['epochs']} epochs, lr {st['lr']:g}, batch {st['batch_size']}, seeds "
+        f"finetune {st['mode']}, {st['epochs']} epoch{'s' if st['epochs'] != 1 else ''}, lr {st['lr']:g}, batch {st['batch_size']}, seeds "
         f"{','.join(map(str, st['seeds']))}, {st['baseline_draws']} random draws; train {st['train']} "
         f"({res['data']['train']} + {res['data']['val']} validation), test {st['test']}. Accuracy: mean over seeds "
         "[95% bootstrap interval over questions]; McNemar p per seed (random: per seed and draw, smallest).",
