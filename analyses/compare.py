@@ -253,11 +253,20 @@ def head_decisions(st: dict[str, Any], per_prompt: dict[str, np.ndarray], boot: 
 # Views: attention patterns of the top heads and per-token log-prob changes
 # ------------------------------------------------------------------------------------------
 def top_heads(res: dict[str, Any], st: dict[str, Any], k: int) -> list[tuple[int, int]]:
-    """Heads where the subnetwork acts most (knock-out |effect|), density as the tie-breaker."""
-    ko = np.nan_to_num(np.abs(res["unit_mean"]["knockout"]["heads"]), nan=0.0)
-    dens = np.nan_to_num(st["head"], nan=0.0)
-    score = ko + 1e-9 * dens
-    order = np.argsort(-score.ravel(), kind="stable")[:k]
+    """The ``k`` heads of the masked layers that the methods rank highest: per method, each head's
+    mean |effect| as a share of that method's largest; the heads with the largest mean share over
+    knock-out, patching, attribution and DLA (density breaks ties). Heads outside the masked layers
+    cannot hold the subnetwork (their original and remaining attention are the same) and are not shown."""
+    masked = np.isfinite(st["head"])
+    score = np.zeros(masked.shape)
+    for m in ("knockout", "patching", "attribution", "dla"):
+        eff = np.where(masked, np.nan_to_num(np.abs(np.asarray(res["unit_mean"][m]["heads"], float)), nan=0.0), 0.0)
+        top = eff.max()
+        if top > 0:
+            score += eff / top
+    score += 1e-9 * np.nan_to_num(st["head"], nan=0.0)
+    score[~masked] = -np.inf
+    order = [i for i in np.argsort(-score.ravel(), kind="stable") if masked.ravel()[i]][:k]
     H = score.shape[1]
     return [(int(i) // H, int(i) % H) for i in order]
 

@@ -135,24 +135,26 @@ def agreement_table(res: dict[str, Any]) -> str:
 
 
 def head_decisions_table(res: dict[str, Any]) -> str:
-    """Head-granularity runs: each method's |effect| against the subnetwork's heads, and the heads."""
+    """Head-granularity runs: each method's |effect| against the subnetwork's heads, and every head
+    of the masked layers with its decision, mask probability and each method's mean effect."""
     hd = res.get("head_decisions")
     if not hd:
         return ""
     rows = [[_e(m), str(a["n_in_subnetwork"]), _stat(a["auroc"]), _stat(a["precision@k"])] for m, a in hd["agreement"].items()]
-    heads = [h for h in hd["heads"] if h["in_subnetwork"]]
     return (
         "<h3>Heads in the subnetwork vs each method (head granularity, one to one)</h3>"
         f"<p>In the subnetwork: {_e(', '.join(hd['in_subnetwork']) or 'no head')}.</p>"
         + _table(["method", "heads in subnetwork", "AUROC of |effect|", "precision@k"], rows, "agree")
+        + "<p>Every head of the masked layers: the subnetwork's decision, its mask probability σ(l) and each "
+        "method's mean effect over the prompts.</p>"
         + _table(
-            ["head", "mask prob", "knock-out", "patching", "attribution patching", "DLA"],
+            ["head", "in subnetwork", "mask prob σ(l)", "knock-out", "patching", "attribution patching", "DLA"],
             [
-                [_e(h["head"]), _num(h["mask_prob"], "{:.3f}")]
+                [_e(h["head"]), "yes" if h["in_subnetwork"] else "no", _num(h["mask_prob"], "{:.3f}")]
                 + [_num(h[m]) for m in ("knockout", "patching", "attribution", "dla")]
-                for h in heads
+                for h in hd["heads"]
             ],
-            "units",
+            "units head-decisions",
         )
     )
 

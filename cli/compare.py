@@ -6,34 +6,55 @@ from typing import Any, Optional
 import typer
 
 
-def print_agreement(data: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _fmt(s: dict[str, Any] | None) -> str:
+    if not s or s["value"] is None:
+        return "n/a"
+    ci = s["ci95"]
+    return f"{s['value']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
 
-    c = Console(width=max(110, Console().width))
+
+def _effect(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
+def print_agreement(data: dict[str, Any]) -> None:
+    """Per prompt set: the rank agreement of the methods; on a head-granularity run also every head
+    of the masked layers (decision, mask probability, each method's mean effect) and how well each
+    method's |effect| singles out the heads in the subnetwork."""
+    from kcs_lens.progress import table, terminal
+
+    c = terminal()
     for name, res in data["sets"].items():
         rows = res["agreement"]["masked_layers"]
         n = next(iter(rows.values()))["n_units"]
-        t = Table(title=f"{name} prompts (n={res['n_prompts']}): agreement over {n} units in masked layers, 95% CI")
-        for col in ("methods", "Spearman", "Kendall", "Jaccard@5", "Jaccard@10"):
-            t.add_column(col, justify="left" if col == "methods" else "right")
-
-        def fmt(s: dict[str, Any] | None) -> str:
-            if not s or s["value"] is None:
-                return "n/a"
-            ci = s["ci95"]
-            return f"{s['value']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
-
+        t = table(
+            f"{name} prompts (n={res['n_prompts']}): agreement over {n} units in masked layers, 95% CI",
+            ["methods", "Spearman", "Kendall", "Jaccard@5", "Jaccard@10"],
+        )
         for pair, s in rows.items():
-            t.add_row(pair, fmt(s["spearman"]), fmt(s["kendall"]), fmt(s.get("jaccard@5")), fmt(s.get("jaccard@10")))
+            t.add_row(pair, _fmt(s["spearman"]), _fmt(s["kendall"]), _fmt(s.get("jaccard@5")), _fmt(s.get("jaccard@10")))
         c.print(t)
         hd = res.get("head_decisions")
         if hd:  # head-granularity run: its heads against each method, one to one
-            t = Table(title=f"{name}: heads in the subnetwork ({', '.join(hd['in_subnetwork']) or 'none'}) vs |effect|")
-            for col in ("method", "AUROC", "precision@k"):
-                t.add_column(col, justify="left" if col == "method" else "right")
+            t = table(
+                f"{name}: every head of the masked layers, its decision, mask probability and each method's mean effect",
+                ["head", "in", "σ(l)", "knock-out", "patching", "attribution", "DLA"],
+            )
+            t.columns[1].justify = "left"
+            for h in hd["heads"]:
+                t.add_row(
+                    h["head"],
+                    "yes" if h["in_subnetwork"] else "no",
+                    f"{h['mask_prob']:.3f}",
+                    *(_effect(h[m]) for m in ("knockout", "patching", "attribution", "dla")),
+                )
+            c.print(t)
+            t = table(
+                f"{name}: heads in the subnetwork ({', '.join(hd['in_subnetwork']) or 'none'}) vs |effect|",
+                ["method", "AUROC", "precision@k"],
+            )
             for m, a in hd["agreement"].items():
-                t.add_row(m, fmt(a["auroc"]), fmt(a["precision@k"]))
+                t.add_row(m, _fmt(a["auroc"]), _fmt(a["precision@k"]))
             c.print(t)
 
 
@@ -58,7 +79,10 @@ def register(app: typer.Typer) -> None:
             None, "--threads", min=1, help="torch CPU threads (default: 1 for small models, else torch's)"
         ),
     ) -> None:
-        """Compare a subnetwork with activation patching, attribution and knock-out; write an offline HTML report."""
+        """Compare a subnetwork with other circuit methods.
+
+        Activation patching, attribution patching, direct logit attribution and knock-out; writes an
+        offline HTML report."""
         from kcs_lens.analyses.compare import compare_circuits, kg_key
         from kcs_lens.errors import OutputError
         from kcs_lens.files import check_output_dir

@@ -11,7 +11,14 @@ from typing import Any, List, Optional, get_args, get_origin
 
 import typer
 
-from kcs_lens.discovery.config import FIELD_TYPES, DiscoveryConfig, build_config, field_default
+from kcs_lens.discovery.config import (
+    BUNDLED_RECIPE,
+    BUNDLED_RECIPE_BY_GRANULARITY,
+    FIELD_TYPES,
+    DiscoveryConfig,
+    build_config,
+    field_default,
+)
 
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "config": (Optional[Path], typer.Option(None, "--config", help="TOML, YAML or JSON file of options (flags win)")),
@@ -42,11 +49,18 @@ def _cli_type(tp: Any) -> Any:
     return tp
 
 
+def _show_default(d: Any) -> str:
+    return ",".join(d) if isinstance(d, list) else "unset" if d is None else str(d)
+
+
 def _default_note(name: str) -> str:
+    """The default as help shows it: with the bundled recipe's value beside it where that recipe
+    (what --recipe auto runs on the bundled models) sets the field, so the help shows what will run."""
     d = field_default(name)
-    if isinstance(d, list):
-        d = ",".join(d)
-    return "" if d is None or isinstance(d, bool) else f" [default: {d}]"
+    if name in BUNDLED_RECIPE:
+        by_gran = "".join(f"; {v[name]:g} at --granularity {g}" for g, v in BUNDLED_RECIPE_BY_GRANULARITY.items() if name in v)
+        return f" [default: {_show_default(d)} (paper recipe); bundled recipe: {_show_default(BUNDLED_RECIPE[name])}{by_gran}]"
+    return "" if d is None or isinstance(d, bool) else f" [default: {_show_default(d)}]"
 
 
 def config_parameters() -> list[inspect.Parameter]:
@@ -63,7 +77,9 @@ def config_parameters() -> list[inspect.Parameter]:
 
 def register(app: typer.Typer) -> None:
     def discover(**kw: Any) -> None:
-        """Find a knowledge-critical subnetwork. With no arguments: the bundled model and its 'building' TargetKG."""
+        """Find a knowledge-critical subnetwork.
+
+        With no arguments: the bundled model and its 'building' TargetKG, bundled recipe."""
         from kcs_lens.discovery.runner import discover as run_discover
 
         run = {k: kw.pop(k) for k in RUN_OPTIONS}
@@ -103,25 +119,27 @@ def register(app: typer.Typer) -> None:
 def print_summary(s: dict[str, Any]) -> None:
     """The final table: PPL (the paper's measure) and the answers (top-1 accuracy and mean rank of
     the tail's first token), original -> remaining; '-' where an older summary.json lacks a value."""
-    from rich.console import Console
-    from rich.table import Table
-
     from kcs_lens.evaluation.paper_table import before_after
+    from kcs_lens.progress import table, terminal
 
-    t = Table(title=f"{s['model']} / TargetKG {s['target_kg']} / seed {s['seed']} (step {s['selected_step']})")
+    t = table(
+        f"{s['model']} / TargetKG {s['target_kg']} / seed {s['seed']} (step {s['selected_step']}); "
+        "PPL, top-1 and tail rank of the original (orig.) → remaining (rem.) model",
+        ["set", "orig. PPL", "rem. PPL", "dPPL", "ratio", "top-1", "tail rank"],
+    )
     mc = s.get("multiple_choice") or {}
-    for col in ("set", "original PPL", "remaining PPL", "dPPL", "ratio", "top-1 (orig → rem)", "tail rank (orig → rem)"):
-        t.add_column(col, justify="right" if col != "set" else "left")
-    t.add_column("multiple choice (orig → rem)", justify="right")
+    mc_t = table("multiple choice among same-relation tails: original → remaining", ["set", "MC", "chance"])
     o, r = s["original"], s["remaining"]
-    sets = [("target", "TargetKG"), ("control", "ControlKG (val)"), ("lm", "ControlLM (held-out)")]
+    sets = [("target", "TargetKG"), ("control", "ControlKG\n(val)"), ("lm", "ControlLM\n(held-out)")]
     if "control_test_ppl" in r:
-        sets.insert(2, ("control_test", "ControlKG (test, held out)"))
+        sets.insert(2, ("control_test", "ControlKG\n(test, held\nout)"))
     if "paraphrases_ppl" in r:
-        sets.insert(1, ("paraphrases", "TargetKG, unseen wordings"))
+        sets.insert(1, ("paraphrases", "TargetKG,\nunseen\nwordings"))
     for key, label in sets:
         answers = key != "lm"
         chance = (mc.get(key) or {}).get("chance")
+        if answers and chance is not None:
+            mc_t.add_row(label, before_after(o.get(f"{key}_mc"), r.get(f"{key}_mc")), f"{chance:.2f}")
         t.add_row(
             label,
             f"{o[f'{key}_ppl']:.3f}",
@@ -130,12 +148,11 @@ def print_summary(s: dict[str, Any]) -> None:
             f"{s['ratio'][f'{key}_ratio']:.3f}",
             before_after(o.get(f"{key}_top1"), r.get(f"{key}_top1")) if answers else "",
             before_after(o.get(f"{key}_rank"), r.get(f"{key}_rank"), ".1f") if answers else "",
-            before_after(o.get(f"{key}_mc"), r.get(f"{key}_mc")) + f" (chance {chance:.2f})"
-            if answers and chance is not None
-            else "",
         )
-    c = Console(width=max(120, Console().width))
+    c = terminal()
     c.print(t)
+    if mc_t.row_count:
+        c.print(mc_t)
     c.print(
         f"sparsity {100 * s['sparsity']:.2f}% of masked weights ({100 * s['sparsity_all_linear']:.2f}% of all linear weights); "
         f"selection criteria {'met' if s['meets_criteria'] else 'NOT met (last checkpoint)'}"

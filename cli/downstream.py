@@ -41,9 +41,9 @@ def downstream(
     out: Optional[Path] = typer.Option(None, "--out", help="where downstream.json / .md go (default: RUN)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
 ) -> None:
-    """Finetune original, remaining and random-pruned models on a QA task.
+    """Finetune the models on a QA task and compare them.
 
-    Compares their accuracy on the questions that need the removed knowledge (docs/downstream.md)."""
+    Finetunes the original, remaining and random-pruned models on a multiple-choice task and compares their accuracy on the questions that need the removed knowledge (docs/downstream.md)."""
     from kcs_lens.downstream import FinetuneSettings
     from kcs_lens.downstream import downstream as run_downstream
 

@@ -7,12 +7,13 @@ from typing import Any, List, Optional
 
 import typer
 
+# two lines where long, so that the tables fit 80 columns
 SET_LABELS = {
     "target": "TargetKG",
-    "control": "ControlKG (val)",
-    "control_test": "ControlKG (test, held out)",
-    "lm": "ControlLM (held-out)",
-    "paraphrases": "unseen wordings",
+    "control": "ControlKG\n(val)",
+    "control_test": "ControlKG\n(test, held\nout)",
+    "lm": "ControlLM\n(held-out)",
+    "paraphrases": "unseen\nwordings",
 }
 
 RUN_ARG = typer.Argument(..., help="run directory of kcs-lens discover")
@@ -34,9 +35,9 @@ DEVICE_OPT = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda
 
 
 def _console():
-    from rich.console import Console
+    from kcs_lens.progress import terminal
 
-    return Console(width=max(200, Console().width))
+    return terminal()
 
 
 def _label(name: str) -> str:
@@ -48,13 +49,17 @@ def _f(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def metrics_table(res: dict[str, Any], title: str):
-    from rich.table import Table
+def metrics_tables(res: dict[str, Any], title: str) -> list[Any]:
+    """Two tables per evaluation, each fitting 80 columns: PPL, top-1 and rank; then top-5/10 and
+    the per-triplet rank and log-prob changes (mean [min, max])."""
+    from kcs_lens.progress import table
 
-    t = Table(title=title)
-    cols = ("set", "model", "PPL", "dPPL", "ratio", "top1/5/10", "rank", "MC (chance)", "MC norm")
-    for c in (*cols, "d rank mean [min,max]", "d logprob mean [min,max]"):
-        t.add_column(c, justify="left" if c in ("set", "model") else "right")
+    main = table(title, ["set", "model", "PPL", "dPPL", "ratio", "top-1", "rank", "MC (chance)", "MC norm"], left=2)
+    deltas = table(
+        "top-5/10; per-triplet change vs the original: mean [min,max]",
+        ["set", "model", "top-5", "top-10", "d rank", "d logprob"],
+        left=2,
+    )
     m = res["metrics"]
     for s in m["original"]:
         for v in m:
@@ -62,20 +67,24 @@ def metrics_table(res: dict[str, Any], title: str):
             rng = lambda k, f, g, x=x: (
                 "" if f"{k}_mean" not in x else f"{x[k + '_mean']:+.{f}f} [{x[k + '_min']:+.{g}f},{x[k + '_max']:+.{g}f}]"
             )
-            t.add_row(
-                _label(s) if v == "original" else "",
+            label = _label(s) if v == "original" else ""
+            kg = s != "lm"
+            main.add_row(
+                label,
                 v,
                 _f(x["ppl"]),
                 _f(x.get("dppl"), "+.3f") if v != "original" else "",
                 _f(x.get("ppl_ratio")) if v != "original" else "",
-                "" if s == "lm" else "/".join(_f(x.get(f"top{k}"), ".2f") for k in (1, 5, 10)),
-                "" if s == "lm" else _f(x.get("rank_mean"), ".1f"),
+                _f(x.get("top1"), ".2f") if kg else "",
+                _f(x.get("rank_mean"), ".1f") if kg else "",
                 f"{x['mc']:.2f} ({x['mc_chance']:.2f})" if "mc" in x else "",
                 _f(x.get("mc_norm"), ".2f") if "mc" in x else "",
-                rng("drank", 1, 0),
-                rng("dlogprob", 2, 2),
             )
-    return t
+            if kg:
+                deltas.add_row(
+                    label, v, _f(x.get("top5"), ".2f"), _f(x.get("top10"), ".2f"), rng("drank", 1, 0), rng("dlogprob", 2, 2)
+                )
+    return [main, deltas]
 
 
 def print_choice_notes(c, sets: dict[str, Any]) -> None:
@@ -97,13 +106,11 @@ def print_choice_notes(c, sets: dict[str, Any]) -> None:
 
 
 def print_subnetwork(c, st: dict[str, Any]) -> None:
-    from rich.table import Table
+    from kcs_lens.progress import table
 
     d = st["density"]
     mats = list(d["per_matrix"])
-    t = Table(title="density (% of weights in the subnetwork)")
-    for col in ["layer", *mats, "all"]:
-        t.add_column(col, justify="right")
+    t = table("density (% of weights in the subnetwork)", ["layer", *mats, "all"])
     for l, row in d["per_layer_matrix"].items():
         t.add_row(l, *[f"{100 * row[m]:.2f}" for m in mats], f"{100 * d['per_layer'][l]:.2f}")
     t.add_row("all", *[f"{100 * d['per_matrix'][m]:.2f}" for m in mats], f"{100 * (1 - st['sparsity']):.2f}")
@@ -132,7 +139,9 @@ def evaluate(
     device: Optional[str] = DEVICE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/evaluation.json)"),
 ) -> None:
-    """Original vs remaining model vs the subnetwork alone: tail PPL, ranks, log-probs, top-k; sparsity and density."""
+    """Evaluate the original, remaining and subnetwork models.
+
+    Tail PPL, ranks, log-probs and top-k per set; sparsity and density."""
     from kcs_lens.evaluation.evaluate import evaluate_run
     from kcs_lens.files import check_output_file
 
@@ -151,7 +160,8 @@ def evaluate(
         log=typer.echo,
     )
     c = _console()
-    c.print(metrics_table(res, f"{res['model']} / TargetKG {res['target_kg']} / seed {res['seed']} ({run})"))
+    for tab in metrics_tables(res, f"{res['model']} / TargetKG {res['target_kg']} / seed {res['seed']} ({run})"):
+        c.print(tab)
     print_choice_notes(c, res["sets"])
     print_subnetwork(c, res["subnetwork"])
     c.print(f"wrote {json_out or Path(run) / 'evaluation.json'}")
@@ -170,11 +180,12 @@ def baseline(
     device: Optional[str] = DEVICE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/baseline.json)"),
 ) -> None:
-    """Random subnetworks with the run's per-matrix sizes: mean ± std of every metric over draws."""
-    from rich.table import Table
+    """Evaluate random subnetworks of the run's size.
 
+    Random subnetworks with the run's per-matrix sizes: mean ± std of every metric over draws."""
     from kcs_lens.evaluation.evaluate import baseline_run
     from kcs_lens.files import check_output_file
+    from kcs_lens.progress import table
 
     if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
         check_output_file(json_out or Path(run) / "baseline.json", "--json")
@@ -193,46 +204,23 @@ def baseline(
         log=typer.echo,
     )
     mean, std, own = res["baseline"]["mean"]["metrics"], res["baseline"]["std"]["metrics"], res["run_metrics"]
-    t = Table(
-        title=f"random baseline ({draws} draws, same per-matrix sizes, sparsity {100 * res['subnetwork']['sparsity']:.3f}%) vs the run"
+    t = table(
+        f"random baseline ({draws} draws, same per-matrix sizes, sparsity {100 * res['subnetwork']['sparsity']:.3f}%) vs the run",
+        ["set", "model", "metric", "run", "random: mean ± std"],
+        left=3,
     )
-    for col in (
-        "set",
-        "model",
-        "run dPPL",
-        "random dPPL",
-        "run ratio",
-        "random ratio",
-        "run dlogp",
-        "random dlogp",
-        "run top1",
-        "random top1",
-        "run rank",
-        "random rank",
-        "run MC",
-        "random MC",
-    ):
-        t.add_column(col, justify="left" if col in ("set", "model") else "right")
-    pm = lambda v, s, k: f"{mean[v][s][k]:{'+' if k[0] == 'd' else ''}.4g} ± {std[v][s][k]:.2g}" if k in mean[v][s] else "-"
+    metrics = (("dppl", "dPPL", "+.4g"), ("ppl_ratio", "PPL ratio", ".4g"), ("dlogprob_mean", "d logprob", "+.3g"))
+    metrics += (("top1", "top-1", ".2f"), ("rank_mean", "tail rank", ".1f"), ("mc", "MC", ".2f"))
     for s in own["original"]:
         for v in ("remaining", "subnetwork"):
             o = own[v][s]
-            t.add_row(
-                _label(s) if v == "remaining" else "",
-                v,
-                f"{o['dppl']:+.4g}",
-                pm(v, s, "dppl"),
-                f"{o['ppl_ratio']:.4g}",
-                pm(v, s, "ppl_ratio"),
-                _f(o.get("dlogprob_mean"), "+.3g"),
-                pm(v, s, "dlogprob_mean"),
-                _f(o.get("top1"), ".2f"),
-                pm(v, s, "top1"),
-                _f(o.get("rank_mean"), ".1f"),
-                pm(v, s, "rank_mean"),
-                _f(o.get("mc"), ".2f"),
-                pm(v, s, "mc"),
-            )
+            first = True
+            for k, name, spec in metrics:
+                if k not in o and k not in mean[v][s]:
+                    continue
+                rand = f"{mean[v][s][k]:{'+' if k[0] == 'd' else ''}.4g} ± {std[v][s][k]:.2g}" if k in mean[v][s] else "-"
+                t.add_row(_label(s) if first and v == "remaining" else "", v if first else "", name, _f(o.get(k), spec), rand)
+                first = False
     c = _console()
     c.print(t)
     c.print(f"wrote {json_out or Path(run) / 'baseline.json'}")
@@ -248,30 +236,26 @@ def overlap(
     backend: Optional[str] = BACKEND_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Union, intersection and at-least-k-of-n of several seeds' subnetworks; Jaccard; shared share per layer / matrix."""
-    from rich.table import Table
+    """Combine several seeds' subnetworks.
 
+    Union, intersection and at-least-k-of-n; Jaccard; the share of each layer / matrix shared by all."""
     from kcs_lens.evaluation.overlap import overlap_runs
     from kcs_lens.files import check_output_dir
+    from kcs_lens.progress import table
 
     if out is not None:
         check_output_dir(out, "--out", new=True)
     res = overlap_runs(runs, out=out, evaluate=do_eval, model=model, backend=backend, device=device, log=typer.echo)
     c = _console()
     names = [f"{i}: {Path(r['run']).name} ({Path(str(r['target_kg'])).stem}/s{r['seed']})" for i, r in enumerate(res["runs"])]
-    t = Table(title=f"pairwise Jaccard (mean {res['overlap']['jaccard_mean']:.3f})")
-    t.add_column("run")
-    for n in names:
-        t.add_column(n.split(":")[0], justify="right")
+    t = table(f"pairwise Jaccard (mean {res['overlap']['jaccard_mean']:.3f})", ["run"] + [n.split(":")[0] for n in names])
     for n, row in zip(names, res["overlap"]["jaccard"]):
         t.add_row(n, *[f"{x:.3f}" for x in row])
     c.print(t)
-    t = Table(title="combinations")
     cols = ["combination", "k", "sparsity %", "weights"] + (
         ["dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM"] if do_eval else []
     )
-    for col in cols:
-        t.add_column(col, justify="left" if col == "combination" else "right")
+    t = table("combinations", cols)
     rows = [(n, r, r.get("metrics")) for n, r in zip(names, res["runs"])] + [
         (k, v, v.get("metrics")) for k, v in res["combinations"].items()
     ]
@@ -281,9 +265,10 @@ def overlap(
             cells += [f"{m['remaining'][s]['dppl']:+.3f}" for s in ("target", "control", "lm")]
         t.add_row(*cells)
     c.print(t)
-    t = Table(title="shared by all seeds: Jaccard (intersection / union) and mean share of each seed's part")
-    for col in ("part", "Jaccard", "shared share", "intersection", "union"):
-        t.add_column(col, justify="left" if col == "part" else "right")
+    t = table(
+        "shared by all seeds: Jaccard (intersection / union) and mean share of each seed's part",
+        ["part", "Jaccard", "shared share", "intersection", "union"],
+    )
     ov = res["overlap"]
     for label, d in (
         [("all", ov["all"])] + [(f"layer {k}", v) for k, v in ov["per_layer"].items()] + list(ov["per_matrix"].items())
@@ -312,8 +297,11 @@ def report(
         "for several groups) with the summary, training curves, per-fact answers, density and config",
     ),
 ) -> None:
-    """The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations, density plot;
-    on a study directory the study report (groups over seeds, seed overlap, unfinished cells); --html adds the run pages."""
+    """Write the paper's table of runs, or a study report.
+
+    The paper's table per model (TargetKG x seed and means, random baseline beside), loss ablations,
+    density plot; on a study directory the study report (groups over seeds, seed overlap, unfinished cells);
+    --html adds the run pages."""
     from kcs_lens.errors import ConfigError
     from kcs_lens.evaluation.paper_table import report_files, report_runs
     from kcs_lens.files import check_output_file
@@ -344,7 +332,9 @@ def export(
     backend: Optional[str] = BACKEND_OPT,
     device: Optional[str] = DEVICE_OPT,
 ) -> None:
-    """Write an HF checkpoint (AutoModelForCausalLM.from_pretrained) with the chosen weights zeroed."""
+    """Write an HF checkpoint with weights zeroed.
+
+    A checkpoint that AutoModelForCausalLM.from_pretrained loads, with the chosen weights zeroed."""
     from kcs_lens.evaluation.export import export_run
     from kcs_lens.files import check_output_dir
 

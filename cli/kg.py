@@ -15,7 +15,10 @@ from kcs_lens.data.loaders import bundled_dir, load_kg
 from kcs_lens.data.summary import format_summary, kg_summary
 from kcs_lens.errors import KGError
 
-kg_app = App(help="Inspect and build knowledge graphs (TargetKG, ControlKG).", no_args_is_help=True)
+kg_app = App(
+    help="Inspect and build knowledge graphs.\n\nTargetKGs and ControlKGs: summaries, and TargetKGs built from WordNet.",
+    no_args_is_help=True,
+)
 
 
 def _load_tokenizer(path: Optional[Path]) -> Any:
@@ -55,7 +58,9 @@ def show(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="triplets scored per forward pass"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Counts per relation, tail token lengths, templates, overlap with a control set, model fit."""
+    """Summarize a knowledge graph.
+
+    Counts per relation, tail token lengths, templates, overlap with a control set, model fit."""
     if tail_scoring not in ("all", "last"):
         raise KGError(f"--tail-scoring must be 'all' or 'last', got {tail_scoring!r}")
     with warnings.catch_warnings(record=True) as caught:
@@ -89,7 +94,9 @@ def wordnet_cmd(
         None, "--wordnet", help="Local WordNet directory (default: NLTK data, else /usr/share/wordnet)"
     ),
 ) -> None:
-    """Build a TargetKG like the paper's: a connected IsA neighbourhood of a WordNet synset."""
+    """Build a TargetKG from WordNet.
+
+    Like the paper's: a connected IsA neighbourhood of a WordNet synset."""
     from kcs_lens.data.wordnet import build_control_kg, build_target_kg, kg_synsets, open_wordnet
     from kcs_lens.files import atomic_write_bytes, check_output_dir
 

@@ -24,7 +24,7 @@ class DefaultRun(TyperGroup):
 
 sweep_app = App(
     cls=DefaultRun,
-    help="Run a study (models x TargetKGs x seeds x ...) from a study file: kcs-lens sweep STUDY --out DIR "
+    help="Run a study (models x TargetKGs x seeds).\n\nFrom a study file: kcs-lens sweep STUDY --out DIR "
     "(the same as `sweep run`); `sweep status DIR` shows where it stands; `kcs-lens report DIR` writes the study report.",
     no_args_is_help=True,
 )
@@ -61,7 +61,9 @@ def run(
         "DIR) or wandb (one W&B run per cell, grouped by the study directory's name); repeatable",
     ),
 ) -> None:
-    """Run every cell of a study not done yet (interrupted cells resume); exit code 3 when a cell failed."""
+    """Run every cell of a study not done yet.
+
+    Interrupted cells resume; exit code 3 when a cell failed."""
     from kcs_lens.sweep import run_sweep
 
     res = run_sweep(
@@ -105,22 +107,21 @@ def print_plan(plan: Any, *, changed: bool, out: Path) -> None:
 
 @sweep_app.command("status")
 def status(study_dir: Path = typer.Argument(..., help="study directory (written by kcs-lens sweep --out)")) -> None:
-    """A table of the study's cells: state (pending/running/interrupted/done/failed), step, sparsity, the node of
-    each attempt, last error."""
-    from rich.console import Console
-    from rich.table import Table
+    """Show where a study stands.
 
+    A table of the study's cells: state (pending/running/interrupted/done/failed), step, sparsity, the node of
+    each attempt, last error."""
+    from kcs_lens.progress import table, terminal
     from kcs_lens.sweep import status as sweep_status
 
     rows = sweep_status(study_dir)
-    t = Table(title=f"study {study_dir}")
-    for col in ("cell", "state", "step", "sparsity %", "attempts", "node(s)", "last error"):
-        t.add_column(col, justify="right" if col in ("step", "sparsity %", "attempts") else "left", overflow="fold")
+    t = table(f"study {study_dir}", ["cell", "state", "step", "sparsity %", "attempts", "node(s)", "last error"], left=2)
+    t.columns[-1].justify = t.columns[-2].justify = "left"
     for r in rows:
         sp = "" if r["sparsity"] is None else f"{100 * r['sparsity']:.2f}"
         nodes = " -> ".join(r.get("nodes", []))
         t.add_row(r["cell"], r["state"], f"{r['step']}/{r['steps']}", sp, str(r["attempt"]), nodes, r["error"])
-    c = Console(width=max(140, Console().width))
+    c = terminal()
     c.print(t)
     counts: dict[str, int] = {}
     for r in rows:

@@ -12,15 +12,18 @@ SHORT = {"suppression": "supp", "control_kg": "ctrl_kg", "control_lm": "ctrl_lm"
 class Progress:
     """A rich progress bar with live numbers (silent when disabled; messages then go to stderr)."""
 
-    def __init__(self, total: int, start: int, enabled: bool, label: str = "discover"):
+    def __init__(self, total: int, start: int, enabled: bool, label: str = "discover", console: Any = None):
         self.p: Any = None
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
+        from rich.table import Column
 
+        # the live numbers wrap at spaces onto a second line in a narrow terminal, never cut mid-number
+        info = TextColumn("{task.fields[info]}", table_column=Column(no_wrap=False, overflow="fold", ratio=1))
         self.p = RichProgress(
-            TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")
+            TextColumn(label), BarColumn(bar_width=20), MofNCompleteColumn(), TimeRemainingColumn(), info, console=console
         )
         self.p.start()
         self.task = self.p.add_task("steps", total=total, completed=start, info="")
@@ -49,3 +52,27 @@ class Progress:
         if self.p:
             self.p.stop()
             self.p = None
+
+
+def terminal() -> Any:
+    """A rich Console as wide as the terminal (``COLUMNS`` honoured; 80 when not a terminal):
+    tables wrap their cells to fit instead of running past the right edge."""
+    from rich.console import Console
+
+    return Console()
+
+
+def table(title: str, columns: list[str], *, left: int = 1) -> Any:
+    """A compact rich Table for terminal output: a rule under the header and no vertical lines, so
+    that tables of numbers fit an 80-column terminal; the first ``left`` columns are labels
+    (left-aligned, wrapped at spaces), the others numbers (right-aligned, never cut)."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1), title_justify="left")
+    for i, c in enumerate(columns):
+        if i < left:
+            t.add_column(c, justify="left", overflow="fold")
+        else:
+            t.add_column(c, justify="right", overflow="fold")
+    return t
