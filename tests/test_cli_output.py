@@ -51,9 +51,7 @@ def test_discover_summary_fits_80_columns(real_run, capsys, monkeypatch):
     out = capsys.readouterr().out
     _fits(out)
     r = s["remaining"]
-    assert re.search(
-        re.escape(f"{s['original']['target_ppl']:.3f}") + r"\s+" + re.escape(f"{r['target_ppl']:.3f}") + r"\s+", out
-    )
+    assert re.search(re.escape(f"{s['original']['target_ppl']:.3f}") + r"\s+" + re.escape(f"{r['target_ppl']:.3f}") + r"\s+", out)
 
 
 def test_progress_bar_wraps_its_numbers_instead_of_cutting_them():
