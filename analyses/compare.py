@@ -50,6 +50,7 @@ from kcs_lens.files import atomic_write_bytes
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.backends import LensModel
 from kcs_lens.model.loading import load_model
+from kcs_lens.threads import torch_threads
 
 METHODS = ("density", "knockout", "patching", "attribution", "dla")
 METHOD_TITLES = {
@@ -427,20 +428,6 @@ def compare_circuits(
     data["timing_s"] = timing
     atomic_write_bytes(out_dir / "comparison.json", (json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n").encode())
     return data
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run with ``n`` torch CPU threads (None: leave as is), then restore."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def write_figures(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:

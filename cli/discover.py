@@ -20,6 +20,12 @@ from kcs_lens.discovery.config import (
     field_default,
 )
 
+THREADS_HELP = (
+    "torch CPU threads (default: torch's, one per core); results are byte-identical only between runs with "
+    "the same number; on a shared machine or under a scheduler: the cores you were given (docs/performance.md)"
+)
+THREADS_OPTION = typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "config": (Optional[Path], typer.Option(None, "--config", help="TOML, YAML or JSON file of options (flags win)")),
     "out": (Optional[Path], typer.Option(None, "--out", help="run directory (default runs/<target>-seed<seed>)")),
@@ -37,6 +43,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
             "run's config (a run resumes with or without it)",
         ),
     ),
+    "threads": (Optional[int], THREADS_OPTION),
 }
 
 
@@ -81,8 +88,10 @@ def register(app: typer.Typer) -> None:
 
         With no arguments: the bundled model and its 'building' TargetKG, bundled recipe."""
         from kcs_lens.discovery.runner import discover as run_discover
+        from kcs_lens.threads import set_threads
 
         run = {k: kw.pop(k) for k in RUN_OPTIONS}
+        set_threads(run["threads"])
         if run["resume"] is not None:
             summary = run_discover(
                 resume=run["resume"], stop_after=run["stop_after"], progress=run["progress"], log=typer.echo, track=run["log"]

@@ -32,6 +32,7 @@ MODEL_OPT = typer.Option(None, "--model", help="model spec to use instead of the
 SUB_OPT = typer.Option(None, "--subnetwork", help="a subnetwork file to use instead of RUN/subnetwork.safetensors")
 BACKEND_OPT = typer.Option(None, "--backend", help="bridge (TransformerLens 4.x) or hooked (3.x)")
 DEVICE_OPT = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: the run's --device)")
+THREADS_OPT = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's, one per core)")
 
 
 def _console():
@@ -138,12 +139,16 @@ def evaluate(
     backend: Optional[str] = BACKEND_OPT,
     device: Optional[str] = DEVICE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/evaluation.json)"),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Evaluate the original, remaining and subnetwork models.
 
     Tail PPL, ranks, log-probs and top-k per set; sparsity and density."""
     from kcs_lens.evaluation.evaluate import evaluate_run
     from kcs_lens.files import check_output_file
+    from kcs_lens.threads import set_threads
+
+    set_threads(threads)
 
     if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
         check_output_file(json_out or Path(run) / "evaluation.json", "--json")
@@ -179,6 +184,7 @@ def baseline(
     backend: Optional[str] = BACKEND_OPT,
     device: Optional[str] = DEVICE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/baseline.json)"),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Evaluate random subnetworks of the run's size.
 
@@ -186,6 +192,9 @@ def baseline(
     from kcs_lens.evaluation.evaluate import baseline_run
     from kcs_lens.files import check_output_file
     from kcs_lens.progress import table
+    from kcs_lens.threads import set_threads
+
+    set_threads(threads)
 
     if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
         check_output_file(json_out or Path(run) / "baseline.json", "--json")
@@ -296,6 +305,7 @@ def report(
         help="also write the run page: one offline HTML file per group of seeds (FILE.html, or FILE-<group>.html "
         "for several groups) with the summary, training curves, per-fact answers, density and config",
     ),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Write the paper's table of runs, or a study report.
 
@@ -306,7 +316,9 @@ def report(
     from kcs_lens.evaluation.paper_table import report_files, report_runs
     from kcs_lens.files import check_output_file
     from kcs_lens.sweep import is_study
+    from kcs_lens.threads import set_threads
 
+    set_threads(threads)
     if len(runs) == 1 and is_study(runs[0]):
         from kcs_lens.sweep.study import study_report
 

@@ -60,6 +60,13 @@ def run(
         help="stream each cell's metrics.jsonl records and config to tensorboard (CELL/tensorboard: tensorboard --logdir "
         "DIR) or wandb (one W&B run per cell, grouped by the study directory's name); repeatable",
     ),
+    threads: Optional[int] = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="torch CPU threads per cell (local: per worker, default: the cores shared out among the workers; "
+        "ray: per task, default: Ray's); subnetworks are byte-identical across executors at the same number",
+    ),
 ) -> None:
     """Run every cell of a study not done yet.
 
@@ -79,6 +86,7 @@ def run(
         force=force,
         add=add,
         progress=progress,
+        threads=threads,
         log=typer.echo,
         track=log or (),
     )
@@ -95,14 +103,15 @@ def run(
 
 
 def print_plan(plan: Any, *, changed: bool, out: Path) -> None:
+    """Every cell's name, then its full config (every setting, as sweep.json and the cell's
+    config.json hold it) as one JSON line."""
     import json
 
-    from kcs_lens.discovery.config import field_default
-
-    typer.echo(f"plan of {plan.study}: {len(plan.cells)} cells -> {out}" + ("" if changed else " (unchanged)"))
+    n = len(plan.cells)
+    typer.echo(f"plan of {plan.study}: {n} cell{'s' if n != 1 else ''} -> {out}" + ("" if changed else " (unchanged)"))
     for c in plan.cells:
-        diff = {k: v for k, v in c.config.items() if v != field_default(k)}
-        typer.echo(f"  {c.name}: {json.dumps(diff)}")
+        typer.echo(f"{c.name}")
+        typer.echo(f"  {json.dumps(c.config)}")
 
 
 @sweep_app.command("status")

@@ -292,7 +292,12 @@ def test_top1_criterion_no_checkpoint_qualifies(tmp_path):
     args += ["--select-max-control-ratio", "100", "--select-max-lm-ratio", "100", "--select-max-target-top1", "0"]
     r = CliRunner().invoke(app, args + ["--out", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert "NOT met (last checkpoint)" in r.output and "top-1 (orig → rem)" in r.output and "tail rank" in r.output
+    assert (
+        "NOT met (last checkpoint)" in r.output
+        and "top-1" in r.output
+        and "original (orig.) → remaining" in r.output
+        and "tail rank" in r.output
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["meets_criteria"] is False and s["selected_step"] == 4
     assert s["selection"]["max_target_top1"] == 0.0

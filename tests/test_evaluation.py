@@ -145,11 +145,11 @@ def test_cli_evaluate_and_baseline(real_run, tmp_path):
     r = cli("evaluate", real_run, "--json", tmp_path / "e.json", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "TargetKG" in r.output and "density" in r.output and (tmp_path / "e.json").exists()
-    assert "top1/5/10" in r.output and "rank" in r.output and "MC (chance)" in r.output
+    assert "top-1" in r.output and "top-10" in r.output and "d logprob" in r.output and "MC (chance)" in r.output
     r = cli("baseline", real_run, "--draws", 2, "--json", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     assert "random baseline" in r.output and json.loads((tmp_path / "b.json").read_text())["draws"] == 2
-    assert "run top1" in r.output and "random rank" in r.output and "random MC" in r.output
+    assert "random: mean ± std" in r.output and "top-1" in r.output and "tail rank" in r.output and " MC " in r.output
 
 
 def test_bad_run_directories(tmp_path, real_run):

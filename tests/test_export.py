@@ -4,6 +4,8 @@ zeroed; plain transformers reproduces the masked LensModel's logits and ``evalua
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -102,6 +104,26 @@ def test_export_refuses_existing_target_and_leaves_nothing(tmp_path, real_run, t
     with pytest.raises(OSError, match="disk full"):
         export_run(real_run, tmp_path / "z", lens_model=tiny_lm)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_export_and_overlap_folders_follow_the_umask(tmp_path, real_run, tiny_lm, umask):
+    """Folders 0777 & ~umask and files 0666 & ~umask, as mkdir and open give them (0755 / 0644
+    under umask 022): not mkdtemp's 0700 nor the 0600 of a library's private temporary file."""
+    from kcs_lens.evaluation.overlap import overlap_runs
+
+    old = os.umask(umask)
+    try:
+        outs = [export_run(real_run, tmp_path / "export", lens_model=tiny_lm)]
+        overlap_runs([real_run, real_run], out=tmp_path / "combos", lens_model=tiny_lm, log=lambda m: None)
+        outs.append(tmp_path / "combos")
+    finally:
+        os.umask(old)
+    for out in outs:
+        modes = {p.relative_to(out): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+        want = {p: (0o777 if (out / p).is_dir() else 0o666) & ~umask for p in modes}
+        assert modes == want, {str(p): oct(m) for p, m in modes.items() if m != want[p]}
+    assert "model.safetensors" in {p.name for p in outs[0].iterdir()}
 
 
 def test_cli_export(tmp_path, real_run, tiny_tokenizer):

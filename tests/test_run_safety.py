@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,8 +72,13 @@ def reference(tmp_path_factory, tiny_kg, tiny_model_dir) -> Path:
 
 def test_identical_runs_write_identical_bytes(tmp_path, reference, tiny_kg, tiny_model_dir):
     discover(out=tmp_path / "again", **_kwargs(tiny_kg, tiny_model_dir))
-    for name in ("subnetwork.safetensors", "checkpoints/step_000012.safetensors", "summary.json"):
+    for name in ("subnetwork.safetensors", "checkpoints/step_000012.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (reference / name).read_bytes(), name
+    # summary.json: the same bytes but for its wall time, the one field that differs between runs
+    a, b = ((d / "summary.json").read_text() for d in (tmp_path / "again", reference))
+    assert json.loads(a)["wall_s"] > 0 and json.loads(b)["wall_s"] > 0
+    no_wall = lambda s: re.sub(r'"wall_s": [0-9.e+-]+', '"wall_s": W', s)  # noqa: E731
+    assert no_wall(a) == no_wall(b) and a.count('"wall_s"') == 1
 
 
 def test_lock_one_writer(tmp_path):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from kcs_lens import Subnetwork, discover
 from kcs_lens.cli.main import app
+from kcs_lens.discovery.config import DiscoveryConfig
 from kcs_lens.errors import ConfigError
 from kcs_lens.sweep import expand, load_plan, run_sweep, status
 from kcs_lens.sweep.cells import read_status
@@ -149,6 +151,13 @@ def test_cli_dry_run_and_errors(tmp_path):
     assert r.exit_code == 0, r.output
     assert "4 cells" in r.output and "bundled/location/seed1318" in r.output and '"steps": 4' in r.output
     assert not (tmp_path / "out").exists()
+    # every cell's name, then its full config: every setting, as the plan holds it
+    lines = r.output.splitlines()
+    for c in expand(p).cells:
+        printed = json.loads(lines[lines.index(c.name) + 1])
+        assert printed == c.config and set(printed) == {f.name for f in fields(DiscoveryConfig)}
+    building = json.loads(lines[lines.index("bundled/building/seed84") + 1])
+    assert (building["model"], building["target_kg"], building["lr"]) == ("bundled", "building", 0.1)
     r = CliRunner().invoke(
         app, ["sweep", "run", str(p), "--out", str(tmp_path / "o"), "--resources", "{GPU", "--executor", "ray"]
     )
@@ -231,6 +240,32 @@ def wait_for(path: Path, alive=lambda: True, timeout: float = 300) -> None:
     while not path.exists() and alive() and time.time() < deadline:
         time.sleep(0.05)
     assert path.exists(), f"{path} never appeared"
+
+
+@pytest.mark.slow
+def test_threads_option_gives_byte_identical_subnetworks(tmp_path, tiny_kg, tiny_model_dir):
+    """docs/study.md's commands: with --threads 1 and no OMP_NUM_THREADS, a sweep in-process, a
+    sweep with 2 worker processes and `discover --threads 1` on a cell's config write the same
+    subnetwork.safetensors bytes, and each summary.json says it ran on 1 thread."""
+    p = tiny_study(tmp_path, tiny_kg, tiny_model_dir, targets=("target",), seeds=(84, 1318))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # what a user's shell has
+    kcs = [sys.executable, "-m", "kcs_lens.cli.main"]
+    runs = {"in-process": ["--threads", "1"], "2 workers": ["--workers", "2", "--threads", "1"]}
+    for name, extra in runs.items():
+        cmd = kcs + ["sweep", str(p), "--out", str(tmp_path / name), "--no-progress", *extra]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    cells = load_plan(tmp_path / "in-process").cells
+    cfg = tmp_path / "cell.json"
+    cfg.write_text(json.dumps(cells[0].config))
+    cmd = kcs + ["discover", "--config", str(cfg), "--threads", "1", "--out", str(tmp_path / "alone"), "--no-progress"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for c in cells:
+        dirs = [tmp_path / name / c.name for name in runs] + ([tmp_path / "alone"] if c is cells[0] else [])
+        files = [(d / "subnetwork.safetensors").read_bytes() for d in dirs]
+        assert all(f == files[0] for f in files), c.name
+        assert [json.loads((d / "summary.json").read_text())["torch_threads"] for d in dirs] == [1] * len(dirs)
 
 
 @pytest.mark.slow

@@ -171,7 +171,8 @@ class Run:
 
     def __init__(self, cfg: DiscoveryConfig, out: Path, lm: LensModel | None = None, log: Callable[[str], None] = print):
         self.cfg, self.dir, self.log = cfg, RunDir(out), log
-        t0 = time.perf_counter()
+        t0 = self.t_start = time.perf_counter()
+        self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resumed from state.pt)
         self.lm = lm if lm is not None else load_model(cfg.model, backend=cfg.backend, device=cfg.device)
         self.data = load_run_data(cfg, self.lm, log)
         self.choices = run_choice_sets(cfg, self.data, self.lm)
@@ -190,6 +191,11 @@ class Run:
         self.opt = torch.optim.Adam(self.masks.parameters(), lr=self.cfg.lr)
         warm = self.warm  # a plain function: LambdaLR does not save it in state.pt
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+
+    def wall_s(self) -> float:
+        """Wall seconds of the run so far: this session (model and data loading included) plus the
+        earlier sessions a resumed run continues."""
+        return self.wall_before + time.perf_counter() - self.t_start
 
     def is_checkpoint_step(self, step: int) -> bool:
         return step > 0 and (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps)
@@ -220,6 +226,7 @@ class Run:
             "sched": self.sched.state_dict(),
             "generator": gen_state if gen_state is not None else self.masks.generator.get_state(),
             "original": self.original,
+            "wall_s": self.wall_s(),
         }
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -272,6 +279,7 @@ class Run:
         except Exception as e:
             raise RunError(f"{self.dir.state}: the optimizer state does not fit this run ({type(e).__name__}: {e})") from None
         self.step, self.original = state["step"], state["original"]
+        self.wall_before = float(state.get("wall_s", 0.0))  # absent in runs saved by older versions
 
     def _fall_back(self, problem: str | None) -> None:
         """No usable state.pt: the newest intact mask checkpoint, else step 0."""
@@ -426,6 +434,9 @@ class Run:
             "ratio": {f"{k}_ratio": chosen[f"{k}_ratio"] for k in RATIO_SETS if f"{k}_ratio" in chosen},
             "data": self.data.sizes(),
             **({"multiple_choice": self.choice_info()} if self.choices else {}),
+            "torch_threads": torch.get_num_threads(),
+            # the one field that differs between two otherwise byte-identical runs
+            "wall_s": round(self.wall_s(), 1),
         }
         self.dir.write_json(RunDir.SUMMARY, summary)
         return summary

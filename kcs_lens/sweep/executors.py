@@ -36,19 +36,29 @@ class ModelCache:
         return self.lm
 
 
-def _threads(workers: int, device: str | None) -> None:
-    """CPU workers share the cores instead of each taking all of them (unless OMP_NUM_THREADS is set)."""
-    if (device is None or device == "cpu") and "OMP_NUM_THREADS" not in os.environ:
-        import torch
+def _threads(workers: int, device: str | None, threads: int | None = None) -> None:
+    """``threads`` torch threads in this worker (``--threads``); else CPU workers share the cores
+    instead of each taking all of them (unless OMP_NUM_THREADS is set)."""
+    from kcs_lens.threads import set_threads
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if threads is not None:
+        set_threads(threads)
+    elif (device is None or device == "cpu") and "OMP_NUM_THREADS" not in os.environ:
+        set_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def _worker(
-    study_dir: str, device: str | None, workers: int, force: bool, tasks: Any, events: Any, track: tuple[str, ...] = ()
+    study_dir: str,
+    device: str | None,
+    workers: int,
+    force: bool,
+    tasks: Any,
+    events: Any,
+    track: tuple[str, ...] = (),
+    threads: int | None = None,
 ) -> None:
     """A local worker process: cells from ``tasks`` until a None, events to ``events``."""
-    _threads(workers, device)
+    _threads(workers, device, threads)
     cache = ModelCache()
     while True:
         item = tasks.get()
@@ -68,13 +78,20 @@ def run_local(
     force: bool,
     max_retries: int,
     track: tuple[str, ...] = (),
+    threads: int | None = None,
 ) -> Iterator[Event]:
     """Run ``cells`` on ``workers`` processes (devices round-robin), cells of one model in a row; one
     worker and no process isolation when ``workers == 1``. A worker that dies (killed, out of
-    memory) fails its cell, which is retried up to ``max_retries`` times (resuming), and is replaced."""
+    memory) fails its cell, which is retried up to ``max_retries`` times (resuming), and is replaced.
+    ``threads``: torch threads per worker (default: the cores shared out, see :func:`_threads`;
+    in-process: torch's default unless given)."""
     order = sorted(cells, key=lambda c: (c.config["model"], str(c.config.get("backend"))))
     if workers == 1:
         device = devices[0] if devices else None
+        if threads is not None:
+            from kcs_lens.threads import set_threads
+
+            set_threads(threads)
         cache = ModelCache()
         for cell in order:
             yield {"event": "start", "name": cell.name, "pid": os.getpid(), "device": device}
@@ -91,7 +108,7 @@ def run_local(
     left = len(cells)
 
     def start(i: int, device: str | None) -> None:
-        p = ctx.Process(target=_worker, args=(str(study_dir), device, workers, force, tasks, events, track), daemon=True)
+        p = ctx.Process(target=_worker, args=(str(study_dir), device, workers, force, tasks, events, track, threads), daemon=True)
         p.start()
         procs[i] = (p, device)
 
@@ -149,10 +166,15 @@ def ray_options(resources: dict[str, float], max_retries: int) -> dict[str, Any]
     return opts
 
 
-def _ray_cell(study_dir: str, cell: dict[str, Any], force: bool, track: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The body of a cell's Ray task: the cell runs (or resumes) on the node Ray chose."""
+def _ray_cell(
+    study_dir: str, cell: dict[str, Any], force: bool, track: tuple[str, ...] = (), threads: int | None = None
+) -> dict[str, Any]:
+    """The body of a cell's Ray task: the cell runs (or resumes) on the node Ray chose, with
+    ``threads`` torch threads (default: Ray's, which sets OMP_NUM_THREADS to the task's CPUs)."""
     from kcs_lens.sweep.raycluster import node_label
+    from kcs_lens.threads import set_threads
 
+    set_threads(threads)
     return run_cell(study_dir, Cell(**cell), force=force, track=track, node=node_label())
 
 
@@ -172,6 +194,7 @@ def run_ray(
     resources: dict[str, float],
     max_retries: int,
     force: bool,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
     track: tuple[str, ...] = (),
 ) -> Iterator[Event]:
@@ -185,7 +208,7 @@ def run_ray(
     if not ray.is_initialized():  # run_sweep connected already (and checked the storage)
         connect(ray, address)
     task = ray.remote(_ray_cell).options(**ray_options(resources, max_retries))
-    refs = {task.remote(str(study_dir.resolve()), c.to_json(), force, track): c for c in cells}
+    refs = {task.remote(str(study_dir.resolve()), c.to_json(), force, track, threads): c for c in cells}
     log(f"submitted {len(refs)} Ray task(s) with {resources}; cluster: {ray.cluster_resources()}")
     pending = list(refs)
     started: set[str] = set()

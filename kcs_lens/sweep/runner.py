@@ -67,6 +67,7 @@ def run_sweep(
     force: bool = False,
     add: bool = False,
     progress: bool = False,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
     track: Sequence[str] = (),
 ) -> dict[str, Any]:
@@ -80,6 +81,8 @@ def run_sweep(
         raise ConfigError("pass --force (replace the plan) or --add (new cells only), not both")
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads {threads!r}: must be an integer >= 1")
     if max_retries < 0:
         raise ConfigError(f"--max-retries {max_retries}: must be >= 0")
     kinds = parse_tracking(track).kinds
@@ -127,7 +130,14 @@ def run_sweep(
     if executor == "local":
         n = workers or max(1, len(devices))
         events = run_local(
-            out, todo, workers=min(n, max(1, len(todo))), devices=devices, force=force, max_retries=max_retries, track=kinds
+            out,
+            todo,
+            workers=min(n, max(1, len(todo))),
+            devices=devices,
+            force=force,
+            max_retries=max_retries,
+            track=kinds,
+            threads=threads,
         )
     else:
         events = run_ray(
@@ -137,6 +147,7 @@ def run_sweep(
             resources=resources or {"CPU": 1.0},
             max_retries=max_retries,
             force=force,
+            threads=threads,
             log=log,
             track=kinds,
         )
