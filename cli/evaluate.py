@@ -51,14 +51,14 @@ def _f(x: Any, spec: str = ".3f") -> str:
 
 
 def metrics_tables(res: dict[str, Any], title: str) -> list[Any]:
-    """Two tables per evaluation, each fitting 80 columns: PPL, top-1 and rank; then top-5/10 and
-    the per-triplet rank and log-prob changes (mean [min, max])."""
+    """Two tables per evaluation, each fitting 80 columns: PPL, top-k and rank; then the multiple
+    choice and the per-triplet rank and log-prob changes (mean [min, max])."""
     from kcs_lens.progress import table
 
-    main = table(title, ["set", "model", "PPL", "dPPL", "ratio", "top-1", "rank", "MC (chance)", "MC norm"], left=2)
-    deltas = table(
-        "top-5/10; per-triplet change vs the original: mean [min,max]",
-        ["set", "model", "top-5", "top-10", "d rank", "d logprob"],
+    main = table(title, ["set", "model", "PPL", "dPPL", "ratio", "top-1", "top-5", "top-10", "rank"], left=2)
+    more = table(
+        "multiple choice (MC; chance) and per-triplet change vs the original: mean [min,max]",
+        ["set", "model", "MC (chance)", "MC norm", "d rank", "d logprob"],
         left=2,
     )
     m = res["metrics"]
@@ -76,16 +76,19 @@ def metrics_tables(res: dict[str, Any], title: str) -> list[Any]:
                 _f(x["ppl"]),
                 _f(x.get("dppl"), "+.3f") if v != "original" else "",
                 _f(x.get("ppl_ratio")) if v != "original" else "",
-                _f(x.get("top1"), ".2f") if kg else "",
+                *((_f(x.get(f"top{k}"), ".2f") if kg else "") for k in (1, 5, 10)),
                 _f(x.get("rank_mean"), ".1f") if kg else "",
-                f"{x['mc']:.2f} ({x['mc_chance']:.2f})" if "mc" in x else "",
-                _f(x.get("mc_norm"), ".2f") if "mc" in x else "",
             )
             if kg:
-                deltas.add_row(
-                    label, v, _f(x.get("top5"), ".2f"), _f(x.get("top10"), ".2f"), rng("drank", 1, 0), rng("dlogprob", 2, 2)
+                more.add_row(
+                    label,
+                    v,
+                    f"{x['mc']:.2f} ({x['mc_chance']:.2f})" if "mc" in x else "",
+                    _f(x.get("mc_norm"), ".2f") if "mc" in x else "",
+                    rng("drank", 1, 0),
+                    rng("dlogprob", 2, 2),
                 )
-    return [main, deltas]
+    return [main, more]
 
 
 def print_choice_notes(c, sets: dict[str, Any]) -> None:
