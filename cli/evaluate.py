@@ -221,8 +221,8 @@ def baseline(
         ["set", "model", "metric", "run", "random: mean ± std"],
         left=3,
     )
-    metrics = (("dppl", "dPPL", "+.4g"), ("ppl_ratio", "PPL ratio", ".4g"), ("dlogprob_mean", "d logprob", "+.3g"))
-    metrics += (("top1", "top-1", ".2f"), ("rank_mean", "tail rank", ".1f"), ("mc", "MC", ".2f"))
+    metrics = [("dppl", "dPPL", "+.4g"), ("ppl_ratio", "PPL ratio", ".4g"), ("dlogprob_mean", "d logprob", "+.3g")]
+    metrics += [("top1", "top-1", ".2f"), ("rank_mean", "tail rank", ".1f"), ("mc", "MC", ".2f")]
     for s in own["original"]:
         for v in ("remaining", "subnetwork"):
             o = own[v][s]
