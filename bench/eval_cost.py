@@ -1,11 +1,11 @@
-"""What the removal metrics of issue 22 add to one discovery evaluation on the bundled model.
+"""What the removal metrics (multiple choice, logit lens, unseen wordings) add to one discovery evaluation on the bundled model.
 
 One process, the bundled recipe's run data (TargetKG ``building``), the masks attached in eval mode
-as during discovery. Per round, in turn: the evaluation as it was before issue 22 (tail scores of
+as during discovery. Per round, in turn: the evaluation without them (tail scores of
 the TargetKG and ControlKG validation, held-out LM perplexity), multiple choice on both sets, the
 TargetKG's logit lens, the unseen wordings (tail scores and multiple choice of the bundled
 paraphrase set) and one training step; medians over ``--rounds``, so machine load hits all alike.
-Prints one JSON line (seconds and ratios against the evaluation before issue 22)::
+Prints one JSON line (seconds and ratios against the evaluation without them)::
 
     nice -n 10 .venv/bin/python bench/eval_cost.py --rounds 5
 """
