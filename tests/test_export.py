@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import stat
 
 import pytest
@@ -115,7 +116,8 @@ def test_export_and_overlap_folders_follow_the_umask(tmp_path, real_run, tiny_lm
     old = os.umask(umask)
     try:
         outs = [export_run(real_run, tmp_path / "export", lens_model=tiny_lm)]
-        overlap_runs([real_run, real_run], out=tmp_path / "combos", lens_model=tiny_lm, log=lambda m: None)
+        other = shutil.copytree(real_run, tmp_path / "other-seed")  # created under the umask too, not checked
+        overlap_runs([real_run, other], out=tmp_path / "combos", lens_model=tiny_lm, log=lambda m: None)
         outs.append(tmp_path / "combos")
     finally:
         os.umask(old)
