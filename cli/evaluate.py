@@ -91,6 +91,26 @@ def metrics_tables(res: dict[str, Any], title: str) -> list[Any]:
     return [main, more]
 
 
+def relearn_table(r: dict[str, Any]):
+    """Before -> after relearning, original and remaining model, per set."""
+    from rich.table import Table
+
+    rec = r["recovered"]
+    share = lambda x: "-" if x is None else f"{100 * x:.0f}%"
+    t = Table(
+        title=f"relearning: {r['steps']} steps (lr {r['lr']:g}, batch {r['batch_size']}, seed {r['seed']}) on the {r['data']}; "
+        f"TargetKG drop recovered: top-1 {share(rec['top1'])}, MC {share(rec['mc'])}"
+    )
+    for col in ("set", "model", "top-1 (before → after)", "MC (before → after)", "PPL (before → after)"):
+        t.add_column(col, justify="left" if col in ("set", "model") else "right")
+    for s in r["remaining"]["before"]:
+        for v in ("original", "remaining"):
+            b, a = r[v]["before"].get(s, {}), r[v]["after"].get(s, {})
+            ba = lambda k, spec=".2f", b=b, a=a: f"{_f(b.get(k), spec)} → {_f(a.get(k), spec)}" if k in b else ""
+            t.add_row(_label(s) if v == "original" else "", v, ba("top1"), ba("mc"), ba("ppl", ".3f"))
+    return t
+
+
 def print_choice_notes(c, sets: dict[str, Any]) -> None:
     """How the multiple choice was drawn, and the sets whose relations had too few tails for k choices."""
     mcs = {k: v["multiple_choice"] for k, v in sets.items() if "multiple_choice" in v}
@@ -143,10 +163,21 @@ def evaluate(
     device: Optional[str] = DEVICE_OPT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/evaluation.json)"),
     threads: Optional[int] = THREADS_OPT,
+    relearn: int = typer.Option(
+        0,
+        "--relearn",
+        min=0,
+        help="also finetune the original and the remaining model (removed weights held at zero) STEPS steps on the "
+        "ControlKG training sentences and show how much of the TargetKG comes back (0: no)",
+    ),
+    relearn_lr: Optional[float] = typer.Option(
+        None, "--relearn-lr", help="learning rate of --relearn (default: 1e-3 for the bundled models, else 5e-5)"
+    ),
 ) -> None:
     """Evaluate the original, remaining and subnetwork models.
 
-    Tail PPL, ranks, log-probs and top-k per set; sparsity and density."""
+    Tail PPL, ranks, log-probs, top-k, multiple choice, logit lens and unseen wordings per set;
+    sparsity and density; with --relearn, relearning."""
     from kcs_lens.evaluation.evaluate import evaluate_run
     from kcs_lens.files import check_output_file
     from kcs_lens.threads import set_threads
@@ -166,11 +197,15 @@ def evaluate(
         device=device,
         save=json_out or True,
         log=typer.echo,
+        relearn_steps=relearn,
+        relearn_lr=relearn_lr,
     )
     c = _console()
     for tab in metrics_tables(res, f"{res['model']} / TargetKG {res['target_kg']} / seed {res['seed']} ({run})"):
         c.print(tab)
     print_choice_notes(c, res["sets"])
+    if "relearn" in res:
+        c.print(relearn_table(res["relearn"]))
     print_subnetwork(c, res["subnetwork"])
     c.print(f"wrote {json_out or Path(run) / 'evaluation.json'}")
 
@@ -302,6 +337,9 @@ def report(
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the first random draw"),
     recompute: bool = typer.Option(False, "--recompute", help="ignore RUN/evaluation.json and RUN/baseline.json"),
     device: Optional[str] = DEVICE_OPT,
+    relearn: int = typer.Option(
+        0, "--relearn", min=0, help="relearning steps per run, as evaluate --relearn (0: none; cached evaluations are reused)"
+    ),
     html: bool = typer.Option(
         False,
         "--html",
@@ -325,13 +363,17 @@ def report(
     if len(runs) == 1 and is_study(runs[0]):
         from kcs_lens.sweep.study import study_report
 
-        res = study_report(runs[0], out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo, html=html)
+        res = study_report(
+            runs[0], out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo, html=html, relearn=relearn
+        )
     else:
         if out is None:
             raise ConfigError("report: --out FILE is required for run directories (only a study directory has a default)")
         for f in report_files(out)[1]:
             check_output_file(f, "--out")
-        res = report_runs(runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo, html=html)
+        res = report_runs(
+            runs, out, draws=draws, seed=seed, recompute=recompute, device=device, log=typer.echo, html=html, relearn=relearn
+        )
     typer.echo(Path(res["files"][0]).read_text())
     typer.echo("wrote " + ", ".join(res["files"]))
 

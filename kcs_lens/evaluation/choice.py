@@ -215,7 +215,7 @@ def build_choices(
     )
 
 
-def _shared_rows(batch: TripletBatch, item: list[int]) -> tuple[Tensor, ...]:
+def _shared_rows(batch: TripletBatch, item: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The rows the model must run to score every choice of ``batch`` (one per choice, tokenized),
     and where each scored token's logits are; see :class:`ChoiceSet`."""
     needed: list[tuple[int, ...]] = []  # per choice: the tokens up to its last scored position

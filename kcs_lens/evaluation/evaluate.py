@@ -103,7 +103,7 @@ class Evaluator:
         cfg = self.config = run.config
         self.lm = lens_model or load_model(model or cfg.model, backend=backend or cfg.backend, device=device or cfg.device)
         check_model(run, self.lm)
-        data = load_run_data(cfg, self.lm, log)
+        data = self.data = load_run_data(cfg, self.lm, log)
         self.batches: dict[str, TripletBatch] = {"target": data.target_batch, "control": data.control_val_batch}
         triplets: dict[str, TripletSet] = {"target": data.target, "control": data.control_val}
         val_spec = cfg.control_val_source or f"{cfg.control_kg} (first {cfg.control_val_size})"
@@ -172,10 +172,20 @@ class Evaluator:
     def scores(self, sub: Subnetwork | None, keep: Keep = "remaining") -> dict[str, Any]:
         """Raw scores of every set: TailScores per triplet set, mean NLL for ``lm``."""
         with nullcontext() if sub is None else sub.applied(self.lm, keep=keep):
-            out: dict[str, Any] = {k: tail_scores(self.lm, b) for k, b in self.batches.items()}
-            out["mc"] = {k: choice_scores(self.lm, c) for k, c in self.choices.items()}
-            out["lens"] = {k: lens_ranks(self.lm, self.batches[k]) for k in LENS_SETS if k in self.batches}
-            out["lm"] = lm_nll(self.lm, self.lm_blocks)
+            return self._scores_now()
+
+    def metrics_now(self) -> dict[str, dict[str, float]]:
+        """Every set's metrics for the model as it is now (no deltas): after relearning."""
+        s = self._scores_now()
+        m = {k: set_metrics(s[k], None, s["mc"].get(k), None, s["lens"].get(k)) for k in self.batches}
+        m["lm"] = {"ppl": math.exp(s["lm"])}
+        return m
+
+    def _scores_now(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: tail_scores(self.lm, b) for k, b in self.batches.items()}
+        out["mc"] = {k: choice_scores(self.lm, c) for k, c in self.choices.items()}
+        out["lens"] = {k: lens_ranks(self.lm, self.batches[k]) for k in LENS_SETS if k in self.batches}
+        out["lm"] = lm_nll(self.lm, self.lm_blocks)
         return out
 
     def metrics(self, sub: Subnetwork, variants: Sequence[str] = tuple(VARIANTS)) -> Metrics:
@@ -285,11 +295,15 @@ def evaluate_run(
     evaluator: Evaluator | None = None,
     save: str | os.PathLike | bool = True,
     log: Log = print,
+    relearn_steps: int = 0,
+    relearn_lr: float | None = None,
     **model_kw: Any,
 ) -> dict[str, Any]:
     """Everything ``kcs-lens evaluate`` shows. ``save``: True writes ``RUN/evaluation.json``, a path
-    writes there, False nothing. ``model_kw``: ``model``, ``backend``, ``device``, ``lens_model``
-    for the Evaluator (``device``: default the run's)."""
+    writes there, False nothing. ``relearn_steps``: also finetune the original and the remaining
+    model that many steps on the ControlKG training sentences and score them again
+    (:mod:`kcs_lens.evaluation.relearn`). ``model_kw``: ``model``, ``backend``, ``device``,
+    ``lens_model`` for the Evaluator (``device``: default the run's)."""
     info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
     ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, **model_kw)
     out = {
@@ -299,6 +313,11 @@ def evaluate_run(
         "metrics": ev.metrics(info.subnetwork),
         "facts": fact_answers(ev, info.subnetwork),
     }
+    if relearn_steps:
+        from kcs_lens.evaluation.relearn import relearn
+
+        log(f"relearning: {relearn_steps} finetuning steps of the original and of the remaining model")
+        out["relearn"] = relearn(ev, info.subnetwork, relearn_steps, lr=relearn_lr, before=out["metrics"])
     _save(out, save, info.files.evaluation)
     return out
 

@@ -68,6 +68,19 @@ def answer_columns(metrics: dict[str, Any], random: dict[str, Any] | None = None
     return out
 
 
+RELEARN_METRICS = ("top1", "mc")
+
+
+def relearn_columns(r: dict[str, Any] | None) -> dict[str, Any]:
+    """``relearn_{top1,mc}_{original,remaining}_target``: the TargetKG after ``evaluate --relearn``
+    (None without it), ``relearn_steps``."""
+    out: dict[str, Any] = {"relearn_steps": None if r is None else r["steps"]}
+    for m in RELEARN_METRICS:
+        for v in ("original", "remaining"):
+            out[f"relearn_{m}_{v}_target"] = None if r is None else r[v]["after"]["target"].get(m)
+    return out
+
+
 def before_after(orig: float | None, rem: float | None, spec: str = ".2f") -> str:
     """``orig -> rem`` for a table cell; ``-`` for a missing value (older run files)."""
     f = lambda x: "-" if x is None else format(x, spec)
@@ -108,6 +121,7 @@ def run_row(info: RunInfo, ev_: dict[str, Any], base: dict[str, Any]) -> dict[st
         row.update({f"dppl_{k}": rem[k]["dppl"], f"ratio_{k}": rem[k]["ppl_ratio"], f"random_dppl_{k}": b_mean[k]["dppl"]})
         row.update({f"random_dppl_{k}_std": b_std[k]["dppl"], f"ppl_original_{k}": ev_["metrics"]["original"][k]["ppl"]})
     row.update(answer_columns(ev_["metrics"], b_mean))
+    row.update(relearn_columns(ev_.get("relearn")))
     row["random_draws"] = base["draws"]
     row["config"] = info.config.to_dict()
     row["density_per_layer"] = ev_["subnetwork"]["density"]["per_layer"]
@@ -121,6 +135,7 @@ NUMERIC = (
     + [f"ppl_original_{k}" for k, _ in KEYS]
     + [f"{m}_{v}_{s}" for s, _ in ANSWER_SETS for m, _ in ANSWER_METRICS for v in ("original", "remaining", "random")]
     + [f"mc_chance_{s}" for s, _ in ANSWER_SETS]
+    + [f"relearn_{m}_{v}_target" for m in RELEARN_METRICS for v in ("original", "remaining")]
 )
 
 
@@ -155,6 +170,7 @@ def report_runs(
     device: str | None = None,
     log: Log = print,
     html: bool = False,
+    relearn: int = 0,
 ) -> dict[str, Any]:
     """Evaluate (or reuse ``evaluation.json`` / ``baseline.json`` of) every run and write
     ``<out>.md``, ``<out>.csv`` and ``<out>.png`` (per-layer density); ``html``: also the run pages
@@ -168,7 +184,15 @@ def report_runs(
     if html:
         run_page.check_pages(run_page.group_runs(infos), base_out)
     rows = evaluated_rows(
-        infos, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, device=device, log=log, facts=html
+        infos,
+        draws=draws,
+        seed=seed,
+        recompute=recompute,
+        lens_model=lens_model,
+        device=device,
+        log=log,
+        facts=html,
+        relearn=relearn,
     )
     table = with_means(rows)
     write_report_files(base_out, table, infos)
@@ -189,10 +213,12 @@ def evaluated_rows(
     device: str | None = None,
     log: Log = print,
     facts: bool = False,
+    relearn: int = 0,
 ) -> list[dict[str, Any]]:
     """One :func:`run_row` per run (in the order given), from the cached ``evaluation.json`` and
     ``baseline.json`` when the subnetwork is unchanged, else evaluated (one model load per model).
-    ``facts``: a cached evaluation must also hold the per-fact answers (older ones are redone)."""
+    ``facts``: a cached evaluation must also hold the per-fact answers (older ones are redone).
+    ``relearn``: relearning steps (``evaluate --relearn``); a cached evaluation must hold as many."""
     groups: dict[str, list[RunInfo]] = {}
     for r in infos:
         groups.setdefault(r.fingerprint, []).append(r)
@@ -202,13 +228,15 @@ def evaluated_rows(
         for r in group:
             sha = r.subnetwork.membership_sha()
             ev_ = None if recompute else _cached(r.files.evaluation, sha, need=("facts",) if facts else ())
+            if relearn and ev_ is not None and (ev_.get("relearn") or {}).get("steps") != relearn:
+                ev_ = None
             base = None if recompute else _cached(r.files.baseline, sha, draws)
             if ev_ is None or base is None:
                 if lm is None:
                     lm = load_model(r.config.model, backend=r.config.backend, device=device or r.config.device)
                 log(f"evaluating {r.dir} ({draws} random draws)")
                 evr = Evaluator(r, lens_model=lm, log=log)
-                ev_ = ev_ or evaluate_run(r, evaluator=evr)
+                ev_ = ev_ or evaluate_run(r, evaluator=evr, relearn_steps=relearn, log=log)
                 base = base or baseline_run(r, draws=draws, seed=seed, evaluator=evr)
             rows.append(run_row(r, ev_, base))
     order = {str(r.dir): i for i, r in enumerate(infos)}
@@ -318,6 +346,8 @@ FORMAT_COLUMNS = (
     ("mc", "control_test", "MC ControlKG test", ".2f"),
     ("ratio", "control_test", "PPL ratio ControlKG test", ".3f"),
     ("mc", "control", "MC ControlKG val", ".2f"),
+    ("relearn_top1", "target", "top-1 TargetKG after relearning", ".2f"),
+    ("relearn_mc", "target", "MC TargetKG after relearning", ".2f"),
 )
 
 
@@ -345,7 +375,8 @@ def formats_lines(rows: list[dict[str, Any]]) -> list[str]:
         "original → remaining [random removal of the same size]; MC = multiple choice among same-relation tails "
         + (f"(chance {chance:.2f}); " if chance is not None else "; ")
         + "unseen wordings = the TargetKG in templates the run did not train on; lens top-10 = share of facts whose "
-        "tail is in the top 10 of the logit lens at some layer (docs/method.md).",
+        "tail is in the top 10 of the logit lens at some layer; after relearning = after `evaluate --relearn STEPS` "
+        "finetuning on ControlKG sentences, original → remaining (docs/method.md).",
         "",
     ]
     head = ["ablation", "TargetKG", "seed", *[c[2] for c in cols]]

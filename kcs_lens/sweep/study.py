@@ -44,10 +44,12 @@ def study_report(
     device: str | None = None,
     log: Log = print,
     html: bool = False,
+    relearn: int = 0,
 ) -> dict[str, Any]:
     """Evaluate (or reuse the caches of) every finished cell and write the study report files to
     ``out`` (default ``DIR/study``: ``DIR/study.md`` ...). Unfinished cells are listed. ``html``:
-    also a run page per group of seeds (:mod:`kcs_lens.evaluation.run_page`, ``DIR/study-<group>.html``)."""
+    also a run page per group of seeds (:mod:`kcs_lens.evaluation.run_page`, ``DIR/study-<group>.html``).
+    ``relearn``: relearning steps per run (``evaluate --relearn``; 0: none)."""
     from kcs_lens.evaluation import run_page
 
     study_dir = Path(study_dir)
@@ -61,7 +63,9 @@ def study_report(
     if html and infos:
         run_page.check_pages(run_page.group_runs(infos), base)
     rows = (
-        report.evaluated_rows(infos, draws=draws, seed=seed, recompute=recompute, device=device, log=log, facts=html)
+        report.evaluated_rows(
+            infos, draws=draws, seed=seed, recompute=recompute, device=device, log=log, facts=html, relearn=relearn
+        )
         if infos
         else []
     )
