@@ -93,16 +93,19 @@ def metrics_tables(res: dict[str, Any], title: str) -> list[Any]:
 
 def relearn_table(r: dict[str, Any]):
     """Before -> after relearning, original and remaining model, per set."""
-    from rich.table import Table
+    from kcs_lens.progress import table
 
     rec = r["recovered"]
     share = lambda x: "-" if x is None else f"{100 * x:.0f}%"
-    t = Table(
-        title=f"relearning: {r['steps']} steps (lr {r['lr']:g}, batch {r['batch_size']}, seed {r['seed']}) on the {r['data']}; "
-        f"TargetKG drop recovered: top-1 {share(rec['top1'])}, MC {share(rec['mc'])}"
+    t = table(
+        f"relearning ({r['steps']} steps): TargetKG drop recovered: top-1 {share(rec['top1'])}, MC {share(rec['mc'])}",
+        ["set", "model", "top-1", "MC", "PPL"],
+        left=2,
     )
-    for col in ("set", "model", "top-1 (before → after)", "MC (before → after)", "PPL (before → after)"):
-        t.add_column(col, justify="left" if col in ("set", "model") else "right")
+    t.caption = (
+        f"before → after finetuning on the {r['data']} (lr {r['lr']:g}, batch {r['batch_size']}, seed {r['seed']}); "
+        "removed weights held at zero"
+    )
     for s in r["remaining"]["before"]:
         for v in ("original", "remaining"):
             b, a = r[v]["before"].get(s, {}), r[v]["after"].get(s, {})

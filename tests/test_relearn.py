@@ -65,7 +65,7 @@ def test_cli_relearn(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
     run = write_run(tmp_path / "r", tiny_lm, tiny_kg, tiny_model_dir, density=0.2)
     r = cli("evaluate", run, "--relearn", 2, "--relearn-lr", 0.01)
     assert r.exit_code == 0, r.output
-    assert "relearning: 2 steps" in r.output and "before → after" in r.output
+    assert "relearning (2 steps)" in r.output and "recovered" in r.output and " → " in r.output
 
 
 def test_report_shows_relearning(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
