@@ -166,6 +166,9 @@ def print_summary(s: dict[str, Any]) -> None:
         f"sparsity {100 * s['sparsity']:.2f}% of masked weights ({100 * s['sparsity_all_linear']:.2f}% of all linear weights); "
         f"selection criteria {'met' if s['meets_criteria'] else 'NOT met (last checkpoint)'}"
     )
+    lens = "target_lens_top10_any"
+    if lens in r:
+        c.print(f"logit lens: TargetKG facts whose tail is in the top 10 at some layer {before_after(o.get(lens), r.get(lens))}")
     short = {k: v for k, v in mc.items() if isinstance(v, dict) and (v.get("n_short") or v.get("n_skipped"))}
     for k, v in short.items():
         c.print(
