@@ -335,6 +335,19 @@ def test_discover_head_granularity_on_the_bundled_model(tmp_path):
     heads_in = [f"L{l}H{h}" for l in (2, 3) for h in range(sub.shape.n_heads) if sub.units[f"blocks.{l}.attn.heads"][h] > 0]
     assert hd["in_subnetwork"] == heads_in == [h["head"] for h in hd["heads"] if h["in_subnetwork"]]
     assert "mask vs patching" in data["sets"]["target"]["agreement"]["masked_layers"]
+    # every head of the masked layers, in or out, with its decision, σ(l) and each method's mean
+    # effect: in the terminal and as a row of the report's per-head table (docs/cli.md)
+    lines = r.output.splitlines()
+    html = (out / "report.html").read_text()
+    rows = html.split('class="units head-decisions"')[1].split("</table>")[0].split("<tr>")[2:]
+    assert len(rows) == n_heads_masked
+    for h, row in zip(hd["heads"], rows):
+        line = next(x.split() for x in lines if x.split()[:1] == [h["head"]])
+        assert line[1:3] == ["yes" if h["in_subnetwork"] else "no", f"{h['mask_prob']:.3f}"], line
+        assert line[3] == ("n/a" if h["knockout"] is None else f"{h['knockout']:+.3f}"), line
+        assert f"<td>{h['head']}</td><td>{'yes' if h['in_subnetwork'] else 'no'}</td><td>{h['mask_prob']:.3f}</td>" in row
+    # the attention views show heads of the masked layers (2 and 3), never layer 0
+    assert data["top_heads"] and all(x.startswith(("L2H", "L3H")) for x in data["top_heads"]), data["top_heads"]
 
 
 def test_decision_agreement_auroc_and_precision():
