@@ -67,6 +67,9 @@ def inputs(tmp_path_factory, tiny_model_dir, finished_run) -> Path:
         (d / "m_notok" / f).unlink(missing_ok=True)
         (d / "m_vocab" / f).unlink(missing_ok=True)
     (d / "m_vocab" / "vocab.json").write_text("not json")  # vocab.json without merges.txt
+    shutil.copytree(tiny_model_dir, d / "m_bin")  # weights as a pickle that would create a file when loaded
+    (d / "m_bin" / "model.safetensors").unlink()
+    torch.save({"x": _Crafted(str(d / "PWNED"))}, d / "m_bin" / "pytorch_model.bin")
     row = {"head": "car0", "relation": "IsA", "tail": "vehicle"}
     (d / "long.jsonl").write_text(json.dumps({**row, "text": "A car " * 4000 + "is a vehicle"}) + "\n")
     (d / "nested.json").write_text("[" * 200_000)
@@ -201,6 +204,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("model-config-invalid-json", ["D", "--model", "{in}/m_badjson"], "config.json:2: not valid JSON"),
     ("model-no-tokenizer", ["D", "--model", "{in}/m_notok"], "has no tokenizer files"),
     ("model-vocab-without-merges", ["D", "--model", "{in}/m_vocab"], "cannot load the tokenizer"),
+    ("model-pytorch-bin-that-runs-code", ["D", "--model", "{in}/m_bin"], "cannot load the weights"),
     # --- KG and question files
     ("kg-row-longer-than-context", ["D", "--target-kg", "{in}/long.jsonl"], "more than the model's context of 128"),
     ("kg-json-nested-too-deep", ["D", "--target-kg", "{in}/nested.json"], "nested.json: JSON nested too deeply"),
@@ -397,6 +401,10 @@ def test_utf8_bom_and_crlf_files_load_like_plain_ones(tmp_path, tiny_kg):
     assert [x.id for x in load_questions(str(tmp_path / "q.jsonl"))] == ["q1"]
     (tmp_path / "s.toml").write_bytes(b"\xef\xbb\xbf[grid]\r\nseed = [1, 2]\r\n")
     assert read_study(tmp_path / "s.toml")[1] == {"seed": [1, 2]}
+    from kcs_lens.data.text import _read
+
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfA car is a vehicle.\r\n")
+    assert _read(tmp_path / "t.txt", "--control-lm").startswith("A car")  # no U+FEFF in the ControlLM text
 
 
 def test_report_with_a_dotted_out_never_touches_another_file(tmp_path, finished_run):

@@ -63,15 +63,25 @@ def cluster(one_thread, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     reset_auth_token_state()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c = None
     try:
-        workers = [c.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")]
-        c.wait_for_nodes()
+        for attempt in (1, 2):  # Ray gives a node 30 s to register: a loaded machine can miss that once
+            c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+            try:
+                workers = [c.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")]
+                c.wait_for_nodes()
+                break
+            except Exception:
+                c.shutdown()  # a half-started node's raylet ends with the head's GCS
+                c = None
+                if attempt == 2:
+                    raise
         yield c, workers
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -78,11 +78,12 @@ def _paragraphs(text: str) -> list[str]:
 
 def _read(path: Path, source: str) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows) is not text
     except OSError as e:
         raise KGError(f"{source}: cannot read {path} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise KGError(f"{source}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        where = str(path) if source == str(path) else f"{source}: {path}"
+        raise KGError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _local_documents(path: Path, source: str) -> list[str]:
