@@ -174,7 +174,7 @@ def evaluate(
         "ControlKG training sentences and show how much of the TargetKG comes back (0: no)",
     ),
     relearn_lr: Optional[float] = typer.Option(
-        None, "--relearn-lr", help="learning rate of --relearn (default: 1e-4 for the bundled models, else 5e-5)"
+        None, "--relearn-lr", help="learning rate of --relearn (default: 3e-5 for the bundled models, else 5e-5)"
     ),
 ) -> None:
     """Evaluate the original, remaining and subnetwork models.

@@ -34,9 +34,10 @@ if TYPE_CHECKING:
 DEFAULT_LR = 5e-5  # GPT-2 finetuning convention (as downstream's ``lm``)
 # The small bundled models (trained at 2e-3). Measured on the default bundled run (building, seed 84),
 # 100 steps: at 1e-3 the original itself forgets the TargetKG (top-1 1.00 -> 0.13, LM PPL x1.66),
-# so nothing can "come back"; at 1e-4 the original keeps it (top-1 1.00, LM PPL x1.03) while the
-# remaining model's top-1 goes 0.17 -> 0.50 and a random removal's stays 1.00.
-BUNDLED_LR = 1e-4
+# so nothing can "come back"; at 1e-4 the original keeps its answers (TargetKG PPL 1.32 -> 1.84) and
+# the remaining model's top-1 goes 0.17 -> 0.50; at 3e-5 the original barely moves (PPL 1.32 -> 1.50)
+# and the remaining model's top-1 goes 0.17 -> 0.87: the gentler rate is the stronger attack.
+BUNDLED_LR = 3e-5
 HEADLINE = ("top1", "rank_mean", "mc", "mc_norm", "ppl")
 
 
