@@ -45,10 +45,18 @@ def run(
         None, "--ray-address", help="ray: the cluster to join (auto or HOST:PORT; default: start Ray on this machine)"
     ),
     resources: Optional[str] = typer.Option(
-        None, "--resources", help='ray: resources of one cell as JSON, e.g. \'{"GPU": 1}\' (default: {"CPU": 1})'
+        None,
+        "--resources",
+        help='ray: resources of one cell (one pack with --pack) as JSON, e.g. \'{"GPU": 1}\' (default: {"CPU": 1})',
     ),
     max_retries: int = typer.Option(
         1, "--max-retries", help="times a cell whose worker died is retried (it resumes from its last checkpoint)"
+    ),
+    pack: int = typer.Option(
+        1,
+        "--pack",
+        help="cells of one model a worker (or Ray task) runs in one process, sharing the loaded model, data, the original "
+        "model's evaluation and per-row caches; each cell keeps its run directory and gets the same masks as alone",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (cells, names, settings) and run nothing"),
     force: bool = typer.Option(False, "--force", help="replace a different plan in --out (changed cells start over)"),
@@ -82,6 +90,7 @@ def run(
         ray_address=ray_address,
         resources=resources,
         max_retries=max_retries,
+        pack=pack,
         dry_run=dry_run,
         force=force,
         add=add,

@@ -317,17 +317,56 @@ def test_local_worker_killed_is_replaced_and_its_cell_resumes(tmp_path, tiny_kg,
     same_subnetwork(out / cell.name, ref)
 
 
+# --- packs: several cells of one model per worker process ---------------------------------------
+@pytest.mark.slow
+def test_packed_cells_match_separate_discover_runs(reference, tiny_dir):
+    """--pack 2 with 2 workers: each worker runs the two seeds of one TargetKG in one process
+    (shared model, data, original evaluation, per-row caches) and gets the masks of discover() alone."""
+    d, study = tiny_dir
+    out = d / "out-packed"
+    res = run_sweep(study, out, workers=2, pack=2, log=lambda _: None)
+    assert res["failed"] == [] and len(res["results"]) == 4
+    for (t, s), ref in reference.items():
+        same_subnetwork(cell_dir(out, study, t, s), ref)
+        a, b = (json.loads((p / "summary.json").read_text()) for p in (cell_dir(out, study, t, s), ref))
+        assert {k: a[k] for k in ("selected_step", "original", "remaining")} == {
+            k: b[k] for k in ("selected_step", "original", "remaining")
+        }
+    pid = {c.name: read_status(out, c)["pid"] for c in load_plan(out).cells}
+    by_target = {t: {pid[str(cell_dir(out, study, t, s).relative_to(out))] for s in (84, 1318)} for t in ("target", "target2")}
+    assert all(len(p) == 1 for p in by_target.values()) and by_target["target"] != by_target["target2"], by_target
+
+
+def test_shared_inputs_are_shared_and_change_nothing(reference, tiny_dir, tmp_path):
+    """Two seeds of one TargetKG through one SharedInputs: the second run loads no data, evaluates
+    no original model and fills no per-row cache, and both end with discover()'s masks alone."""
+    from kcs_lens.discovery.shared import SharedInputs
+    from kcs_lens.files import read_mapping
+    from kcs_lens.model.loading import load_model
+
+    d, study = tiny_dir
+    base = read_mapping(study, what="study", error=ConfigError)["base"]
+    target = next(c.config["target_kg"] for c in expand(study).cells if Path(c.config["target_kg"]).stem == "target")
+    shared = SharedInputs(load_model(base["model"]))
+    for seed in (84, 1318):
+        discover(**{**base, "target_kg": target, "seed": seed}, out=tmp_path / str(seed), shared=shared, log=lambda _: None)
+        same_subnetwork(tmp_path / str(seed), reference[("target", seed)])
+    assert shared.misses == {"original": 3, "objective_caches": 1}, shared.misses
+    assert shared.hits == {"original": 3, "objective_caches": 1}, shared.hits
+    assert len(shared._loaded) == 4  # TargetKG, ControlKG, ControlLM train and held-out blocks, loaded once
+
+
 # --- the Ray executor ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ray_matches_discover_and_retries_a_killed_worker(tmp_path, reference, tiny_dir, tiny_kg, tiny_model_dir):
-    """Ray on this machine (2 CPUs): the 2 x 2 study gives the discover() subnetworks; a task whose
+    """Ray on this machine (2 CPUs): the 2 x 2 study in packs of 2 cells gives the discover() subnetworks; a task whose
     worker is SIGKILLed mid-cell is retried by Ray and resumes from the cell's checkpoint."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "out"
-        res = run_sweep(tiny_dir[1], out, executor="ray", max_retries=1, log=lambda _: None)
-        assert res["failed"] == []
+        res = run_sweep(tiny_dir[1], out, executor="ray", max_retries=1, pack=2, log=lambda _: None)  # 2 tasks of 2 cells
+        assert res["failed"] == [] and len(res["results"]) == 4
         for (t, s), ref in reference.items():
             same_subnetwork(cell_dir(out, tiny_dir[1], t, s), ref)
         # a longer cell, its worker killed after the first checkpoint

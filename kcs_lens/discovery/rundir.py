@@ -419,19 +419,35 @@ class RunData:
         }
 
 
-def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None] = print, *, text: bool = True) -> RunData:
+def load_run_data(
+    cfg: DiscoveryConfig,
+    lm: LensModel,
+    log: Callable[[str], None] = print,
+    *,
+    text: bool = True,
+    cache: dict[Any, Any] | None = None,
+) -> RunData:
     """The data of a run with config ``cfg`` on ``lm`` (TargetKG, ControlKG split, ControlLM;
-    ``text=False``: no ControlLM blocks, for analyses of the KG prompts only)."""
+    ``text=False``: no ControlLM blocks, for analyses of the KG prompts only). ``cache``: the
+    loaded KGs and text blocks of earlier runs of ``lm`` in this process, by spec (filled here)."""
     from kcs_lens.data.loaders import load_kg
     from kcs_lens.data.text import load_text_blocks
 
+    def memo(key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
+        if cache is None:
+            return load()
+        if key not in cache:
+            cache[key] = load()
+        return cache[key]
+
     kw: dict[str, Any] = dict(model_name=lm.spec, templates=cfg.templates)
-    target = load_kg(cfg.target_kg, **kw)
+    kg = lambda spec: memo(("kg", spec, lm.spec, cfg.templates), lambda: load_kg(spec, **kw))
+    target = kg(cfg.target_kg)
     target, paraphrases = split_wordings(cfg, target, kw)
-    control = load_kg(cfg.control_kg, **kw)
+    control = kg(cfg.control_kg)
     val_spec = cfg.control_val_source
     if val_spec:
-        control_val = load_kg(val_spec, **kw)
+        control_val = kg(val_spec)
     else:
         if cfg.control_val_size >= len(control):
             raise ConfigError(
@@ -470,11 +486,16 @@ def load_run_data(cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None
 
     block = min(cfg.lm_block_len, lm.shape.n_ctx)
     if text:
-        lm_train = load_text_blocks(cfg.lm_source, lm.tokenizer, block_len=block, split="train").to(lm.device)
-        lm_heldout = load_text_blocks(
-            cfg.lm_source, lm.tokenizer, block_len=block, split="heldout", max_blocks=cfg.lm_eval_blocks
+        lm_train = memo(
+            ("text", cfg.lm_source, block, "train", None),
+            lambda: load_text_blocks(cfg.lm_source, lm.tokenizer, block_len=block, split="train").to(lm.device),
         )
-        lm_heldout = lm_heldout.to(lm.device)
+        lm_heldout = memo(
+            ("text", cfg.lm_source, block, "heldout", cfg.lm_eval_blocks),
+            lambda: load_text_blocks(
+                cfg.lm_source, lm.tokenizer, block_len=block, split="heldout", max_blocks=cfg.lm_eval_blocks
+            ).to(lm.device),
+        )
         if int(max(lm_train.max(), lm_heldout.max())) >= lm.shape.d_vocab:
             raise RunError(f"ControlLM text {cfg.lm_source!r} tokenizes to ids outside the model's vocabulary")
     else:

@@ -35,6 +35,7 @@ from kcs_lens.discovery.rundir import (
     read_state_file,
 )
 from kcs_lens.discovery.selection import meets_criteria, select_checkpoint, selection_rule
+from kcs_lens.discovery.shared import SharedInputs, digest
 from kcs_lens.errors import ConfigError, KcsLensError, KcsLensWarning, NonFiniteLoss, OutputError, RunError
 from kcs_lens.evaluation.choice import ChoiceSet, choice_scores, run_choice_sets
 from kcs_lens.evaluation.lens import LENS_TOPK, lens_metrics, lens_ranks
@@ -89,20 +90,30 @@ def eval_batches(data: RunData) -> dict[str, TripletBatch]:
     return out
 
 
-def evaluate_split(lm: LensModel, data: RunData, choices: dict[str, ChoiceSet] | None = None) -> dict[str, float]:
+def evaluate_split(
+    lm: LensModel, data: RunData, choices: dict[str, ChoiceSet] | None = None, shared: SharedInputs | None = None
+) -> dict[str, float]:
     """Tail PPL, top-1 accuracy and mean rank of the tail's first token
     (:class:`~kcs_lens.evaluation.scoring.TailScores`) and, with ``choices``, multiple-choice accuracy
     (:mod:`kcs_lens.evaluation.choice`) on every set of :func:`eval_batches`, the TargetKG's
-    logit-lens share (:mod:`kcs_lens.evaluation.lens`); LM PPL on held-out text; for what ``lm`` is now."""
+    logit-lens share (:mod:`kcs_lens.evaluation.lens`); LM PPL on held-out text; for what ``lm`` is now.
+    ``shared``: the original model's values of earlier runs on the same tokens (masks off only)."""
     out: dict[str, float] = {}
     for name, batch in eval_batches(data).items():
-        out.update({f"{name}_{k}": v for k, v in tail_scores(lm, batch).headline().items()})
-        if choices and name in choices:
-            mc = choice_scores(lm, choices[name]).headline()
-            out.update({f"{name}_{k}": v for k, v in mc.items() if k != "mc_chance"})
-        if name == "target":
-            out[f"target_lens_top{LENS_TOPK}_any"] = lens_metrics(lens_ranks(lm, batch))[f"lens_top{LENS_TOPK}_any"]
-    out["lm_ppl"] = math.exp(lm_nll(lm, data.lm_heldout))
+        cs = choices.get(name) if choices else None
+
+        def part(name: str = name, batch: TripletBatch = batch, cs: ChoiceSet | None = cs) -> dict[str, float]:
+            res = {f"{name}_{k}": v for k, v in tail_scores(lm, batch).headline().items()}
+            if cs is not None:
+                mc = choice_scores(lm, cs).headline()
+                res.update({f"{name}_{k}": v for k, v in mc.items() if k != "mc_chance"})
+            if name == "target":
+                res[f"target_lens_top{LENS_TOPK}_any"] = lens_metrics(lens_ranks(lm, batch))[f"lens_top{LENS_TOPK}_any"]
+            return res
+
+        out.update(shared.original((name, digest(batch), digest(cs)), part) if shared else part())
+    lm_part = lambda: {"lm_ppl": math.exp(lm_nll(lm, data.lm_heldout))}
+    out.update(shared.original(("lm", digest(data.lm_heldout)), lm_part) if shared else lm_part())
     return out
 
 
@@ -169,18 +180,30 @@ def model_matrices(requested: list[str], lm: LensModel) -> tuple[str, ...]:
 class Run:
     """One discovery run bound to a run directory."""
 
-    def __init__(self, cfg: DiscoveryConfig, out: Path, lm: LensModel | None = None, log: Callable[[str], None] = print):
-        self.cfg, self.dir, self.log = cfg, RunDir(out), log
+    def __init__(
+        self,
+        cfg: DiscoveryConfig,
+        out: Path,
+        lm: LensModel | None = None,
+        log: Callable[[str], None] = print,
+        shared: SharedInputs | None = None,
+    ):
+        self.cfg, self.dir, self.log, self.shared = cfg, RunDir(out), log, shared
+        if shared is not None:
+            lm = shared.lm if lm is None else lm
+            shared.check_model(lm)
         t0 = self.t_start = time.perf_counter()
         self.wall_before = 0.0  # wall seconds of earlier sessions of this run (resumed from state.pt)
         self.lm = lm if lm is not None else load_model(cfg.model, backend=cfg.backend, device=cfg.device)
-        self.data = load_run_data(cfg, self.lm, log)
+        self.data = shared.run_data(cfg, self.lm, log) if shared is not None else load_run_data(cfg, self.lm, log)
         self.choices = run_choice_sets(cfg, self.data, self.lm)
         self.load_s = time.perf_counter() - t0
         layers = resolve_layers(cfg.layers, self.lm.shape.n_layers)
         mc = MaskConfig(layers, model_matrices(cfg.matrices, self.lm), cfg.granularity, cfg.init_prob, cfg.tau)  # type: ignore[arg-type]
         self.masks = WeightMask(self.lm.shape, mc, seed=cfg.seed, device=self.lm.device)
         self.objective = make_objective(cfg, self.lm, self.masks, self.data)
+        if shared is not None:
+            shared.objective_caches(self.objective, self.data.target_batch, self.data.control_batch)
         self.warm = max(1, int(cfg.warmup_frac * cfg.steps))
         self._new_optimizer()
         self.step = 0
@@ -357,7 +380,7 @@ class Run:
         try:
             if not self.original:
                 with self.masks.using("off"):
-                    self.original = evaluate_split(self.lm, self.data, self.choices)
+                    self.original = evaluate_split(self.lm, self.data, self.choices, self.shared)
             self.objective.prepare(self.data.target_batch, self.data.control_batch)  # per-run caches, once
             while self.step < last:
                 t, c, lmb = self.batches(self.step)
@@ -480,10 +503,11 @@ def _run(
     progress: bool,
     log: Callable[[str], None],
     tracking: Tracking = Tracking(),
+    shared: SharedInputs | None = None,
 ) -> tuple[dict[str, Any] | None, Run]:
     """The run in a directory this process holds (:func:`discover` opened and locked it)."""
     torch.manual_seed(cfg.seed)
-    run = Run(cfg, rd.path, lm=lens_model, log=log)
+    run = Run(cfg, rd.path, lm=lens_model, log=log, shared=shared)
     if resume:
         if run.lm.fingerprint() != rd.read_config()["model_fingerprint"]:
             raise RunError(f"--resume {rd.path}: the model's weights differ from the run's (fingerprint mismatch)")
@@ -516,6 +540,7 @@ def discover(
     progress: bool = False,
     log: Callable[[str], None] = print,
     track: Sequence[str] | Tracking | None = None,
+    shared: SharedInputs | None = None,
     **overrides: Any,
 ) -> dict[str, Any] | None:
     """Find a knowledge-critical subnetwork; returns the summary (None if stopped early).
@@ -524,6 +549,8 @@ def discover(
     :class:`~kcs_lens.discovery.config.DiscoveryConfig`; ``discover(resume="runs/loc")`` continues a run. ``lens_model`` reuses a model already loaded.
     ``track``: ``["tensorboard"]``, ``["wandb"]`` or both (:mod:`kcs_lens.tracking`), a run option
     like ``progress``: not part of the run's config, so a run may be resumed with or without it.
+    ``shared`` (:class:`~kcs_lens.discovery.shared.SharedInputs`): data, the original model's
+    evaluation and per-row caches shared with other runs of its model in this process (same masks).
     """
     tracking = parse_tracking(track)
     check_tracking(tracking)  # a missing package or W&B login: one error line before any work
@@ -542,7 +569,7 @@ def discover(
         rd, lock, created = open_run_dir(out_dir, resume=False, force=force)
     try:
         try:
-            summary, run = _run(cfg, rd, resume is not None, force, lens_model, stop_after, progress, log, tracking)
+            summary, run = _run(cfg, rd, resume is not None, force, lens_model, stop_after, progress, log, tracking, shared)
         except (OSError, OutputError) as e:  # disk full, permissions, ...: the last complete checkpoint is kept
             msg = str(e) if isinstance(e, OutputError) else f"{e.filename or rd.path}: {e.strerror or e}"
             if rd.config.exists():

@@ -109,6 +109,7 @@ def run_cell(
     force: bool = False,
     track: Sequence[str] = (),
     node: str | None = None,
+    shared: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume, or skip) one cell; never raises for the cell's own errors: returns
     ``{"name", "state": done|failed|skipped, "elapsed", "result" | "error", "resumed_from"}`` and
@@ -117,7 +118,9 @@ def run_cell(
     ``force``: a run directory with other settings is started over (else the cell fails).
     ``track``: trackers (``kcs-lens sweep --log``), one tracking run per cell, grouped by the study.
     ``node``: where it runs (a Ray node; default: the host name), recorded with every attempt in the status
-    file (``attempts``: node, pid, start, the step it resumed from, how it ended)."""
+    file (``attempts``: node, pid, start, the step it resumed from, how it ended).
+    ``shared(lm)``: the :class:`~kcs_lens.discovery.shared.SharedInputs` of that loaded model (the
+    cells of a pack share data, the original evaluation and per-row caches; same masks)."""
     from kcs_lens.discovery.runner import discover
 
     t0 = time.time()
@@ -164,10 +167,11 @@ def run_cell(
         log(f"attempt {attempt}: " + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting"))
         lm = load(cfg.model, cfg.backend, cfg.device) if load is not None else None
         tracking = Tracking(tuple(track), group=Path(study_dir).resolve().name, name=cell.name, tags=("kcs-lens sweep",))
+        sh = shared(lm) if shared is not None and lm is not None else None
         if state == PARTIAL:
-            discover(resume=rd.path, lens_model=lm, log=log, track=tracking)
+            discover(resume=rd.path, lens_model=lm, log=log, track=tracking, shared=sh)
         else:
-            discover(cfg, out=rd.path, force=True, lens_model=lm, log=log, track=tracking)
+            discover(cfg, out=rd.path, force=True, lens_model=lm, log=log, track=tracking, shared=sh)
         result = result_of(study_dir, cell)
         elapsed = time.time() - t0
         this["state"] = "done"

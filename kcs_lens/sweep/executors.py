@@ -1,6 +1,9 @@
 """Where a study's cells run: ``local`` worker processes (one model loaded per worker, devices
-round-robin) or ``ray`` (one Ray task per cell with the requested resources; Ray schedules and
-retries). Both call :func:`kcs_lens.sweep.cells.run_cell` and hand back its result per cell."""
+round-robin) or ``ray`` (one Ray task per pack with the requested resources; Ray schedules and
+retries). Both hand a worker a *pack* (:func:`packs`: up to ``pack`` cells of one model, in plan
+order), which it runs one cell after another with :func:`kcs_lens.sweep.cells.run_cell`, sharing
+the loaded model and :class:`~kcs_lens.discovery.shared.SharedInputs` (data, the original
+model's evaluation, per-row caches); each cell keeps its own run directory and result."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kcs_lens.errors import ConfigError
-from kcs_lens.sweep.cells import read_status, run_cell, write_status
+from kcs_lens.sweep.cells import DONE, cell_state, read_status, result_of, run_cell, write_status
 from kcs_lens.sweep.plan import Cell
 
 RAY_INSTALL = "--executor ray needs Ray, an optional extra: pip install 'kcs-lens[ray]'"
@@ -20,20 +23,66 @@ Event = dict[str, Any]  # {"event": "start"|"finish", "name", ...}
 
 
 class ModelCache:
-    """The last model a worker loaded, reused while the next cell has the same model."""
+    """The last model a worker loaded, reused while the next cell has the same model, with the
+    inputs the runs of that model share (:meth:`shared`)."""
 
     def __init__(self) -> None:
         self.key: tuple[str, str | None, str] | None = None
         self.lm: Any = None
+        self._shared: Any = None
 
     def __call__(self, model: str, backend: str | None, device: str) -> Any:
         if self.key != (model, backend, device):
             from kcs_lens.model.loading import load_model
 
-            self.lm = None  # release the previous model first
+            self.lm = self._shared = None  # release the previous model first
             self.lm = load_model(model, backend=backend, device=device)
             self.key = (model, backend, device)
         return self.lm
+
+    def shared(self, lm: Any) -> Any:
+        from kcs_lens.discovery.shared import SharedInputs
+
+        if self._shared is None or self._shared.lm is not lm:
+            self._shared = SharedInputs(lm)
+        return self._shared
+
+
+def model_key(cell: Cell) -> tuple[str, str, str]:
+    c = cell.config
+    return (str(c["model"]), str(c.get("backend")), str(c.get("device")))
+
+
+def packs(cells: list[Cell], pack: int) -> list[list[Cell]]:
+    """Up to ``pack`` cells of the same model (and backend, device) per pack, cells of one model in
+    a row and otherwise in plan order (so the seeds of a TargetKG land in one pack)."""
+    if pack < 1:
+        raise ConfigError(f"--pack {pack}: must be >= 1")
+    out: list[list[Cell]] = []
+    for cell in sorted(cells, key=model_key):  # stable: plan order within a model
+        if out and len(out[-1]) < pack and model_key(out[-1][0]) == model_key(cell):
+            out[-1].append(cell)
+        else:
+            out.append([cell])
+    return out
+
+
+def run_pack(
+    study_dir: str | Path,
+    pack: list[Cell],
+    *,
+    device: str | None,
+    cache: ModelCache,
+    force: bool,
+    track: tuple[str, ...] = (),
+    node: str | None = None,
+) -> Iterator[Event]:
+    """The cells of a pack one after another in this process (start / finish events)."""
+    kw: dict[str, Any] = {"node": node} if node is not None else {}
+    for cell in pack:
+        yield {"event": "start", "name": cell.name, "pid": os.getpid(), "device": device}
+        res = run_cell(study_dir, cell, device=device, load=cache, force=force, track=track, shared=cache.shared, **kw)
+        yield {"event": "finish", **res}
 
 
 def _threads(workers: int, device: str | None, threads: int | None = None) -> None:
@@ -57,16 +106,17 @@ def _worker(
     track: tuple[str, ...] = (),
     threads: int | None = None,
 ) -> None:
-    """A local worker process: cells from ``tasks`` until a None, events to ``events``."""
+    """A local worker process: packs of cells from ``tasks`` until a None, events to ``events``."""
     _threads(workers, device, threads)
     cache = ModelCache()
     while True:
         item = tasks.get()
         if item is None:
             return
-        cell = Cell(**item)
-        events.put({"event": "start", "name": cell.name, "pid": os.getpid(), "device": device})
-        events.put({"event": "finish", **run_cell(study_dir, cell, device=device, load=cache, force=force, track=track)})
+        pack = [Cell(**c) for c in item]
+        events.put({"event": "take", "names": [c.name for c in pack], "pid": os.getpid()})
+        for ev in run_pack(study_dir, pack, device=device, cache=cache, force=force, track=track):
+            events.put(ev)
 
 
 def run_local(
@@ -79,13 +129,16 @@ def run_local(
     max_retries: int,
     track: tuple[str, ...] = (),
     threads: int | None = None,
+    pack: int = 1,
 ) -> Iterator[Event]:
-    """Run ``cells`` on ``workers`` processes (devices round-robin), cells of one model in a row; one
-    worker and no process isolation when ``workers == 1``. A worker that dies (killed, out of
-    memory) fails its cell, which is retried up to ``max_retries`` times (resuming), and is replaced.
+    """Run ``cells`` on ``workers`` processes (devices round-robin) in packs of up to ``pack`` cells
+    of one model (:func:`packs`); one worker and no process isolation when ``workers == 1``. A
+    worker that dies (killed, out of memory) fails its running cell, which is retried up to
+    ``max_retries`` times (resuming); the rest of its pack goes back to the queue, and the worker
+    is replaced.
     ``threads``: torch threads per worker (default: the cores shared out, see :func:`_threads`;
     in-process: torch's default unless given)."""
-    order = sorted(cells, key=lambda c: (c.config["model"], str(c.config.get("backend"))))
+    groups = packs(cells, pack)
     if workers == 1:
         device = devices[0] if devices else None
         if threads is not None:
@@ -93,17 +146,17 @@ def run_local(
 
             set_threads(threads)
         cache = ModelCache()
-        for cell in order:
-            yield {"event": "start", "name": cell.name, "pid": os.getpid(), "device": device}
-            yield {"event": "finish", **run_cell(study_dir, cell, device=device, load=cache, force=force, track=track)}
+        for group in groups:
+            yield from run_pack(study_dir, group, device=device, cache=cache, force=force, track=track)
         return
     ctx = mp.get_context("spawn")  # fork would copy torch's threads and locks
     tasks, events = ctx.Queue(), ctx.Queue()
-    for cell in order:
-        tasks.put(cell.to_json())
+    for group in groups:
+        tasks.put([c.to_json() for c in group])
     by_name = {c.name: c for c in cells}
     procs: dict[int, tuple[Any, str | None]] = {}
     running: dict[int, str] = {}  # worker pid -> cell name
+    taken: dict[int, list[str]] = {}  # worker pid -> cells of its pack not finished yet
     retries: dict[str, int] = {}
     left = len(cells)
 
@@ -121,10 +174,14 @@ def run_local(
             except queue.Empty:
                 ev = None
             if ev is not None:
+                if ev["event"] == "take":
+                    taken[ev["pid"]] = list(ev["names"])
+                    continue
                 if ev["event"] == "start":
                     running[ev["pid"]] = ev["name"]
                 else:
                     running = {k: v for k, v in running.items() if v != ev["name"]}
+                    taken = {k: [n for n in v if n != ev["name"]] for k, v in taken.items()}
                     left -= 1
                 yield ev
                 continue
@@ -132,12 +189,15 @@ def run_local(
                 if p.is_alive():
                     continue
                 name = running.pop(p.pid, None)  # type: ignore[arg-type]
+                rest = [n for n in taken.pop(p.pid, []) if n != name]  # type: ignore[arg-type]
+                if rest:  # the pack's cells that did not start: back to the queue
+                    tasks.put([by_name[n].to_json() for n in rest])
                 if name is not None:
                     err = f"worker process died (exit code {p.exitcode}) while running this cell"
                     cell = by_name[name]
                     if retries.get(name, 0) < max_retries:
                         retries[name] = retries.get(name, 0) + 1
-                        tasks.put(cell.to_json())
+                        tasks.put([cell.to_json()])
                         yield {"event": "retry", "name": name, "error": err}
                     else:
                         write_status(study_dir, cell, state="failed", error=err)
@@ -166,16 +226,19 @@ def ray_options(resources: dict[str, float], max_retries: int) -> dict[str, Any]
     return opts
 
 
-def _ray_cell(
-    study_dir: str, cell: dict[str, Any], force: bool, track: tuple[str, ...] = (), threads: int | None = None
-) -> dict[str, Any]:
-    """The body of a cell's Ray task: the cell runs (or resumes) on the node Ray chose, with
+def _ray_pack(
+    study_dir: str, cells: list[dict[str, Any]], force: bool, track: tuple[str, ...] = (), threads: int | None = None
+) -> list[dict[str, Any]]:
+    """The body of a pack's Ray task: its cells run (or resume) one after another on the node Ray
+    chose, sharing the loaded model (cells already done are skipped when Ray retries the task), with
     ``threads`` torch threads (default: Ray's, which sets OMP_NUM_THREADS to the task's CPUs)."""
     from kcs_lens.sweep.raycluster import node_label
     from kcs_lens.threads import set_threads
 
     set_threads(threads)
-    return run_cell(study_dir, Cell(**cell), force=force, track=track, node=node_label())
+    pack = [Cell(**c) for c in cells]
+    evs = run_pack(study_dir, pack, device=None, cache=ModelCache(), force=force, track=track, node=node_label())
+    return [ev for ev in evs if ev["event"] == "finish"]
 
 
 def import_ray() -> Any:
@@ -197,34 +260,45 @@ def run_ray(
     threads: int | None = None,
     log: Callable[[str], None] = print,
     track: tuple[str, ...] = (),
+    pack: int = 1,
 ) -> Iterator[Event]:
-    """One Ray task per cell with ``resources``; Ray retries a task whose worker died up to
-    ``max_retries`` times (the retry resumes from the cell's last checkpoint). ``address``: a
-    running cluster (``auto`` or ``HOST:PORT``); None starts Ray on this machine, unless this
-    process already called ``ray.init``."""
+    """One Ray task per pack (:func:`packs`) with ``resources``; Ray retries a task whose worker
+    died up to ``max_retries`` times (the retry skips the pack's finished cells and resumes the
+    interrupted one from its last checkpoint). ``address``: a running cluster (``auto`` or
+    ``HOST:PORT``); None starts Ray on this machine, unless this process already called ``ray.init``."""
     ray = import_ray()
     from kcs_lens.sweep.raycluster import connect
 
     if not ray.is_initialized():  # run_sweep connected already (and checked the storage)
         connect(ray, address)
-    task = ray.remote(_ray_cell).options(**ray_options(resources, max_retries))
-    refs = {task.remote(str(study_dir.resolve()), c.to_json(), force, track, threads): c for c in cells}
-    log(f"submitted {len(refs)} Ray task(s) with {resources}; cluster: {ray.cluster_resources()}")
+    task = ray.remote(_ray_pack).options(**ray_options(resources, max_retries))
+    groups = packs(cells, pack)
+    refs = {task.remote(str(study_dir.resolve()), [c.to_json() for c in g], force, track, threads): g for g in groups}
+    log(f"submitted {len(refs)} Ray task(s) ({len(cells)} cells) with {resources}; cluster: {ray.cluster_resources()}")
     pending = list(refs)
     started: set[str] = set()
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=2.0)
-        for ref in pending:  # a start line once a task's status file says it runs
-            cell = refs[ref]
-            st = read_status(study_dir, cell)
-            if cell.name not in started and st.get("state") == "running":
-                started.add(cell.name)
-                yield {"event": "start", "name": cell.name, "pid": st.get("pid"), "device": st.get("node") or st.get("host")}
+        for ref in pending:  # a start line once a cell's status file says it runs
+            for cell in refs[ref]:
+                st = read_status(study_dir, cell)
+                if cell.name not in started and st.get("state") == "running":
+                    started.add(cell.name)
+                    yield {"event": "start", "name": cell.name, "pid": st.get("pid"), "device": st.get("node") or st.get("host")}
         for ref in ready:
-            cell = refs[ref]
             try:
-                yield {"event": "finish", **ray.get(ref)}
+                yield from ({"event": "finish", **r} for r in ray.get(ref))
             except ray.exceptions.RayError as e:  # the worker died more often than max_retries
                 err = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                write_status(study_dir, cell, state="failed", error=err)
-                yield {"event": "finish", "name": cell.name, "state": "failed", "error": err, "elapsed": None}
+                for cell in refs[ref]:
+                    if cell_state(study_dir, cell) == DONE:  # finished before the pack's task died
+                        yield {
+                            "event": "finish",
+                            "name": cell.name,
+                            "state": "done",
+                            "elapsed": None,
+                            "result": result_of(study_dir, cell),
+                        }
+                        continue
+                    write_status(study_dir, cell, state="failed", error=err)
+                    yield {"event": "finish", "name": cell.name, "state": "failed", "error": err, "elapsed": None}

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from kcs_lens.errors import ConfigError, KcsLensError
 from kcs_lens.sweep.cells import DONE, cell_state, describe
-from kcs_lens.sweep.executors import import_ray, run_local, run_ray
+from kcs_lens.sweep.executors import import_ray, packs, run_local, run_ray
 from kcs_lens.sweep.plan import expand, load_plan, reconcile, write_plan
 from kcs_lens.tracking import Tracking, check_tracking, parse_tracking
 
@@ -63,6 +63,7 @@ def run_sweep(
     ray_address: str | None = None,
     resources: dict[str, float] | str | None = None,
     max_retries: int = 1,
+    pack: int = 1,
     dry_run: bool = False,
     force: bool = False,
     add: bool = False,
@@ -74,7 +75,9 @@ def run_sweep(
     """Expand ``study`` into its plan, write ``out/sweep.json``, and run every cell not done yet
     (interrupted ones resume). Returns ``{"plan", "results", "failed", "skipped"}``; a failed cell
     is recorded and the others go on. ``track``: ``--log`` trackers, one tracking run per cell
-    (:mod:`kcs_lens.tracking`; a W&B group per study)."""
+    (:mod:`kcs_lens.tracking`; a W&B group per study). ``pack``: cells of one model a worker (or
+    Ray task) runs in one process, sharing the model, data, the original evaluation and per-row
+    caches (same masks as one cell per worker; :mod:`kcs_lens.discovery.shared`)."""
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
     if force and add:
@@ -83,6 +86,8 @@ def run_sweep(
         raise ConfigError(f"--workers {workers}: must be >= 1")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads {threads!r}: must be an integer >= 1")
+    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+        raise ConfigError(f"--pack {pack!r}: must be an integer >= 1")
     if max_retries < 0:
         raise ConfigError(f"--max-retries {max_retries}: must be >= 0")
     kinds = parse_tracking(track).kinds
@@ -132,12 +137,13 @@ def run_sweep(
         events = run_local(
             out,
             todo,
-            workers=min(n, max(1, len(todo))),
+            workers=min(n, max(1, len(packs(todo, pack)))),
             devices=devices,
             force=force,
             max_retries=max_retries,
             track=kinds,
             threads=threads,
+            pack=pack,
         )
     else:
         events = run_ray(
@@ -150,6 +156,7 @@ def run_sweep(
             threads=threads,
             log=log,
             track=kinds,
+            pack=pack,
         )
     results = _follow(events, len(plan.cells), len(skipped), progress, log)
     failed = [r["name"] for r in results if r["state"] == "failed"]
