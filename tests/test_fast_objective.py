@@ -450,3 +450,30 @@ def test_unknown_switch_is_refused(make_tiny_lm):
     m = _masks(lm)
     with pytest.raises(TypeError, match="unknown FastObjective switches"):
         FastObjective(lm, m, LossConfig(), prefix_cahce=False)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logp", "hidden"])
+def test_chunked_kl_row_cap_and_inplace_arithmetic(monkeypatch, kind):
+    """The unembedding + KL with chunks capped by CHUNK_BYTES (3 rows here) gives the full-batch
+    KL terms and gradient, and leaves the caller's log p untouched."""
+    from kcs_lens.objective import fast_ops
+    from kcs_lens.objective.reference import kl_p_to_q, kl_uniform_to_q
+
+    g = torch.Generator().manual_seed(0)
+    n, d, V = 10, 8, 50
+    h = torch.randn(n, d, generator=g, requires_grad=True)
+    W, b = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
+    hp = torch.randn(n, d, generator=g)
+    logp = torch.log_softmax(hp @ W.T + b, -1)
+    target = {"uniform": None, "logp": logp.clone(), "hidden": hp}[kind]
+    monkeypatch.setattr(fast_ops, "CHUNK_BYTES", 4 * V * 3)
+    kl = fast_ops.chunked_unembed_kl(h, W, b, kind, target, 1024)
+    (kl * torch.arange(1.0, n + 1)).sum().backward()
+    grad, h.grad = h.grad.clone(), None
+    logits = h @ W.T + b
+    ref = kl_uniform_to_q(logits) if kind == "uniform" else kl_p_to_q(logp, logits)
+    (ref * torch.arange(1.0, n + 1)).sum().backward()
+    torch.testing.assert_close(kl, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, h.grad, rtol=1e-4, atol=1e-6)
+    if kind == "logp":
+        assert torch.equal(target, logp)

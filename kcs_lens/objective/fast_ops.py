@@ -18,6 +18,7 @@ from kcs_lens.masks.mask import WeightMask
 from kcs_lens.model.backends import LensModel
 
 U_LO, U_HI = 1e-6, 1.0 - 1e-6  # the reference's clamp of the uniform noise
+CHUNK_BYTES = 64 * 2**20  # the largest [rows, vocabulary] float32 tensor of one chunk of the unembedding + KL
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,6 +80,10 @@ class _ChunkedUnembedKL(torch.autograd.Function):
     original's normalized final residual. Only ``h`` receives a gradient: dKL_i/dz_i = q_i - p_i
     (p = 1/V for the uniform term), so dKL_i/dh_i = (q_i - p_i) W_U^T, kept per row. With a logit
     soft-cap c (Gemma 2: z = c tanh(u / c), u = h W_U^T + b) the chain rule adds 1 - tanh(u / c)^2.
+
+    Memory: at most three ``[rows, V]`` float32 tensors exist at a time (log q, log p or the
+    difference, p), and a chunk holds at most ``CHUNK_BYTES`` per such tensor (fewer rows than
+    ``chunk`` for large vocabularies: GPT-2's 50,257 tokens give 333 rows).
     """
 
     @staticmethod
@@ -87,6 +92,7 @@ class _ChunkedUnembedKL(torch.autograd.Function):
         kl = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if ctx.needs_input_grad[0] else None
         V = W_vd.shape[0]
+        chunk = max(1, min(chunk, CHUNK_BYTES // (4 * V)))
         ac = torch.autocast(h.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
         with torch.no_grad():
             for s in range(0, n, chunk):
@@ -106,18 +112,20 @@ class _ChunkedUnembedKL(torch.autograd.Function):
                     gz = logq.exp_()
                     gz.sub_(1.0 / V)
                 else:
-                    if kind == "logp":
-                        logp = target[s:e]
+                    if kind == "logp":  # the caller's log p: not overwritten
+                        p = target[s:e].exp()
+                        d = torch.sub(target[s:e], logq)
                     else:
                         with ac:
                             zp = F.linear(target[s:e], W_vd, b_v)
                         if softcap is not None:
                             zp = torch.tanh(zp.float() / softcap) * softcap
-                        logp = torch.log_softmax(zp.float(), dim=-1)
+                        d = torch.log_softmax(zp.float(), dim=-1)
                         del zp
-                    p = logp.exp()
-                    kl[s:e] = (p * (logp - logq)).sum(-1)
-                    del logp
+                        p = d.exp()
+                        d.sub_(logq)  # log p - log q, in place
+                    kl[s:e] = d.mul_(p).sum(-1)  # the values of (p * (log p - log q)).sum(-1)
+                    del d
                     gz = logq.exp_()
                     gz.sub_(p)
                     del p
