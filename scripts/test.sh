@@ -2,26 +2,78 @@
 # Create/reuse the environments and run the whole test suite on both TransformerLens lines:
 #   .venv      TransformerLens 4.x (TransformerBridge)             constraints.txt
 #   .venv-tl3  TransformerLens 3.9 (HookedTransformer + bridge)    constraints-tl3.txt
-# Usage: bash scripts/test.sh [pytest args...]      (KCS_TL_LINES="4" runs one line only)
+# Usage: bash scripts/test.sh [pytest args...]
+#   KCS_TL_LINES="4"      one line only (default "4 3")
+#   KCS_TEST_WORKERS=N    pytest-xdist worker processes per line (default 2, one torch thread each;
+#                         1 runs the tests in one process)
+# What runs where (every test runs at least once):
+#   4.x: everything (fast, slow, tl_independent), plus ruff, ruff format and mypy;
+#   3.9: what depends on the TL line: the tests that are neither slow nor tl_independent, plus the
+#        slow cross-backend tests (marker 'backends'). The slow tests (full bundled discovery,
+#        GPT-2-small shape, sweeps) and the tl_independent ones (KG files, text, packaging, docs)
+#        run no code that differs between the lines.
+# The 3.9 environment installs in the background while ruff and mypy run. The exit status is
+# non-zero when any install, check or test failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
+WORKERS=${KCS_TEST_WORKERS:-2}
+LINES=${KCS_TL_LINES:-4 3}
 status=0
-for line in ${KCS_TL_LINES:-4 3}; do
-  # Ray (the optional extra of `kcs-lens sweep --executor ray`) is tested on the 4.x line only.
-  if [ "$line" = 4 ]; then venv=.venv; cons=constraints.txt; extras=test,ray,track; else venv=.venv-tl3; cons=constraints-tl3.txt; extras=test,track; fi
+
+venv_of() { if [ "$1" = 4 ]; then echo .venv; else echo .venv-tl3; fi; }
+
+install() {  # install LINE: the environment of one TL line (Ray, the extra of --executor ray, on 4.x only)
+  local line=$1 venv cons extras t0
+  venv=$(venv_of "$line")
+  if [ "$line" = 4 ]; then cons=constraints.txt; extras=test,ray,track; else cons=constraints-tl3.txt; extras=test,track; fi
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
   t0=$(date +%s)
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$cons" -e ".[$extras]"
-  echo "== TransformerLens line $line: installed in $(( $(date +%s) - t0 )) s ($("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformer-lens"))'))"
-  # The slow tests (full bundled discovery, GPT-2-small shape) do not depend on the TL line: 4.x only.
-  if [ "$line" = 4 ]; then
-    sel=()
-    # lint, format and type checks (same tools on both lines: once)
-    "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . && "$venv/bin/mypy" kcs_lens cli analyses || status=1
-  # on 3.x: the fast tests, plus the slow ones that need its HookedTransformer (cross-backend)
-  else sel=(-m "not slow or backends"); fi
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}" "$@" || status=$?
+  # --no-compile: byte-compiling every installed file (torch, transformers) costs more than the
+  # modules the tests import compile on first use
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile -c "$cons" -e ".[$extras]"
+  echo "== TransformerLens line $line: installed in $(($(date +%s) - t0)) s ($("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("transformer-lens"))'))"
+}
+
+run_tests() {  # run_tests LINE [pytest args...]
+  local line=$1 venv t0 sel par=()
+  shift
+  venv=$(venv_of "$line")
+  if [ "$line" = 4 ]; then sel=(); else sel=(-m "(not slow and not tl_independent) or backends"); fi
+  # a test file stays on one worker (--dist loadfile): its module fixtures (reference runs) are built once
+  if [ "$WORKERS" -gt 1 ]; then par=(-n "$WORKERS" --dist loadfile); fi
+  t0=$(date +%s)
+  if [ "$WORKERS" -gt 1 ]; then
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/python" -m pytest -q -p no:cacheprovider "${par[@]}" "${sel[@]}" "$@" || status=$?
+  else
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}" "$@" || status=$?
+  fi
+  echo "== TransformerLens line $line: tests in $(($(date +%s) - t0)) s"
+}
+
+first=${LINES%% *}
+install "$first" || status=1
+bg=""
+logs=$(mktemp -d)
+for line in $LINES; do
+  if [ "$line" != "$first" ]; then
+    install "$line" > "$logs/install-$line.log" 2>&1 &
+    bg="$bg $!:$line"
+  fi
+done
+if [[ " $LINES " == *" 4 "* ]]; then  # lint, format and type checks (same tools on both lines: once)
+  t0=$(date +%s)
+  .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy kcs_lens cli analyses || status=1
+  echo "== ruff, ruff format, mypy in $(($(date +%s) - t0)) s"
+fi
+for line in $LINES; do
+  for job in $bg; do
+    if [ "${job#*:}" = "$line" ]; then
+      wait "${job%%:*}" || status=1
+      cat "$logs/install-$line.log"
+    fi
+  done
+  run_tests "$line" "$@"
 done
 exit $status

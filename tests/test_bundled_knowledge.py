@@ -21,6 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 BUNDLE = Path(__file__).resolve().parents[1] / "kcs_lens" / "bundled"
 MODEL_DIR = BUNDLE / "model"
 EOT = "<|endoftext|>"

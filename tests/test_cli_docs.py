@@ -3,6 +3,12 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

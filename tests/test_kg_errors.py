@@ -17,6 +17,10 @@ from kcs_lens.data.text import load_text_blocks
 from kcs_lens.data.triplets import TripletSet, split_control
 from kcs_lens.errors import KGError
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 GOOD = '{"head": "car", "relation": "IsA", "tail": "vehicle"}'
 
 

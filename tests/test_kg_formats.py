@@ -26,6 +26,10 @@ from kcs_lens.data.templates import (
 )
 from kcs_lens.data.triplets import disjoint, split_control, tokenize_triplets
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 CONCEPTNET_RELATIONS = {
     "AtLocation", "CapableOf", "Causes", "CausesDesire", "Desires", "HasA", "HasPrerequisite", "HasProperty",
     "HasSubevent", "IsA", "MadeOf", "MotivatedByGoal", "NotDesires", "PartOf", "ReceivesAction", "UsedFor",

@@ -10,6 +10,9 @@ from typer.testing import CliRunner
 
 from kcs_lens.cli.main import app
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
 
 def _have_wordnet() -> bool:
     try:

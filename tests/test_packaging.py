@@ -8,6 +8,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
     "import importlib.util, json, kcs_lens, kcs_lens.cli.main, kcs_lens.analyses\n"

@@ -12,6 +12,10 @@ from kcs_lens.data import text as text_mod
 from kcs_lens.data.text import load_text_blocks, tokenize_documents, wikitext_articles
 from kcs_lens.errors import KGError
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 PARAS = [f"A car is a vehicle number {i}. An apple is a fruit. The church is a building." for i in range(40)]
 
 

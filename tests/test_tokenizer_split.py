@@ -15,6 +15,10 @@ from _family_fixtures import make_tokenizer
 from kcs_lens.data.triplets import Triplet, tokenize_triplets
 from kcs_lens.errors import KGError
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 TRIP = [Triplet("dog", "IsA", "animal", "A dog is an animal"), Triplet("rose", "IsA", "flower", "A rose is a flower")]
 
 

@@ -16,6 +16,9 @@ from kcs_lens.data.triplets import Triplet, TripletSet, tokenize_triplets
 from kcs_lens.data.verbalize import candidate_texts, choose_templates, filter_known, score_tails
 from kcs_lens.errors import KGError
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
 
 def kg_of(tmp_path, rows, name="k"):
     f = tmp_path / f"{name}.jsonl"

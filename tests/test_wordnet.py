@@ -22,6 +22,10 @@ from kcs_lens.data.wordnet import (  # noqa: E402
     target_neighbourhood,
 )
 
+# no TransformerLens code runs here: scripts/test.sh runs it on one TL line only
+pytestmark = pytest.mark.tl_independent
+
+
 PAPER_TARGETKG = Path(__file__).resolve().parents[2] / "shared" / "paper-data" / "wordnet" / "targetkg"
 KEYS = {"head", "relation", "tail", "text", "head_synset", "tail_synset"}
 
