@@ -13,7 +13,7 @@ study that a sweep worker runs one after another, ``kcs-lens sweep --pack N``).
 
 Each shared value is computed exactly as a run alone computes it (same function, same inputs, same
 chunking), so a run in a pack ends with bit for bit the masks of the same run alone
-(tests/test_pack.py). What is not shared: the masks, their optimizer and noise state, and every
+(tests/test_sweep.py: packed cells against discover() alone). What is not shared: the masks, their optimizer and noise state, and every
 masked computation.
 """
 
@@ -96,6 +96,8 @@ class SharedInputs:
             json.dumps(objective.config.__dict__, sort_keys=True, default=str) if hasattr(objective, "config") else "",
             digest(target, control),
         )
+        if ("objective_caches", key) not in self._memo:  # one set at a time: a pack holds a TargetKG's seeds in a row
+            self._memo = {k: v for k, v in self._memo.items() if k[0] != "objective_caches"}
         caches = self.get("objective_caches", key, lambda: (objective.kg_cache, objective.p_cache))
         objective.kg_cache, objective.p_cache = caches
 

@@ -23,29 +23,20 @@ Event = dict[str, Any]  # {"event": "start"|"finish", "name", ...}
 
 
 class ModelCache:
-    """The last model a worker loaded, reused while the next cell has the same model, with the
-    inputs the runs of that model share (:meth:`shared`)."""
+    """The last model a worker loaded, reused while the next cell has the same model."""
 
     def __init__(self) -> None:
         self.key: tuple[str, str | None, str] | None = None
         self.lm: Any = None
-        self._shared: Any = None
 
     def __call__(self, model: str, backend: str | None, device: str) -> Any:
         if self.key != (model, backend, device):
             from kcs_lens.model.loading import load_model
 
-            self.lm = self._shared = None  # release the previous model first
+            self.lm = None  # release the previous model first
             self.lm = load_model(model, backend=backend, device=device)
             self.key = (model, backend, device)
         return self.lm
-
-    def shared(self, lm: Any) -> Any:
-        from kcs_lens.discovery.shared import SharedInputs
-
-        if self._shared is None or self._shared.lm is not lm:
-            self._shared = SharedInputs(lm)
-        return self._shared
 
 
 def model_key(cell: Cell) -> tuple[str, str, str]:
@@ -77,11 +68,24 @@ def run_pack(
     track: tuple[str, ...] = (),
     node: str | None = None,
 ) -> Iterator[Event]:
-    """The cells of a pack one after another in this process (start / finish events)."""
+    """The cells of a pack one after another in this process (start / finish events); the cells of a
+    pack of two or more share :class:`~kcs_lens.discovery.shared.SharedInputs` (a pack of one runs
+    exactly as a cell did before packs)."""
+    from kcs_lens.discovery.shared import SharedInputs
+
     kw: dict[str, Any] = {"node": node} if node is not None else {}
+    held: list[SharedInputs] = []
+
+    def shared(lm: Any) -> SharedInputs | None:
+        if len(pack) < 2:
+            return None
+        if not held or held[0].lm is not lm:
+            held[:] = [SharedInputs(lm)]
+        return held[0]
+
     for cell in pack:
         yield {"event": "start", "name": cell.name, "pid": os.getpid(), "device": device}
-        res = run_cell(study_dir, cell, device=device, load=cache, force=force, track=track, shared=cache.shared, **kw)
+        res = run_cell(study_dir, cell, device=device, load=cache, force=force, track=track, shared=shared, **kw)
         yield {"event": "finish", **res}
 
 
