@@ -11,6 +11,7 @@
 #
 #   bash bench/gpu_step.sh                 # results appended to bench/results/gpu.jsonl
 #   SHAPE=gpt2-small REPEATS=3 bash bench/gpu_step.sh
+#   STUDY=0 bash bench/gpu_step.sh         # without the packed-study comparison (bench/pack_study.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -30,3 +31,9 @@ for DTYPE in bf16 fp32; do
     --device cuda --dtype "$DTYPE" --impl "$IMPL" --warmup "$WARMUP" --repeats "$REPEATS" \
     --extrapolate-steps 40000 --verbose | tee -a "$OUT/gpu.jsonl"
 done
+# A packed study on the GPU (STUDY=0 skips it): the bundled 5 TargetKGs x 3 seeds with one cell per
+# task and in one pack of 15 cells (one process, one loaded model), side by side
+# (bench/pack_study.py: wall times, their ratio, the load, same selection and masks per cell).
+if [ "${STUDY:-1}" = 1 ]; then
+  "$PY" bench/pack_study.py --device cuda --workers 1 --pack 15 --results "$OUT/pack_study_gpu.jsonl"
+fi
