@@ -297,21 +297,25 @@ def test_killed_sweep_resumes_bit_identical(tmp_path, tiny_kg, tiny_model_dir):
 
 @pytest.mark.slow
 def test_local_worker_killed_is_replaced_and_its_cell_resumes(tmp_path, tiny_kg, tiny_model_dir):
-    """Two worker processes; the one running a cell is SIGKILLed after its first checkpoint: the
-    cell is retried (--max-retries 1) on a new worker and resumes from the checkpoint."""
-    p = tiny_study(tmp_path, tiny_kg, tiny_model_dir, targets=("target",), seeds=(84, 1318), **LONG)
+    """Two worker processes, packs of 2 cells; the worker running the first cell of its pack is
+    SIGKILLed after the cell's first checkpoint: the cell is retried (--max-retries 1) on a new
+    worker and resumes from the checkpoint, and the pack's other cell, not started, still runs once."""
+    p = tiny_study(tmp_path, tiny_kg, tiny_model_dir, targets=("target",), seeds=(84, 1318, 735), **LONG)
     out = tmp_path / "out"
     box: dict = {}
-    th = threading.Thread(target=lambda: box.update(run_sweep(p, out, workers=2, max_retries=1, log=lambda _: None)))
+    th = threading.Thread(target=lambda: box.update(run_sweep(p, out, workers=2, pack=2, max_retries=1, log=lambda _: None)))
     th.start()
     wait_for(out / "sweep.json")
     cell = load_plan(out).cells[0]
     wait_for(out / cell.name / "checkpoints" / "state.pt")
     os.kill(read_status(out, cell)["pid"], signal.SIGKILL)
     th.join(timeout=600)
-    r = {x["name"]: x for x in box["results"]}[cell.name]
+    results = {x["name"]: x for x in box["results"]}
+    r = results[cell.name]
     assert r["state"] == "done" and r["attempt"] == 2 and r["resumed_from"] >= 6, r
-    assert box["failed"] == []
+    assert box["failed"] == [] and len(results) == 3
+    second = load_plan(out).cells[1]  # the killed pack's other cell
+    assert results[second.name]["state"] == "done" and results[second.name]["attempt"] == 1, results[second.name]
     ref = tmp_path / "ref"
     tiny_discover(tmp_path, p, cell.config["target_kg"], 84, ref)
     same_subnetwork(out / cell.name, ref)
