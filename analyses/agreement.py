@@ -17,6 +17,8 @@ import numpy as np
 from jaxtyping import Float
 from scipy import stats
 
+from kcs_lens.stats import percentile_interval
+
 KS = (5, 10)
 
 
@@ -87,10 +89,6 @@ def rank_agreement(a: np.ndarray, b: np.ndarray, ks: Sequence[int] = KS) -> dict
     return out
 
 
-def bootstrap_indices(n_prompts: int, n_boot: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n_prompts, size=(n_boot, n_prompts))
-
-
 def _mean(x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
     """Per-unit mean over prompts (NaN prompts skipped); a prompt-independent vector is returned as is."""
     if x.ndim == 1:
@@ -123,7 +121,7 @@ def compare_scores(
         d = draws[k]
         d = np.asarray([] if d is None else d, float)
         d = d[np.isfinite(d)]
-        ci = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))] if v is not None and len(d) else None
+        ci = percentile_interval(d) if v is not None and len(d) else None
         out[k] = {"value": v, "ci95": ci}
     return out
 
@@ -172,6 +170,6 @@ def decision_agreement(
     point = stats_of(np.atleast_2d(_mean(scores)))
     draws = stats_of(_boot_means(scores, boot)) if boot is not None and np.ndim(scores) > 1 else None
     for i, name in enumerate(("auroc", "precision@k")):
-        ci = [float(np.percentile(draws[i], 2.5)), float(np.percentile(draws[i], 97.5))] if draws is not None else None
+        ci = percentile_interval(draws[i]) if draws is not None else None
         out[name] = {"value": float(point[i][0]), "ci95": ci}
     return out

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kcs_lens.analyses.patching import hook_names, run_cache
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.model.backends import LensModel
+from kcs_lens.model.lens import LensModel
 
 
 @dataclass
@@ -97,11 +97,11 @@ def dla_projector(lm: LensModel, prompts: Prompts, resid_final: Float[Tensor, "b
     w_ln, eps = lm.final_norm_params()
     rms = lm.rms_norm
     if rms:
-        scale = (resid_final.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [b, 1]
+        scale: Float[Tensor, "b 1"] = (resid_final.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     else:
-        scale = (resid_final.var(-1, unbiased=False, keepdim=True) + eps).sqrt()  # [b, 1]
-    W_U = lm.unembed_params()[0].detach().T  # [d_model, d_vocab]
-    direction = (W_U[:, prompts.target.to(W_U.device)].T - W_U.mean(1)[None]) * w_ln[None]  # [b, d_model]
+        scale = (resid_final.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    W_U: Float[Tensor, "d_model d_vocab"] = lm.unembed_params()[0].detach().T
+    direction: Float[Tensor, "b d_model"] = (W_U[:, prompts.target.to(W_U.device)].T - W_U.mean(1)[None]) * w_ln[None]
 
     def project(out: Tensor) -> Tensor:
         if not rms:
@@ -127,7 +127,7 @@ def direct_logit_attribution(lm: LensModel, prompts: Prompts) -> UnitValues:
     heads = torch.zeros(len(prompts), L, H)
     mlp = torch.zeros(len(prompts), L)
     for l in range(L):
-        z = cache[f"blocks.{l}.attn.hook_z"][rows, pos]  # [b, head, d_head]
+        z: Float[Tensor, "b n_heads d_head"] = cache[f"blocks.{l}.attn.hook_z"][rows, pos]
         heads[:, l] = project(lm.head_outputs(l, z)).cpu()
         mlp[:, l] = project(cache[f"blocks.{l}.hook_mlp_out"][rows, pos]).cpu()
     return UnitValues(heads.double().numpy(), mlp.double().numpy())

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from jaxtyping import Float
+
+from kcs_lens.tables import pyplot, save_png
+
+METHODS = ("density", "knockout", "patching", "attribution", "dla")
+METHOD_TITLES = {
+    "density": "subnetwork density",
+    "knockout": "knock-out (logp drop)",
+    "patching": "activation patching (logp drop)",
+    "attribution": "attribution patching (est. logp drop)",
+    "dla": "direct logit attribution",
+}
 
 
 def unit_grid(heads: Float[np.ndarray, "L H"], mlp: Float[np.ndarray, " L"]) -> Float[np.ndarray, "L Hp1"]:
@@ -14,8 +25,7 @@ def unit_grid(heads: Float[np.ndarray, "L H"], mlp: Float[np.ndarray, " L"]) -> 
 
 
 def _draw(ax, grid: np.ndarray, title: str, signed: bool, annotate: bool):
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     L, W = grid.shape
     cmap = plt.get_cmap("RdBu_r" if signed else "viridis").with_extremes(bad="#d9d9d9")
     finite = grid[np.isfinite(grid)]
@@ -39,30 +49,20 @@ def _draw(ax, grid: np.ndarray, title: str, signed: bool, annotate: bool):
 
 def heatmap_png(grid: np.ndarray, title: str, path: str | Path, *, signed: bool) -> Path:
     """One heatmap; NaN cells (not masked / not defined) are grey."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     L, W = grid.shape
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * W, 1.2 + 0.42 * L), dpi=110)
     im = _draw(ax, grid, title, signed, annotate=L * W <= 160)
     fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def heatmap_row_png(
     grids: Sequence[np.ndarray], titles: Sequence[str], signed: Sequence[bool], path: str | Path, suptitle: str = ""
 ) -> Path:
     """Several heatmaps side by side in one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     L, W = grids[0].shape
     n = len(grids)
     fig, axes = plt.subplots(1, n, figsize=(n * (1.9 + 0.55 * W), 1.5 + 0.42 * L), dpi=110, squeeze=False)
@@ -72,21 +72,15 @@ def heatmap_row_png(
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def structure_png(st: dict, path: str | Path) -> Path:
     """Density of the subnetwork per head in W_Q, W_K, W_V, W_O, per MLP matrix, and per MLP
     neuron (input column of W_in + output row of W_out) of each masked layer."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     heads = [np.asarray(st["head_by_matrix"][m], float) for m in ("W_Q", "W_K", "W_V", "W_O")]
-    mlp = np.stack([np.asarray(st["mlp_by_matrix"][m], float) for m in ("W_in", "W_out")], axis=1)  # [L, 2]
+    mlp: Float[np.ndarray, "L 2"] = np.stack([np.asarray(st["mlp_by_matrix"][m], float) for m in ("W_in", "W_out")], axis=1)
     L, H = heads[0].shape
     neurons = st.get("mlp_neuron") or {}
     n_panels = 5 + bool(neurons)
@@ -113,6 +107,30 @@ def structure_png(st: dict, path: str | Path) -> Path:
         ax.set_title("density per MLP neuron", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.08, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
+
+
+def write_figures(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """PNG heatmaps per prompt set: one per method and one row with all of them."""
+    files: dict[str, Any] = {
+        "heatmaps": {},
+        "heatmap_rows": {},
+        "structure": str(structure_png(data["structure"], out_dir / "structure.png")),
+    }
+    for name, res in data["sets"].items():
+        grids = [unit_grid(res["unit_mean"][m]["heads"], res["unit_mean"][m]["mlp"]) for m in METHODS]
+        signed = [m != "density" for m in METHODS]
+        files["heatmaps"][name] = {}
+        for m, g, s in zip(METHODS, grids, signed):
+            p = heatmap_png(g, f"{name}: {METHOD_TITLES[m]}", out_dir / f"heatmap_{name}_{m}.png", signed=s)
+            files["heatmaps"][name][m] = str(p)
+        files["heatmap_rows"][name] = str(
+            heatmap_row_png(
+                grids,
+                [METHOD_TITLES[m] for m in METHODS],
+                signed,
+                out_dir / f"heatmaps_{name}.png",
+                suptitle=f"{name} prompts (n={res['n_prompts']}); last column: MLP layer",
+            )
+        )
+    return files

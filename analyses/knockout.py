@@ -19,11 +19,11 @@ import torch
 from jaxtyping import Float
 
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.masks.mask import HEAD_UNITS, NEURON_UNITS, unit_name
+from kcs_lens.masks.granularity import HEAD_UNITS, NEURON_UNITS, unit_name
 from kcs_lens.masks.subnetwork import Subnetwork
-from kcs_lens.model.backends import LensModel
 from kcs_lens.model.canonical import ATTN_MATRICES as HEAD_MATRICES
 from kcs_lens.model.canonical import KV_MATRICES, MLP_MATRICES, weight_name
+from kcs_lens.model.lens import LensModel
 
 
 @dataclass

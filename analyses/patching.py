@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kcs_lens.analyses.prompts import Prompts, tail_logprob
-from kcs_lens.model.backends import LensModel
+from kcs_lens.model.lens import LensModel
 
 CorruptMode = Literal["swap", "zero", "mean"]
 CORRUPT_MODES = ("swap", "zero", "mean")
@@ -57,7 +57,7 @@ def replacement_acts(lm: LensModel, clean: Prompts, mode: CorruptMode, corrupted
         return {n: torch.zeros_like(a) for n, a in acts.items()}
     if mode == "mean":
         seq = clean.tokens.shape[1]
-        valid = (torch.arange(seq)[None, :] < clean.lengths[:, None]).float().to(clean.tokens.device)  # [b, pos]
+        valid: Float[Tensor, "b pos"] = (torch.arange(seq)[None, :] < clean.lengths[:, None]).float().to(clean.tokens.device)
         out = {}
         for n, a in acts.items():
             w = valid.view(*valid.shape, *([1] * (a.dim() - 2)))
@@ -128,7 +128,7 @@ def activation_patching(lm: LensModel, clean: Prompts, acts: dict[str, Tensor], 
     if n_head_calls != L * H or len(recorded) != L * H + L:
         raise RuntimeError(f"unexpected number of TL patching runs ({n_head_calls}, {len(recorded)})")
     # TL iterates its index table row-major: (layer, head) for heads, layer for MLPs.
-    per = torch.stack(recorded)  # [L*H + L, batch]
+    per: Float[Tensor, "units batch"] = torch.stack(recorded)  # units: L*H heads, then L MLP layers
     heads = (clean_lp[None] - per[: L * H]).T.reshape(-1, L, H).numpy().astype(np.float64)
     mlp = (clean_lp[None] - per[L * H :]).T.numpy().astype(np.float64)
     if valid is not None:

@@ -14,17 +14,22 @@ the same number of tokens; triplets with no such donor keep their clean prompt a
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from kcs_lens.data.templates import indefinite_article
-from kcs_lens.data.triplets import Triplet, tokenize_triplets
+from kcs_lens.data.triplets import Triplet, TripletSet, tokenize_triplets
+from kcs_lens.discovery.run_data import load_run_data
+from kcs_lens.discovery.rundir import RunInfo
+from kcs_lens.model.lens import LensModel
 
 
 @dataclass
@@ -139,3 +144,24 @@ def head_swap(clean: Prompts, tokenizer: Any, *, prepend_bos: bool = True, seed:
     # Aligned by construction (same prefix length, same tail tokens); check it anyway.
     assert torch.equal(prompts.pos, clean.pos) and torch.equal(prompts.lengths, clean.lengths), "misaligned corruption"
     return Corruption(prompts, donors, fallback)
+
+
+def kg_sets(info: RunInfo, lm: LensModel, kg: str, log: Callable[[str], None]) -> dict[str, TripletSet]:
+    """The primary prompt set (``target``, ``control`` or any KG spec) and the run's ControlKG
+    validation set (disjoint from the TargetKG) for the specificity check, verbalized as the run's
+    data was (its ``templates`` included)."""
+    from kcs_lens.data.loaders import load_kg
+
+    data = load_run_data(info.config, lm, log, text=False)
+    if kg == "target":
+        return {"target": data.target, "control": data.control_val}
+    if kg == "control":
+        return {"control": data.control_val}
+    return {kg_key(kg): load_kg(kg, model_name=lm.spec, templates=info.config.templates), "control": data.control_val}
+
+
+def kg_key(kg: str) -> str:
+    """A file-name-safe key for a prompt set given by spec (``building-paraphrases``, a path...)."""
+    if kg in ("target", "control"):
+        return kg
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(kg).stem if os.sep in kg else kg).strip("_") or "kg"

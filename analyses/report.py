@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from jaxtyping import Float
 
 RENDER_CALL = "CircuitsVis.render("
 
@@ -59,7 +60,7 @@ class Views:
 def attention_view(views: Views, tokens: list[str], patterns: Sequence, names: list[str]) -> str:
     import circuitsvis as cv
 
-    att = np.asarray(patterns, dtype=np.float32)  # [heads, dst, src]
+    att: Float[np.ndarray, "heads dst src"] = np.asarray(patterns, dtype=np.float32)
     return views.add(cv.attention.attention_heads(attention=att, tokens=tokens, attention_head_names=names))
 
 

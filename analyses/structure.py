@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float
+from torch import Tensor
 
-from kcs_lens.masks.mask import HEAD_UNITS, parse_unit_name
+from kcs_lens.masks.granularity import HEAD_UNITS, parse_unit_name
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.canonical import ATTN_MATRICES as HEAD_MATRICES
 from kcs_lens.model.canonical import KV_MATRICES, MLP_MATRICES, ModelShape, weight_name
@@ -68,18 +69,9 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
             mlp_den[l] += b.numel()
         layer_num[l] = attn_num[l] + mlp_num[l]  # each weight once (shared K/V heads too)
         layer_den[l] = attn_den[l] + mlp_den[l]
-        w_in, w_out = full.get(weight_name(l, "W_in")), full.get(weight_name(l, "W_out"))
-        if w_in is not None or w_out is not None:
-            # neuron j: its input column of W_in [d_model, d_mlp] and its output row of W_out [d_mlp, d_model]
-            num = torch.zeros(s.d_mlp)
-            den = 0
-            if w_in is not None:
-                num += w_in.float().sum(0)
-                den += s.d_model
-            if w_out is not None:
-                num += w_out.float().sum(1)
-                den += s.d_model
-            neurons[str(l)] = (num / den).tolist()
+        dens = _neuron_density(full, s, l)
+        if dens is not None:
+            neurons[str(l)] = dens
     with np.errstate(invalid="ignore", divide="ignore"):
         combined = np.where(head_den > 0, head_num / np.maximum(head_den, 1), np.nan)
         mlp_comb = np.where(mlp_den > 0, mlp_num / np.maximum(mlp_den, 1), np.nan)
@@ -88,20 +80,7 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     units = sub.units
     if units is not None:  # head granularity: one decision per head / neuron, read directly
-        head_prob, mlp_prob = np.full((L, H), np.nan), np.full(L, np.nan)
-        decisions = []
-        for n, u in units.items():
-            l, kind = parse_unit_name(n)
-            p = torch.sigmoid(u.float())
-            if kind == HEAD_UNITS:
-                combined[l] = (u > 0).float().numpy()
-                head_prob[l] = p.numpy()
-                decisions += [f"L{l}H{h}" for h in (u > 0).nonzero().flatten().tolist()]
-            else:
-                neurons[str(l)] = (u > 0).float().tolist()
-                mlp_comb[l] = float((u > 0).float().mean())
-                mlp_prob[l] = float(p.mean())
-        extra = {"head_prob": head_prob, "mlp_prob": mlp_prob, "head_decisions": decisions}
+        extra = _unit_decisions(units, L, H, combined, mlp_comb, neurons)
     return {
         **extra,
         "granularity": sub.mask_config.granularity,
@@ -117,6 +96,44 @@ def structure(sub: Subnetwork) -> dict[str, Any]:
         "mlp_by_matrix": mlp,
         "mlp_neuron": neurons,
     }
+
+
+def _neuron_density(full: dict[str, Tensor], s: ModelShape, l: int) -> list[float] | None:
+    """Density of each MLP neuron j of block ``l``: its input column of W_in [d_model, d_mlp] and its
+    output row of W_out [d_mlp, d_model]; None where neither is masked."""
+    w_in, w_out = full.get(weight_name(l, "W_in")), full.get(weight_name(l, "W_out"))
+    if w_in is None and w_out is None:
+        return None
+    num = torch.zeros(s.d_mlp)
+    den = 0
+    if w_in is not None:
+        num += w_in.float().sum(0)
+        den += s.d_model
+    if w_out is not None:
+        num += w_out.float().sum(1)
+        den += s.d_model
+    return (num / den).tolist()
+
+
+def _unit_decisions(
+    units: dict[str, Tensor], L: int, H: int, combined: np.ndarray, mlp_comb: np.ndarray, neurons: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Head granularity: each head's and neuron's decision written into ``combined`` / ``mlp_comb`` /
+    ``neurons``; returns the mask probabilities and the heads in the subnetwork."""
+    head_prob, mlp_prob = np.full((L, H), np.nan), np.full(L, np.nan)
+    decisions = []
+    for n, u in units.items():
+        l, kind = parse_unit_name(n)
+        p = torch.sigmoid(u.float())
+        if kind == HEAD_UNITS:
+            combined[l] = (u > 0).float().numpy()
+            head_prob[l] = p.numpy()
+            decisions += [f"L{l}H{h}" for h in (u > 0).nonzero().flatten().tolist()]
+        else:
+            neurons[str(l)] = (u > 0).float().tolist()
+            mlp_comb[l] = float((u > 0).float().mean())
+            mlp_prob[l] = float(p.mean())
+    return {"head_prob": head_prob, "mlp_prob": mlp_prob, "head_decisions": decisions}
 
 
 def unit_density(st: dict[str, Any]) -> tuple[Float[np.ndarray, "L H"], Float[np.ndarray, " L"]]:

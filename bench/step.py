@@ -227,7 +227,8 @@ class Dense:
 
 class Kcs:
     def __init__(self, lm, impl: str, switches: dict[str, Any], layers, device, autocast_dtype, seed: int = 84):
-        from kcs_lens.masks.mask import MaskConfig, WeightMask
+        from kcs_lens.masks.mask import WeightMask
+        from kcs_lens.masks.mask_config import MaskConfig
         from kcs_lens.objective.fast import FastObjective
         from kcs_lens.objective.reference import LossConfig, Objective, ReferenceObjective
 
@@ -297,7 +298,7 @@ def _proc_status_mb(field: str) -> float:
 # Measurement
 # ------------------------------------------------------------------------------------------
 def build(a: argparse.Namespace, need_dense: bool, need_kcs: bool):
-    from kcs_lens.masks.mask import resolve_layers
+    from kcs_lens.masks.mask_config import resolve_layers
     from kcs_lens.model.loading import from_hf
 
     ac = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]

@@ -1,9 +1,17 @@
-"""``kcs-lens compare-circuits RUN``: thin wrapper over :func:`kcs_lens.analyses.compare.compare_circuits`."""
+"""``kcs-lens compare-circuits RUN``: one flag per :class:`~kcs_lens.analyses.config.CompareConfig` field
+(generated, cli/config_options.py), the model overrides and ``--out``; a thin wrapper over
+:func:`kcs_lens.analyses.compare.compare_circuits`."""
 
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from kcs_lens.analyses.config import CompareConfig
+from kcs_lens.cli.config_options import config_parameters, given, with_parameters
+from kcs_lens.cli.model_options import BACKEND_OPT, DEVICE_OPT, MODEL_OPT, overrides
+from kcs_lens.settings import build
 
 
 def _fmt(s: dict[str, Any] | None) -> str:
@@ -58,61 +66,49 @@ def print_agreement(data: dict[str, Any]) -> None:
             c.print(t)
 
 
+OTHER_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "out": (Optional[Path], typer.Option(None, "--out", help="output directory (default RUN/compare-<kg>)")),
+    "model": (Optional[str], MODEL_OPT),
+    "backend": (Optional[str], BACKEND_OPT),
+    "device": (Optional[str], DEVICE_OPT),
+}
+
+
+def compare_circuits_cmd(run: Path, **kw: Any) -> None:
+    """Compare a subnetwork with other circuit methods.
+
+    Activation patching, attribution patching, direct logit attribution and knock-out; writes an
+    offline HTML report."""
+    from kcs_lens.analyses.compare import compare_circuits
+    from kcs_lens.analyses.prompts import kg_key
+    from kcs_lens.errors import OutputError
+    from kcs_lens.files import check_output_dir
+
+    other = {k: kw.pop(k) for k in OTHER_OPTIONS}
+    cfg = build(CompareConfig, given(kw)).validate()
+    target = check_output_dir(other["out"] or run / f"compare-{kg_key(cfg.kg)}", "--out")  # before the analysis, not after
+    if target.is_dir() and any(target.iterdir()) and not (target / "comparison.json").is_file():
+        raise OutputError(
+            f"--out {target}: the folder holds other files and is not the output of an earlier compare-circuits "
+            "(no comparison.json); its report.html and figures would replace files of the same names: choose a "
+            "new or empty folder"
+        )
+    data = compare_circuits(
+        run, cfg, out=other["out"], overrides=overrides(other["model"], other["backend"], other["device"]), log=typer.echo
+    )
+    print_agreement(data)
+    typer.echo(
+        f"wrote {data['files']['report']} and comparison.json, PNG heatmaps in {Path(data['files']['report']).parent} "
+        f"({data['timing_s']['total']:.1f} s)"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("compare-circuits")
-    def compare_circuits_cmd(
-        run: Path = typer.Argument(..., help="run directory written by `kcs-lens discover`"),
-        kg: str = typer.Option("target", "--kg", help="prompts: target (the run's TargetKG), control, or any KG spec"),
-        out: Optional[Path] = typer.Option(None, "--out", help="output directory (default RUN/compare-<kg>)"),
-        corrupt: str = typer.Option("swap", "--corrupt", help="swap (head entity swapped within the KG), zero or mean"),
-        n_bootstrap: int = typer.Option(200, "--n-bootstrap", min=1, help="bootstrap resamples over prompts"),
-        seed: int = typer.Option(0, "--seed", min=0, help="seed of the bootstrap intervals and of the head-swap corruption"),
-        max_prompts: int = typer.Option(64, "--max-prompts", min=0, help="first N prompts of each set (0 = all)"),
-        top_heads: int = typer.Option(3, "--top-heads", min=1, help="heads shown in the attention views"),
-        attention_prompts: int = typer.Option(2, "--attention-prompts", min=0, help="prompts with attention views"),
-        control: bool = typer.Option(True, "--control/--no-control", help="also analyse the ControlKG (specificity)"),
-        backend: Optional[str] = typer.Option(None, help="bridge (TransformerLens 4.x) or hooked (3.x)"),
-        device: Optional[str] = typer.Option(
-            None, "--device", help="torch device, e.g. cpu or cuda (default: the run's --device)"
-        ),
-        threads: Optional[int] = typer.Option(
-            None, "--threads", min=1, help="torch CPU threads (default: 1 for small models, else torch's)"
-        ),
-    ) -> None:
-        """Compare a subnetwork with other circuit methods.
-
-        Activation patching, attribution patching, direct logit attribution and knock-out; writes an
-        offline HTML report."""
-        from kcs_lens.analyses.compare import compare_circuits, kg_key
-        from kcs_lens.errors import OutputError
-        from kcs_lens.files import check_output_dir
-
-        target = check_output_dir(out or run / f"compare-{kg_key(kg)}", "--out")  # before the analysis, not after
-        if target.is_dir() and any(target.iterdir()) and not (target / "comparison.json").is_file():
-            raise OutputError(
-                f"--out {target}: the folder holds other files and is not the output of an earlier compare-circuits "
-                "(no comparison.json); its report.html and figures would replace files of the same names: choose a "
-                "new or empty folder"
-            )
-
-        data = compare_circuits(
-            run,
-            kg=kg,
-            out=out,
-            corrupt=corrupt,
-            n_bootstrap=n_bootstrap,
-            seed=seed,
-            max_prompts=max_prompts or None,
-            top_k_heads=top_heads,
-            attention_prompts=attention_prompts,
-            control=control,
-            backend=backend,
-            device=device,
-            threads=threads or "auto",
-            log=typer.echo,
-        )
-        print_agreement(data)
-        typer.echo(
-            f"wrote {data['files']['report']} and comparison.json, PNG heatmaps in {Path(data['files']['report']).parent} "
-            f"({data['timing_s']['total']:.1f} s)"
-        )
+    run = inspect.Parameter(
+        "run",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=typer.Argument(..., help="run directory written by `kcs-lens discover`"),
+        annotation=Path,
+    )
+    other = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in OTHER_OPTIONS.items()]
+    app.command("compare-circuits")(with_parameters(compare_circuits_cmd, [run, *config_parameters(CompareConfig), *other]))

@@ -1,24 +1,15 @@
 """``kcs-lens discover``: one flag per :class:`~kcs_lens.discovery.config.DiscoveryConfig` field, generated
-from the fields (name, type, help text), plus the flags of the run itself (``--config``,
+from the fields (cli/config_options.py), plus the flags of the run itself (``--config``,
 ``--out``, ``--resume``, ``--force``, ``--stop-after``, ``--progress``, ``--log``)."""
 
 import inspect
-import types
-import typing
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, List, Optional, get_args, get_origin
+from typing import Any, List, Optional
 
 import typer
 
-from kcs_lens.discovery.config import (
-    BUNDLED_RECIPE,
-    BUNDLED_RECIPE_BY_GRANULARITY,
-    FIELD_TYPES,
-    DiscoveryConfig,
-    build_config,
-    field_default,
-)
+from kcs_lens.cli.config_options import config_parameters, with_parameters
+from kcs_lens.discovery.config import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY, DiscoveryConfig, build_config, field_default
 
 THREADS_HELP = (
     "torch CPU threads (default: torch's, one per core); results are byte-identical only between runs with "
@@ -47,15 +38,6 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def _cli_type(tp: Any) -> Any:
-    """The click-level type of a config field: str for lists (comma list) and Literals."""
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in get_args(tp) if a is not type(None))
-    if get_origin(tp) in (list, typing.Literal):
-        return str
-    return tp
-
-
 def _show_default(d: Any) -> str:
     return ",".join(d) if isinstance(d, list) else "unset" if d is None else str(d)
 
@@ -68,18 +50,6 @@ def _default_note(name: str) -> str:
         by_gran = "".join(f"; {v[name]:g} at --granularity {g}" for g, v in BUNDLED_RECIPE_BY_GRANULARITY.items() if name in v)
         return f" [default: {_show_default(d)} (paper recipe); bundled recipe: {_show_default(BUNDLED_RECIPE[name])}{by_gran}]"
     return "" if d is None or isinstance(d, bool) else f" [default: {_show_default(d)}]"
-
-
-def config_parameters() -> list[inspect.Parameter]:
-    """One keyword parameter (a Typer option defaulting to None: 'not given') per config field."""
-    params = []
-    for f in fields(DiscoveryConfig):
-        tp = _cli_type(FIELD_TYPES[f.name])
-        decl = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + _default_note(f.name)
-        option = typer.Option(None, decl, help=help_text, show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[tp]))
-    return params
 
 
 def register(app: typer.Typer) -> None:
@@ -121,8 +91,7 @@ def register(app: typer.Typer) -> None:
     run_params = [
         inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in RUN_OPTIONS.items()
     ]
-    discover.__signature__ = inspect.Signature(config_parameters() + run_params)  # type: ignore[attr-defined]
-    app.command()(discover)
+    app.command()(with_parameters(discover, config_parameters(DiscoveryConfig, default_note=_default_note) + run_params))
 
 
 def print_summary(s: dict[str, Any]) -> None:

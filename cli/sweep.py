@@ -2,13 +2,17 @@
 stands): a command group whose default command is ``run``, so both spellings coexist (mounted by
 cli/main.py as ``app.add_typer(sweep_app, name="sweep")``)."""
 
+import inspect
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 from typer.core import TyperGroup
 
+from kcs_lens.cli.config_options import config_parameters, given, with_parameters
 from kcs_lens.cli.errors import App
+from kcs_lens.settings import build
+from kcs_lens.sweep.config import SweepConfig
 
 EXIT_CELLS_FAILED = 3
 
@@ -30,76 +34,32 @@ sweep_app = App(
 )
 
 
-@sweep_app.command("run")
-def run(
-    study: Path = typer.Argument(..., help="study file (.toml, .yaml or .json): [base] settings, [grid] lists, [[cells]]"),
-    out: Path = typer.Option(..., "--out", help="study directory: sweep.json (the plan) and one run directory per cell"),
-    executor: str = typer.Option("local", "--executor", help="local (worker processes on this machine) or ray (a Ray cluster)"),
-    workers: Optional[int] = typer.Option(
-        None, "--workers", help="local: worker processes (default: one per --devices entry, else 1)"
+RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "out": (Path, typer.Option(..., "--out", help="study directory: sweep.json (the plan) and one run directory per cell")),
+    "progress": (bool, typer.Option(True, "--progress/--no-progress", help="show the progress bar of cells")),
+    "log": (
+        Optional[List[str]],
+        typer.Option(
+            None,
+            "--log",
+            help="stream each cell's metrics.jsonl records and config to tensorboard (CELL/tensorboard: tensorboard --logdir "
+            "DIR) or wandb (one W&B run per cell, grouped by the study directory's name); repeatable",
+        ),
     ),
-    devices: Optional[str] = typer.Option(
-        None, "--devices", help="local: comma list of torch devices given to the workers round-robin, e.g. cuda:0,cuda:1"
-    ),
-    ray_address: Optional[str] = typer.Option(
-        None, "--ray-address", help="ray: the cluster to join (auto or HOST:PORT; default: start Ray on this machine)"
-    ),
-    resources: Optional[str] = typer.Option(
-        None,
-        "--resources",
-        help='ray: resources of one cell (one pack with --pack) as JSON, e.g. \'{"GPU": 1}\' (default: {"CPU": 1})',
-    ),
-    max_retries: int = typer.Option(
-        1, "--max-retries", help="times a cell whose worker died is retried (it resumes from its last checkpoint)"
-    ),
-    pack: int = typer.Option(
-        1,
-        "--pack",
-        help="cells of one model a worker (or Ray task) runs in one process, sharing the loaded model, data, the original "
-        "model's evaluation and per-row caches; each cell keeps its run directory and gets the same masks as alone",
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (cells, names, settings) and run nothing"),
-    force: bool = typer.Option(False, "--force", help="replace a different plan in --out (changed cells start over)"),
-    add: bool = typer.Option(False, "--add", help="the study adds cells to the plan in --out: run only the new ones"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar of cells"),
-    log: Optional[List[str]] = typer.Option(
-        None,
-        "--log",
-        help="stream each cell's metrics.jsonl records and config to tensorboard (CELL/tensorboard: tensorboard --logdir "
-        "DIR) or wandb (one W&B run per cell, grouped by the study directory's name); repeatable",
-    ),
-    threads: Optional[int] = typer.Option(
-        None,
-        "--threads",
-        min=1,
-        help="torch CPU threads per cell (local: per worker, default: the cores shared out among the workers; "
-        "ray: per task, default: Ray's); subnetworks are byte-identical across executors at the same number",
-    ),
-) -> None:
+}
+
+
+def run(study: Path, **kw: Any) -> None:
     """Run every cell of a study not done yet.
 
     Interrupted cells resume; exit code 3 when a cell failed."""
     from kcs_lens.sweep import run_sweep
 
-    res = run_sweep(
-        study,
-        out,
-        executor=executor,
-        workers=workers,
-        devices=devices.split(",") if devices else None,
-        ray_address=ray_address,
-        resources=resources,
-        max_retries=max_retries,
-        pack=pack,
-        dry_run=dry_run,
-        force=force,
-        add=add,
-        progress=progress,
-        threads=threads,
-        log=typer.echo,
-        track=log or (),
-    )
-    if dry_run:
+    other = {k: kw.pop(k) for k in RUN_OPTIONS}
+    out = other["out"]
+    cfg = build(SweepConfig, given(kw))
+    res = run_sweep(study, out, cfg, progress=other["progress"], log=typer.echo, track=other["log"] or ())
+    if cfg.dry_run:
         print_plan(res["plan"], changed=res["changed"], out=out)
         return
     n, failed = len(res["plan"].cells), res["failed"]
@@ -109,6 +69,16 @@ def run(
     typer.echo(f"next: kcs-lens sweep status {out}   kcs-lens report {out}")
     if failed:
         raise typer.Exit(EXIT_CELLS_FAILED)
+
+
+_study = inspect.Parameter(
+    "study",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    default=typer.Argument(..., help="study file (.toml, .yaml or .json): [base] settings, [grid] lists, [[cells]]"),
+    annotation=Path,
+)
+_other = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in RUN_OPTIONS.items()]
+sweep_app.command("run")(with_parameters(run, [_study, _other[0], *config_parameters(SweepConfig), *_other[1:]]))
 
 
 def print_plan(plan: Any, *, changed: bool, out: Path) -> None:

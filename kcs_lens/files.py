@@ -239,12 +239,7 @@ def read_mapping(path: str | os.PathLike[str], *, what: str, error: type[KcsLens
         raise error(f"{what} {p}: no such file")
     if not p.is_file():
         raise error(f"{what} {p}: not a file")
-    try:
-        raw = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise error(f"{what} {p}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise error(f"{what} {p}: cannot read ({e.strerror or e})") from None
+    raw = read_text(p, error, what, encoding="utf-8-sig")
     try:
         if suffix == ".json":
             return json.loads(raw)
@@ -266,3 +261,15 @@ def read_mapping(path: str | os.PathLike[str], *, what: str, error: type[KcsLens
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
         msg = getattr(e, "problem", None) or str(e)
         raise error(f"{what} {where}: cannot parse ({' '.join(str(msg).split())})") from None
+
+
+def read_text(path: Path, error: type[KcsLensError], what: str = "", encoding: str = "utf-8") -> str:
+    """A UTF-8 text file, or ``error`` naming it (``what``: the option it came from; ``utf-8-sig``:
+    a byte-order mark is dropped)."""
+    where = f"{what} {path}" if what else str(path)
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{where}: cannot read ({e.strerror or e})") from None

@@ -24,7 +24,7 @@ def main() -> None:
     chromium = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
     if chromium is None:
         raise SystemExit("error: headless Chromium not found (apt-get install chromium)")
-    from kcs_lens.evaluation.paper_table import report_runs
+    from kcs_lens.evaluation.paper_report import report_runs
 
     with tempfile.TemporaryDirectory() as tmp:
         report_runs([args.run], Path(tmp) / "page", html=True, log=print)

@@ -23,7 +23,8 @@ def write_run(
     ``base``: a subnetwork dict to start from (for overlapping seeds); each logit is redrawn with
     probability 0.5."""
     from kcs_lens.discovery.config import build_config
-    from kcs_lens.masks.mask import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
+    from kcs_lens.masks.granularity import mask_shape, param_shape
+    from kcs_lens.masks.mask_config import MaskConfig, param_names_of, resolve_layers
     from kcs_lens.masks.subnetwork import Subnetwork
 
     cfg = build_config(

@@ -24,7 +24,8 @@ def make_run_dir(path: Path, lm, cfg_kwargs: dict, *, density: float = 0.1, gran
     """config.json + subnetwork.safetensors of a random subnetwork (``density`` of the logits) for
     the discovery config ``cfg_kwargs`` (e.g. ``tiny_run_kwargs(...)``; ``{}`` = the bundled model)."""
     from kcs_lens.discovery.config import build_config
-    from kcs_lens.masks.mask import MaskConfig, mask_shape, param_names_of, param_shape, resolve_layers
+    from kcs_lens.masks.granularity import mask_shape, param_shape
+    from kcs_lens.masks.mask_config import MaskConfig, param_names_of, resolve_layers
     from kcs_lens.masks.subnetwork import Subnetwork
 
     cfg = build_config(**{**cfg_kwargs, "granularity": granularity, "seed": seed})
@@ -173,7 +174,8 @@ def test_dla_components_sum_to_the_logit_difference(make_tiny_lm, tiny_kg, backe
 def test_knockout_localises_a_one_head_subnetwork(make_tiny_lm, tiny_kg, granularity):
     from kcs_lens.analyses.knockout import knockout
     from kcs_lens.analyses.structure import structure
-    from kcs_lens.masks.mask import MaskConfig, WeightMask
+    from kcs_lens.masks.mask import WeightMask
+    from kcs_lens.masks.mask_config import MaskConfig
     from kcs_lens.masks.subnetwork import Subnetwork
 
     lm = make_tiny_lm()
@@ -201,7 +203,8 @@ def test_knockout_localises_a_one_head_subnetwork(make_tiny_lm, tiny_kg, granula
 
 def test_structure_counts_weights(make_tiny_lm):
     from kcs_lens.analyses.structure import structure
-    from kcs_lens.masks.mask import MaskConfig, WeightMask
+    from kcs_lens.masks.mask import WeightMask
+    from kcs_lens.masks.mask_config import MaskConfig
     from kcs_lens.masks.subnetwork import Subnetwork
 
     lm = make_tiny_lm()
@@ -220,7 +223,8 @@ def test_structure_counts_weights(make_tiny_lm):
 # Agreement statistics
 # ------------------------------------------------------------------------------------------
 def test_correlation_of_a_score_vector_with_itself_is_one():
-    from kcs_lens.analyses.agreement import bootstrap_indices, compare_scores, rank_agreement
+    from kcs_lens.analyses.agreement import compare_scores, rank_agreement
+    from kcs_lens.stats import bootstrap_indices
 
     x = np.random.default_rng(0).normal(size=(9, 20))
     r = rank_agreement(x.mean(0), x.mean(0))
@@ -276,9 +280,10 @@ def test_head_swap_is_aligned_and_records_fallbacks(tiny_tokenizer):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compare_circuits_end_to_end(run_dir, tmp_path, backend):
     from kcs_lens.analyses.compare import compare_circuits
+    from kcs_lens.discovery.run_model import ModelOverrides
 
     out = tmp_path / "cmp"
-    data = compare_circuits(run_dir, out=out, backend=backend, n_bootstrap=40, log=lambda m: None)
+    data = compare_circuits(run_dir, out=out, overrides=ModelOverrides(backend=backend), n_bootstrap=40, log=lambda m: None)
     saved = json.loads((out / "comparison.json").read_text())  # strict JSON (no NaN)
     assert saved["backend"] == backend and set(saved["sets"]) == {"target", "control"}
     tgt = saved["sets"]["target"]
@@ -301,9 +306,12 @@ def test_backends_agree_on_the_numbers(run_dir, tmp_path):
     if len(BACKENDS) < 2:
         pytest.skip("only one TransformerLens backend installed (HookedTransformer needs transformer-lens 3.x)")
     from kcs_lens.analyses.compare import compare_circuits
+    from kcs_lens.discovery.run_model import ModelOverrides
 
     res = {
-        b: compare_circuits(run_dir, out=tmp_path / b, backend=b, n_bootstrap=10, control=False, log=lambda m: None)
+        b: compare_circuits(
+            run_dir, out=tmp_path / b, overrides=ModelOverrides(backend=b), n_bootstrap=10, control=False, log=lambda m: None
+        )
         for b in BACKENDS
     }
     a, b = (res[x]["sets"]["target"]["unit_mean"] for x in BACKENDS)

@@ -37,7 +37,7 @@ def test_run_directory_artifacts(tmp_path, tiny_kg, tiny_model_dir):
     assert sub.mask_config.layers == (2, 3)  # top half of 4 blocks
     assert math.isclose(s["sparsity"], sub.sparsity)
     # the summary's remaining-model numbers are those of the saved subnetwork
-    from kcs_lens.discovery.rundir import load_run_data
+    from kcs_lens.discovery.run_data import load_run_data
     from kcs_lens.discovery.runner import evaluate_split
 
     data = load_run_data(build_config(**tiny_run_kwargs(tiny_kg, tiny_model_dir)), lm)

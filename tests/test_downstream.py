@@ -15,10 +15,11 @@ from conftest import requires_bundled
 from kcs_lens.downstream import FinetuneSettings, downstream, load_questions
 from kcs_lens.downstream.finetune import Split, encode, finetune, removed
 from kcs_lens.downstream.groups import assign
-from kcs_lens.downstream.stats import bootstrap_ci, bootstrap_indices, mcnemar
+from kcs_lens.downstream.stats import mcnemar
 from kcs_lens.downstream.tasks import link, load_links
 from kcs_lens.errors import TaskError
 from kcs_lens.model.loading import available_backends
+from kcs_lens.stats import bootstrap_ci, bootstrap_indices
 
 pytest_plugins = ["_eval_fixtures"]  # tiny_lm (session)
 
@@ -209,7 +210,8 @@ def _split(lm, tiny_task) -> Split:
 
 
 def _sub(lm, density, seed=0):
-    from kcs_lens.masks.mask import MaskConfig, mask_shape
+    from kcs_lens.masks.granularity import mask_shape
+    from kcs_lens.masks.mask_config import MaskConfig
     from kcs_lens.masks.subnetwork import Subnetwork
 
     mc = MaskConfig((2, 3))
@@ -285,7 +287,8 @@ def test_zero_subnetwork_gives_the_original_accuracies_exactly(tiny_lm, tiny_kg,
         [run],
         train=str(tiny_task["train"]),
         test=str(tiny_task["test"]),
-        settings=FinetuneSettings(epochs=3, batch_size=8),
+        epochs=3,
+        batch_size=8,
         seeds="1,2",
         baseline_draws=1,
         lens_model=tiny_lm,
@@ -396,7 +399,8 @@ def test_bundled_task_is_shipped():
 @pytest.mark.slow
 def test_bundled_task_runs_offline(tmp_path):
     from kcs_lens.discovery.config import build_config
-    from kcs_lens.masks.mask import MaskConfig, mask_shape, resolve_layers
+    from kcs_lens.masks.granularity import mask_shape
+    from kcs_lens.masks.mask_config import MaskConfig, resolve_layers
     from kcs_lens.masks.subnetwork import Subnetwork
     from kcs_lens.model.loading import load_model
 

@@ -14,8 +14,8 @@ from conftest import requires_bundled, tiny_hf_model
 
 from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import RunError, SubnetworkError
-from kcs_lens.evaluation.evaluate import baseline_run, evaluate_run, random_like
-from kcs_lens.masks.subnetwork import Subnetwork
+from kcs_lens.evaluation.evaluate import baseline_run, evaluate_run
+from kcs_lens.masks.subnetwork import Subnetwork, random_like
 from kcs_lens.model.loading import available_backends
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
@@ -58,7 +58,8 @@ def test_empty_subnetwork_changes_nothing_and_full_keeps_nothing(tmp_path, tiny_
 
 
 def test_subnetwork_stats_density_per_layer_matrix_head(tiny_lm):
-    from kcs_lens.masks.mask import MaskConfig, mask_shape
+    from kcs_lens.masks.granularity import mask_shape
+    from kcs_lens.masks.mask_config import MaskConfig
 
     s = tiny_lm.shape  # 4 layers, 4 heads, d_model 64
     mc = MaskConfig((2, 3))
@@ -84,7 +85,8 @@ def test_subnetwork_stats_density_per_layer_matrix_head(tiny_lm):
 
 
 def test_neuron_granularity_counts_rows(tiny_lm):
-    from kcs_lens.masks.mask import MaskConfig, mask_shape
+    from kcs_lens.masks.granularity import mask_shape
+    from kcs_lens.masks.mask_config import MaskConfig
 
     s, mc = tiny_lm.shape, MaskConfig((3,), granularity="row")
     logits = {n: torch.full(mask_shape(s, n.split(".")[-1], "row"), -1.0) for n in mc.model_names(s)}

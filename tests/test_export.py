@@ -18,7 +18,8 @@ from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import ExportError, SubnetworkError
 from kcs_lens.evaluation.evaluate import Evaluator, evaluate_run
 from kcs_lens.evaluation.export import export_model, export_run, hf_keep_multipliers
-from kcs_lens.masks.mask import MaskConfig, mask_shape, param_names_of, param_shape
+from kcs_lens.masks.granularity import mask_shape, param_shape
+from kcs_lens.masks.mask_config import MaskConfig, param_names_of
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.loading import available_backends
 

@@ -19,7 +19,8 @@ from _family_fixtures import FAMILY_NAMES, TEXTS, make_family_dir
 
 from kcs_lens.data.triplets import Triplet, tokenize_triplets
 from kcs_lens.errors import ModelLoadError
-from kcs_lens.masks.mask import MaskConfig, WeightMask
+from kcs_lens.masks.mask import WeightMask
+from kcs_lens.masks.mask_config import MaskConfig
 from kcs_lens.model.canonical import canonical_shape, weight_name
 from kcs_lens.model.loading import available_backends, load_model
 from kcs_lens.objective.fast import FastObjective
@@ -636,8 +637,8 @@ def test_compare_circuits_per_family(family, backend, family_dirs, lms, tmp_path
     too), and the knock-out's remaining log-probs equal the subnetwork removed as evaluate does.
     Attention views where the backend has hook_pattern (TL 3.9's bridge has none for OPT/GPT-J)."""
     from kcs_lens import Subnetwork
-    from kcs_lens.analyses.compare import compare_circuits, kg_sets
-    from kcs_lens.analyses.prompts import build_prompts, tail_logprob
+    from kcs_lens.analyses.compare import compare_circuits
+    from kcs_lens.analyses.prompts import build_prompts, kg_sets, tail_logprob
     from kcs_lens.discovery.rundir import load_run
 
     lm = lms(family, backend)

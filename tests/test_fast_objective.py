@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kcs_lens.data.triplets import Triplet, tokenize_triplets
-from kcs_lens.masks.mask import MaskConfig, WeightMask, gumbel_sigmoid_ste
+from kcs_lens.masks.mask import WeightMask, gumbel_sigmoid_ste
+from kcs_lens.masks.mask_config import MaskConfig
 from kcs_lens.model.loading import available_backends
 from kcs_lens.objective.fast import FastObjective, FastSwitches
 from kcs_lens.objective.fast_ops import FusedNoise, final_at

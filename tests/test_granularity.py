@@ -16,16 +16,9 @@ import torch
 from conftest import bundled_available
 
 from kcs_lens.errors import SubnetworkError
-from kcs_lens.masks.mask import (
-    MaskConfig,
-    WeightMask,
-    expand_unit,
-    expand_unit_logits,
-    gumbel_sigmoid_ste,
-    kv_group,
-    normalize_granularity,
-    unit_name,
-)
+from kcs_lens.masks.granularity import expand_unit, expand_unit_logits, kv_group, normalize_granularity, unit_name
+from kcs_lens.masks.mask import WeightMask, gumbel_sigmoid_ste
+from kcs_lens.masks.mask_config import MaskConfig
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.canonical import canonical_shape, weight_name
 from kcs_lens.model.loading import available_backends
@@ -240,7 +233,7 @@ def test_head_subnetwork_file_has_per_matrix_masks_and_unit_logits(tmp_path, mak
 
 
 def test_random_baseline_of_a_head_run_draws_heads_and_neurons(make_tiny_lm):
-    from kcs_lens.evaluation.evaluate import random_like
+    from kcs_lens.masks.subnetwork import random_like
 
     lm = make_tiny_lm()
     units = {
@@ -351,7 +344,8 @@ def test_discover_head_granularity_on_the_bundled_model(tmp_path):
 
 
 def test_decision_agreement_auroc_and_precision():
-    from kcs_lens.analyses.agreement import bootstrap_indices, decision_agreement
+    from kcs_lens.analyses.agreement import decision_agreement
+    from kcs_lens.stats import bootstrap_indices
 
     d = np.array([True, False, True, False, False])
     perfect = np.array([[3.0, 0.1, -2.0, 0.0, 0.5], [2.0, 0.2, -4.0, 0.1, 0.3]])  # |effect| ranks the two first

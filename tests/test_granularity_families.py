@@ -9,7 +9,8 @@ import _family_fixtures as family_fixtures
 import pytest
 import torch
 
-from kcs_lens.masks.mask import MaskConfig, WeightMask
+from kcs_lens.masks.mask import WeightMask
+from kcs_lens.masks.mask_config import MaskConfig
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.canonical import canonical_shape, weight_name
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from kcs_lens.errors import MaskError
-from kcs_lens.masks.mask import MaskConfig, WeightMask, gumbel_sigmoid_ste, mask_shape, resolve_layers
+from kcs_lens.masks.granularity import mask_shape
+from kcs_lens.masks.mask import WeightMask, gumbel_sigmoid_ste
+from kcs_lens.masks.mask_config import MaskConfig, resolve_layers
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.canonical import canonical_shape, parse_weight_name
 from kcs_lens.model.loading import available_backends

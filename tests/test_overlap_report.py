@@ -13,7 +13,7 @@ from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import RunError, SubnetworkError
 from kcs_lens.evaluation.evaluate import evaluate_run
 from kcs_lens.evaluation.overlap import overlap_runs
-from kcs_lens.evaluation.paper_table import report_runs
+from kcs_lens.evaluation.paper_report import report_runs
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -195,7 +195,7 @@ def test_cli_overlap_and_report(tmp_path, seeds):
 
 
 def test_report_warns_about_mixed_configurations():
-    from kcs_lens.evaluation.paper_table import config_note
+    from kcs_lens.evaluation.paper_report import config_note
 
     rows = [{"config": {"seed": s, "target_kg": "a", "lr": lr, "steps": 250}} for s, lr in ((1, 0.1), (2, 0.2))] + [
         {"seed": "mean"}

@@ -69,7 +69,7 @@ def test_cli_relearn(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
 
 
 def test_report_shows_relearning(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
-    from kcs_lens.evaluation.paper_table import report_runs
+    from kcs_lens.evaluation.paper_report import report_runs
 
     run = write_run(tmp_path / "runs" / "r", tiny_lm, tiny_kg, tiny_model_dir, density=0.2)
     res = report_runs([run], tmp_path / "rep", draws=1, lens_model=tiny_lm, log=lambda m: None, relearn=2)

@@ -20,7 +20,7 @@ SECTIONS = ("summary", "curves", "facts", "density", "config")
 
 @pytest.fixture(scope="module")
 def page(real_run, tiny_lm, tmp_path_factory):
-    from kcs_lens.evaluation.paper_table import report_runs
+    from kcs_lens.evaluation.paper_report import report_runs
 
     out = tmp_path_factory.mktemp("page") / "run"
     res = report_runs([real_run], out, draws=2, lens_model=tiny_lm, html=True, log=lambda m: None)

@@ -205,7 +205,7 @@ def test_damaged_state_and_partial_metrics_line(tmp_path, tiny_kg, tiny_model_di
     state.write_bytes(state.read_bytes()[:100])
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "target_p')
-    from kcs_lens.discovery.runner import ResumeWarning
+    from kcs_lens.discovery.checkpoints import ResumeWarning
 
     with pytest.warns(ResumeWarning) as caught:
         s = discover(resume=out, log=lambda m: None)

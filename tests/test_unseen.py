@@ -10,7 +10,7 @@ import pytest
 from conftest import requires_bundled, tiny_run_kwargs
 
 from kcs_lens.discovery.config import build_config
-from kcs_lens.discovery.rundir import load_run_data
+from kcs_lens.discovery.run_data import load_run_data
 from kcs_lens.errors import ConfigError
 from kcs_lens.evaluation.choice import DistractorPool, build_choices
 

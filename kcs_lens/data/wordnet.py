@@ -11,28 +11,18 @@ single words (letters only: no ``_``, space, hyphen, digit or apostrophe), as in
 so that every tail is one word after the prefix. ``text`` is the canonical IsA template
 (``ISA_TEMPLATES[0]``: "A cathedral is a building").
 
-Getting WordNet: ``open_wordnet()`` uses NLTK's data (``nltk.download("wordnet")``) when it is
-installed, else the Debian/Ubuntu package ``wordnet-base`` in ``/usr/share/wordnet``. The Debian
-layout lacks the ``lexnames`` file that NLTK's reader requires and its ``get_version()`` ("3.0")
-differs from NLTK's default, which makes the reader try to load a second WordNet to map synsets.
-We work around both (see ``_prepare_local_dir`` and ``_LocalWordNetReader``) without writing to
-the WordNet directory itself.
+Getting WordNet: ``open_wordnet()`` (:mod:`kcs_lens.data.wordnet_source`, re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import re
-import shutil
-import tempfile
-import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from kcs_lens.data.templates import ISA_TEMPLATES, fill
+from kcs_lens.data.wordnet_source import DEBIAN_WORDNET_DIR, open_wordnet, wordnet_version
 from kcs_lens.errors import WordNetError
 
 __all__ = [
@@ -48,194 +38,6 @@ __all__ = [
     "build_control_kg",
     "kg_synsets",
 ]
-
-DEBIAN_WORDNET_DIR = "/usr/share/wordnet"
-
-_HOW_TO_GET = (
-    "Install WordNet with `python -c \"import nltk; nltk.download('wordnet')\"` "
-    "or, on Debian/Ubuntu, `apt-get install wordnet-base` (files in /usr/share/wordnet)."
-)
-
-# The 45 standard WordNet lexicographer files (WordNet 3.0 `lexnames`), in index order.
-LEXNAMES: tuple[str, ...] = (
-    "adj.all",
-    "adj.pert",
-    "adv.all",
-    "noun.Tops",
-    "noun.act",
-    "noun.animal",
-    "noun.artifact",
-    "noun.attribute",
-    "noun.body",
-    "noun.cognition",
-    "noun.communication",
-    "noun.event",
-    "noun.feeling",
-    "noun.food",
-    "noun.group",
-    "noun.location",
-    "noun.motive",
-    "noun.object",
-    "noun.person",
-    "noun.phenomenon",
-    "noun.plant",
-    "noun.possession",
-    "noun.process",
-    "noun.quantity",
-    "noun.relation",
-    "noun.shape",
-    "noun.state",
-    "noun.substance",
-    "noun.time",
-    "verb.body",
-    "verb.change",
-    "verb.cognition",
-    "verb.communication",
-    "verb.competition",
-    "verb.consumption",
-    "verb.contact",
-    "verb.creation",
-    "verb.emotion",
-    "verb.motion",
-    "verb.perception",
-    "verb.possession",
-    "verb.social",
-    "verb.stative",
-    "verb.weather",
-    "adj.ppl",
-)
-_SYNTACTIC_CATEGORY = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
-_REQUIRED_FILES = ("data.noun", "index.noun")
-
-
-# --------------------------------------------------------------------------------------------
-# Opening WordNet
-# --------------------------------------------------------------------------------------------
-
-
-def _lexnames_text() -> str:
-    return "".join(f"{i:02d}\t{name}\t{_SYNTACTIC_CATEGORY[name.split('.')[0]]}\n" for i, name in enumerate(LEXNAMES))
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("KCS_LENS_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return Path(base) / "kcs_lens" if base else Path.home() / ".cache" / "kcs_lens"
-
-
-def _prepare_local_dir(src: Path) -> Path:
-    """Return a directory NLTK's reader can open for the WordNet database in ``src``.
-
-    If ``src`` already has ``lexnames`` (NLTK layout) it is used as is. Otherwise we build a
-    copy in a cache directory we own (``$KCS_LENS_CACHE`` or ``$XDG_CACHE_HOME`` or ``~/.cache``,
-    then ``kcs_lens/wordnet/<hash of src>``; the temp dir if those are not writable): each file
-    of ``src`` copied (~28 MB, once; refreshed when the source changes) plus a written
-    ``lexnames``. Links do not work: NLTK >= 3.10 refuses corpus files reached through a symlink
-    that leaves the corpus root and multiply-linked (hard-linked) files. ``src`` itself (e.g.
-    /usr/share/wordnet) is never written to.
-    """
-    if (src / "lexnames").is_file():
-        return src
-    key = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:12]
-    candidates = [
-        _cache_root() / "wordnet" / key,
-        Path(tempfile.gettempdir()) / f"kcs_lens_wordnet_{os.getuid()}_{key}",
-    ]
-    last_error: Exception | None = None
-    for farm in candidates:
-        try:
-            farm.mkdir(parents=True, exist_ok=True)
-            for f in sorted(src.iterdir()):
-                if not f.is_file() or f.name == "lexnames":
-                    continue
-                dst = farm / f.name
-                st = f.stat()
-                if dst.is_file() and not dst.is_symlink():
-                    dt = dst.stat()
-                    if dt.st_size == st.st_size and dt.st_mtime >= st.st_mtime:
-                        continue
-                tmp = farm / f".{f.name}.{os.getpid()}.tmp"
-                shutil.copy2(f, tmp)
-                os.chmod(tmp, 0o644)  # NLTK refuses group/world-writable corpus files
-                os.replace(tmp, dst)  # atomic: a concurrent reader never sees a partial file
-            lex = farm / "lexnames"
-            if not lex.is_file() or lex.read_text() != _lexnames_text():
-                tmp = farm / f".lexnames.{os.getpid()}.tmp"
-                tmp.write_text(_lexnames_text())
-                os.replace(tmp, lex)
-            return farm
-        except OSError as e:  # read-only home, full disk, ...: try the next location
-            last_error = e
-    raise WordNetError(f"cannot prepare a readable copy of the WordNet directory {src}: {last_error}")
-
-
-def _local_reader_class():
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
-    class _LocalWordNetReader(WordNetCorpusReader):
-        """NLTK reader for a plain WordNet 3.0 directory.
-
-        ``map_wn`` would load NLTK's own "wordnet" corpus to map synset ids between versions
-        (only needed by the Open Multilingual WordNet functions); the local copy *is* the
-        version we use, so no mapping is needed.
-        """
-
-        def map_wn(self, version: str = "wordnet"):  # noqa: D401 - NLTK API
-            return None
-
-    return _LocalWordNetReader
-
-
-def _open_dir(path: str | os.PathLike) -> Any:
-    src = Path(path).expanduser()
-    if not src.is_dir():
-        raise WordNetError(f"WordNet directory {str(src)!r} does not exist. {_HOW_TO_GET}")
-    missing = [f for f in _REQUIRED_FILES if not (src / f).is_file()]
-    if missing:
-        raise WordNetError(f"{str(src)!r} is not a WordNet database directory (missing {', '.join(missing)}). {_HOW_TO_GET}")
-    root = _prepare_local_dir(src)
-    import nltk
-
-    # NLTK >= 3.9 only opens corpus files under a directory listed in nltk.data.path.
-    if str(root) not in nltk.data.path:
-        nltk.data.path.append(str(root))
-    with warnings.catch_warnings():  # "multilingual functions are not available": expected, no OMW
-        warnings.simplefilter("ignore", UserWarning)
-        return _local_reader_class()(str(root), None)
-
-
-def open_wordnet(path: str | os.PathLike | None = None):
-    """Open WordNet and return an NLTK ``WordNetCorpusReader``.
-
-    ``path`` None: NLTK's installed corpus (``nltk.download("wordnet")``) if present, else the
-    Debian ``wordnet-base`` files in /usr/share/wordnet. ``path`` given: that directory (Debian
-    layout or NLTK layout). Raises ``WordNetError`` (a ``ValueError``) saying how to get WordNet
-    when nothing usable is found.
-    """
-    if path is not None:
-        return _open_dir(path)
-    try:
-        import nltk
-
-        nltk.data.find("corpora/wordnet")
-        from nltk.corpus import wordnet
-
-        wordnet.ensure_loaded()
-        return wordnet
-    except LookupError:
-        pass
-    if Path(DEBIAN_WORDNET_DIR).is_dir():
-        return _open_dir(DEBIAN_WORDNET_DIR)
-    raise WordNetError(
-        f"WordNet not found: no NLTK 'wordnet' corpus (searched nltk.data.path) and no {DEBIAN_WORDNET_DIR}. " + _HOW_TO_GET
-    )
-
-
-def wordnet_version(wn) -> str:
-    try:
-        return str(wn.get_version())
-    except Exception:  # pragma: no cover - defensive
-        return "unknown"
-
 
 # --------------------------------------------------------------------------------------------
 # Triplets
@@ -339,93 +141,104 @@ def build_target_kg(
     if min_triplets > max_triplets:  # else "only N triplets" would report the cap, not what exists
         raise WordNetError(f"min_triplets ({min_triplets}) is larger than max_triplets ({max_triplets})")
     rs = _get_synset(wn, root)
-    excl = set(exclude_synsets)
-    excl_heads = set(exclude_heads)
-    if root in excl:
+    if root in set(exclude_synsets):
         raise WordNetError(f"root synset {root!r} is excluded")
-    rng = random.Random(f"target:{root}:{seed}")
-    in_graph = {rs.name()}
-    heads_used: set[str] = set()
-    chosen: list[tuple[int, Any, Any]] = []
-
-    def ok(child, par) -> bool:
-        h, t = entity_name(child), entity_name(par)
-        return (
-            child.name() not in in_graph
-            and child.name() not in excl
-            and par.name() not in excl
-            and h not in heads_used
-            and h not in excl_heads
-            and h.lower() != t.lower()
-            and is_single_word(t)
-            and (not single_parent or len(_parents(child)) == 1)
-            and (head_filter is None or bool(head_filter(h)))
-        )
-
-    def take(edge) -> None:
-        chosen.append(edge)
-        in_graph.add(edge[1].name())
-        heads_used.add(entity_name(edge[1]))
-
-    # Upward: the root's hypernym chain (a hypernym is a head above the root, the root a tail).
-    frontier = [rs]
-    for level in range(1, up + 1):
-        nxt = []
-        for node in frontier:
-            for par in sorted(node.hypernyms(), key=lambda s: s.name()):
-                if par.name() in in_graph or par.name() in excl or not is_single_word(entity_name(par)):
-                    continue
-                h = entity_name(node)
-                if h in heads_used or h in excl_heads or (single_parent and len(_parents(node)) != 1):
-                    continue
-                chosen.append((-level, node, par))
-                heads_used.add(h)
-                in_graph.add(par.name())
-                nxt.append(par)
-        frontier = nxt
-
-    # Downward, breadth-first, sampled when a level has too many edges.
-    leftovers: list[tuple[int, Any, Any]] = []
-    frontier = [rs] if is_single_word(entity_name(rs)) else []
-    for level in range(1, down + 1):
-        remaining = max_triplets - len(chosen)
-        if remaining <= 0 or not frontier:
-            break
-        cands, seen = [], set()
-        for par in frontier:
-            for child in sorted(par.hyponyms(), key=lambda s: s.name()):
-                if child.name() not in seen and ok(child, par):
-                    seen.add(child.name())
-                    cands.append((level, child, par))
-        if len(cands) > remaining:
-            quota = remaining if level == down else max(1, (remaining + 1) // 2)
-            picked_idx = set(rng.sample(range(len(cands)), quota))
-        else:
-            picked_idx = set(range(len(cands)))
-        nxt = []
-        for i, e in enumerate(cands):
-            if i in picked_idx and ok(e[1], e[2]):
-                take(e)
-                if is_single_word(entity_name(e[1])):
-                    nxt.append(e[1])
-            elif i not in picked_idx:
-                leftovers.append(e)
-        frontier = nxt
-    # Fill the budget with edges that were not drawn (their parent is in the graph: connected).
-    rng.shuffle(leftovers)
-    for e in leftovers:
-        if len(chosen) >= max_triplets:
-            break
-        if e[2].name() in in_graph and ok(e[1], e[2]):
-            take(e)
-
-    if len(chosen) < min_triplets:
+    g = _Neighbourhood(rs, set(exclude_synsets), set(exclude_heads), single_parent, head_filter)
+    g.add_hypernyms(up)
+    g.add_hyponyms(down, max_triplets, random.Random(f"target:{root}:{seed}"))
+    if len(g.chosen) < min_triplets:
         raise WordNetError(
-            f"only {len(chosen)} IsA triplets with single-word tails around {root!r} "
+            f"only {len(g.chosen)} IsA triplets with single-word tails around {root!r} "
             f"(up={up}, down={down}); need at least {min_triplets}"
         )
-    chosen.sort(key=lambda e: (e[0] > 0, abs(e[0]), e[1].name()))
-    return [make_isa_triplet(child, par) for _, child, par in chosen]
+    g.chosen.sort(key=lambda e: (e[0] > 0, abs(e[0]), e[1].name()))
+    return [make_isa_triplet(child, par) for _, child, par in g.chosen]
+
+
+class _Neighbourhood:
+    """A TargetKG being built around a root synset: the edges chosen ``(level, child, parent)``
+    (negative levels above the root), the synsets in the graph, the heads used once each."""
+
+    def __init__(self, root, excl: set[str], excl_heads: set[str], single_parent: bool, head_filter) -> None:
+        self.root, self.excl, self.excl_heads = root, excl, excl_heads
+        self.single_parent, self.head_filter = single_parent, head_filter
+        self.in_graph = {root.name()}
+        self.heads_used: set[str] = set()
+        self.chosen: list[tuple[int, Any, Any]] = []
+
+    def ok(self, child, par) -> bool:
+        """Whether the hyponym edge child -> par may join the graph."""
+        h, t = entity_name(child), entity_name(par)
+        return (
+            child.name() not in self.in_graph
+            and child.name() not in self.excl
+            and par.name() not in self.excl
+            and h not in self.heads_used
+            and h not in self.excl_heads
+            and h.lower() != t.lower()
+            and is_single_word(t)
+            and (not self.single_parent or len(_parents(child)) == 1)
+            and (self.head_filter is None or bool(self.head_filter(h)))
+        )
+
+    def take(self, edge) -> None:
+        self.chosen.append(edge)
+        self.in_graph.add(edge[1].name())
+        self.heads_used.add(entity_name(edge[1]))
+
+    def add_hypernyms(self, up: int) -> None:
+        """The root's hypernym chain (a hypernym is a head above the root, the root a tail)."""
+        frontier = [self.root]
+        for level in range(1, up + 1):
+            nxt = []
+            for node in frontier:
+                for par in sorted(node.hypernyms(), key=lambda s: s.name()):
+                    if par.name() in self.in_graph or par.name() in self.excl or not is_single_word(entity_name(par)):
+                        continue
+                    h = entity_name(node)
+                    if h in self.heads_used or h in self.excl_heads or (self.single_parent and len(_parents(node)) != 1):
+                        continue
+                    self.chosen.append((-level, node, par))
+                    self.heads_used.add(h)
+                    self.in_graph.add(par.name())
+                    nxt.append(par)
+            frontier = nxt
+
+    def add_hyponyms(self, down: int, max_triplets: int, rng: random.Random) -> None:
+        """Breadth-first down to ``down`` levels, sampled when a level has too many edges; then the
+        budget is filled with edges not drawn (their parent is in the graph: connected)."""
+        leftovers: list[tuple[int, Any, Any]] = []
+        frontier = [self.root] if is_single_word(entity_name(self.root)) else []
+        for level in range(1, down + 1):
+            remaining = max_triplets - len(self.chosen)
+            if remaining <= 0 or not frontier:
+                break
+            cands, seen = [], set()
+            for par in frontier:
+                for child in sorted(par.hyponyms(), key=lambda s: s.name()):
+                    if child.name() not in seen and self.ok(child, par):
+                        seen.add(child.name())
+                        cands.append((level, child, par))
+            if len(cands) > remaining:
+                quota = remaining if level == down else max(1, (remaining + 1) // 2)
+                picked_idx = set(rng.sample(range(len(cands)), quota))
+            else:
+                picked_idx = set(range(len(cands)))
+            nxt = []
+            for i, e in enumerate(cands):
+                if i in picked_idx and self.ok(e[1], e[2]):
+                    self.take(e)
+                    if is_single_word(entity_name(e[1])):
+                        nxt.append(e[1])
+                elif i not in picked_idx:
+                    leftovers.append(e)
+            frontier = nxt
+        rng.shuffle(leftovers)
+        for e in leftovers:
+            if len(self.chosen) >= max_triplets:
+                break
+            if e[2].name() in self.in_graph and self.ok(e[1], e[2]):
+                self.take(e)
 
 
 def kg_synsets(triplets: Iterable[dict]) -> set[str]:

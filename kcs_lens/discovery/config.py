@@ -4,27 +4,40 @@ Defaults are the authors' released ones (method.md, "Optimization") for GPT-2 mo
 bundled model has its own shortened recipe (``recipe="bundled"``), documented in docs/method.md.
 A TOML, YAML or JSON file can set any field; CLI flags win over the file.
 
-Every field carries its help text and its constraint (metadata), so this file is the one place
-where an option is described and checked: ``kcs-lens discover`` builds its flags from the fields
-(cli/discover.py) and :meth:`DiscoveryConfig.validate` checks every value, naming the option,
-before any work starts.
+Every field carries its help text and its constraint (:func:`kcs_lens.settings.opt`), so this file
+is the one place where an option is described and checked: ``kcs-lens discover`` builds its flags
+from the fields (cli/config_options.py) and :meth:`DiscoveryConfig.validate` checks every value,
+naming the option, before any work starts.
 """
 
 from __future__ import annotations
 
-import math
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
+from kcs_lens import settings
 from kcs_lens.errors import ConfigError
 from kcs_lens.files import read_mapping
-from kcs_lens.masks.mask import DEPRECATED_GRANULARITIES, GRANULARITIES, normalize_granularity
+from kcs_lens.masks.granularity import DEPRECATED_GRANULARITIES, Granularity, normalize_granularity
 from kcs_lens.model.canonical import MATRICES
+from kcs_lens.model.lens import Backend
 from kcs_lens.model.loading import BUNDLED_NAMES
-from kcs_lens.objective.reference import ABLATIONS, LossConfig
+from kcs_lens.objective.reference import ABLATIONS, Ablation, LossConfig
+from kcs_lens.settings import (
+    check_value,
+    coerce,
+    field_types,
+    flag_of,
+    in_range,
+    int_at_least,
+    non_empty,
+    non_negative,
+    opt,
+    seed_range,
+    torch_device,
+    validate_fields,
+)
 
 Recipe = Literal["auto", "paper", "bundled"]
 
@@ -64,68 +77,12 @@ BUNDLED_RECIPE_BY_GRANULARITY: dict[str, dict[str, Any]] = {
     "head": {"sparsity_start": 5.0, "sparsity_end": 7.5},
 }
 
-# --- constraints: each returns None when the value is fine, else what it must be ------------
-Check = Callable[[Any], "str | None"]
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def positive(x: Any) -> str | None:
-    return None if _finite(x) and x > 0 else "a finite number > 0"
-
-
-def non_negative(x: Any) -> str | None:
-    return None if _finite(x) and x >= 0 else "a finite number >= 0"
-
-
-def in_range(lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> Check:
-    lb, rb = "(" if open_lo else "[", ")" if open_hi else "]"
-
-    def check(x: Any) -> str | None:
-        ok = _finite(x) and (x > lo if open_lo else x >= lo) and (x < hi if open_hi else x <= hi)
-        return None if ok else f"a number in {lb}{lo}, {hi}{rb}"
-
-    return check
-
-
-MAX_INT = 2**31 - 1  # counts beyond this are meaningless (and overflow int32 tensors)
-
-
-def at_least(lo: int) -> Check:
-    return lambda x: None if _finite(x) and lo <= x <= MAX_INT else f"an integer in [{lo}, {MAX_INT}]"
-
-
-def seed_range(x: Any) -> str | None:
-    return None if isinstance(x, int) and 0 <= x < 2**63 else "an integer in [0, 2^63)"
-
-
-def torch_device(x: Any) -> str | None:
-    """A device name torch understands (whether it is present here is checked when the model loads)."""
-    import torch
-
-    try:
-        torch.device(x)
-    except (RuntimeError, TypeError, ValueError):
-        return "a torch device name such as cpu, cuda, cuda:1 or mps"
-    return None
-
-
-def non_empty(x: Any) -> str | None:
-    return None if isinstance(x, str) and x.strip() else "a non-empty string"
-
-
 # Loss weights beyond this overflow float32 losses (a non-finite loss at step 0); the recipes use <= 75.
 WEIGHT = in_range(0, 1e6)
 
 
-def opt(default: Any, help: str, *, check: Check | None = None, flag: str | None = None, factory: Any = None) -> Any:
-    """A config field with its help text, its constraint and (for booleans) its CLI flag pair."""
-    meta = {"help": help, "check": check, "flag": flag}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+def _matrix_subset(v: Any) -> str | None:
+    return None if v and all(m in MATRICES for m in v) else f"a non-empty subset of {','.join(MATRICES)}"
 
 
 @dataclass
@@ -136,7 +93,7 @@ class DiscoveryConfig:
         "bundled (default, GPT-2), bundled-llama, an HF name (gpt2-medium, EleutherAI/pythia-160m, ...) or a local HF directory",
         check=non_empty,
     )
-    backend: str | None = opt(
+    backend: Backend | None = opt(
         None,
         "bridge (TransformerLens 4.x TransformerBridge) or hooked (3.x HookedTransformer, every family); default: hooked for GPT-2 where TL 3.x is installed, else bridge",
     )
@@ -149,20 +106,20 @@ class DiscoveryConfig:
         "ControlKG validation spec; '' or unset: the first --control-val-size items of --control-kg (unset with the bundled 'control': the bundled 'control-val')",
     )
     control_val_size: int = opt(
-        50, "validation items split off --control-kg when there is no --control-val-kg (paper: 50)", check=at_least(1)
+        50, "validation items split off --control-kg when there is no --control-val-kg (paper: 50)", check=int_at_least(1)
     )
     control_lm: str | None = opt(
         None,
         "ControlLM text: wikitext-2, bundled, or a .txt file/folder (default: bundled for the bundled model, else wikitext-2)",
     )
     lm_block_len: int = opt(
-        512, "ControlLM block length in tokens (capped at the model's context; paper: 512)", check=at_least(2)
+        512, "ControlLM block length in tokens (capped at the model's context; paper: 512)", check=int_at_least(2)
     )
     control_test_size: int = opt(
         0,
         "ControlKG test part: the last N triplets of the validation part, held out from checkpoint selection and "
         "training and reported beside it (0: none)",
-        check=at_least(0),
+        check=int_at_least(0),
     )
     templates: str | None = opt(None, "relation templates file (JSON/TOML/YAML) for KG rows without text")
     paraphrases: str | None = opt(
@@ -188,14 +145,17 @@ class DiscoveryConfig:
     )
     distractors: str | None = opt(None, "multiple choice: a KG spec whose tails are added to the distractor pool")
     # mask
-    granularity: str = opt(
+    granularity: Granularity = opt(
         "weight",
         "mask granularity: weight (one logit per weight), row (one per input row of each matrix: a residual "
         "dimension for W_Q/W_K/W_V/W_in, an MLP neuron for W_out; 'neuron' is its deprecated name) or head "
         "(one per attention head and per MLP neuron)",
+        aliases=DEPRECATED_GRANULARITIES,
     )
     layers: str = opt("top-half", "masked blocks: top-half (paper), all, a range 6-11, or a list 6,7,8", check=non_empty)
-    matrices: list[str] = opt(None, f"masked matrices, a comma list of {','.join(MATRICES)}", factory=lambda: list(MATRICES))
+    matrices: list[str] = opt(
+        None, f"masked matrices, a comma list of {','.join(MATRICES)}", check=_matrix_subset, factory=lambda: list(MATRICES)
+    )
     init_prob: float = opt(
         0.45,
         "initial probability of a weight in the sampled subnetwork (paper: 0.45)",
@@ -208,7 +168,7 @@ class DiscoveryConfig:
         flag="--share-sample/--fresh-sample",
     )
     # loss
-    ablation: str = opt("full", f"loss ablation: {', '.join(ABLATIONS)}")
+    ablation: Ablation = opt("full", f"loss ablation: {', '.join(ABLATIONS)}")
     suppression_weight: float = opt(1.5, "weight of KL(U||q) on TargetKG (paper: 1.5)", check=WEIGHT)
     control_kg_weight: float = opt(1.0, "weight of KL(p||q) on ControlKG (paper: 1.0)", check=WEIGHT)
     control_lm_weight: float = opt(1.0, "weight of KL(p||q) on ControlLM (paper: 1.0)", check=WEIGHT)
@@ -235,7 +195,7 @@ class DiscoveryConfig:
         "distractor term: margin = max(0, tail logit - best drawn distractor's logit + 1); uniform = KL(uniform || "
         "softmax over the tail and the drawn distractors)",
     )
-    distractor_k: int = opt(4, "distractor tails drawn per TargetKG triplet and step (distractor term)", check=at_least(1))
+    distractor_k: int = opt(4, "distractor tails drawn per TargetKG triplet and step (distractor term)", check=int_at_least(1))
     lens_weight: float = opt(
         0.0,
         "weight of the lens term on TargetKG (NOT in the paper; 0 = off): the tail pushed out of the top --lens-topk of "
@@ -243,19 +203,19 @@ class DiscoveryConfig:
         check=WEIGHT,
     )
     lens_topk: int = opt(
-        10, "lens term: the tail is penalized while in this many top tokens of a layer's logit lens", check=at_least(1)
+        10, "lens term: the tail is penalized while in this many top tokens of a layer's logit lens", check=int_at_least(1)
     )
     tail_position: Literal["correct", "released"] = opt(
         "correct", "correct (logits at the last prefix token) or released (the authors' off-by-one, for fidelity)"
     )
     # optimization
     recipe: Recipe = opt("auto", "auto (bundled recipe for the bundled model, paper otherwise), paper or bundled")
-    steps: int = opt(40_000, "training steps (paper: 40000)", check=at_least(1))
+    steps: int = opt(40_000, "training steps (paper: 40000)", check=int_at_least(1))
     lr: float = opt(0.2, "Adam learning rate on the mask logits (paper: 0.2)", check=in_range(0, 1000, open_lo=True))
     warmup_frac: float = opt(0.1, "linear warm-up share of the steps (paper: 0.1)", check=in_range(0, 1))
-    target_batch: int = opt(250, "TargetKG triplets per step (paper: the whole TargetKG, <= 250)", check=at_least(1))
-    control_batch: int = opt(250, "ControlKG triplets per step, cycling (paper: 250)", check=at_least(1))
-    lm_batch: int = opt(10, "ControlLM blocks per step (paper: 10)", check=at_least(1))
+    target_batch: int = opt(250, "TargetKG triplets per step (paper: the whole TargetKG, <= 250)", check=int_at_least(1))
+    control_batch: int = opt(250, "ControlKG triplets per step, cycling (paper: 250)", check=int_at_least(1))
+    lm_batch: int = opt(10, "ControlLM blocks per step (paper: 10)", check=int_at_least(1))
     seed: int = opt(84, "seed of the mask noise and data order (paper: 84, 1318, 735)", check=seed_range)
     device: str = opt("cpu", "torch device, e.g. cpu, cuda, cuda:1", check=torch_device)
     # speed (docs/performance.md): none of these changes the method except autocast's rounding
@@ -267,11 +227,11 @@ class DiscoveryConfig:
         0.0, "cache frozen ControlLM activations per block up to this many MB (0: off)", check=in_range(0, 1e9)
     )
     # bookkeeping
-    eval_every: int = opt(100, "evaluate the deterministic mask every N steps (paper: 100)", check=at_least(1))
+    eval_every: int = opt(100, "evaluate the deterministic mask every N steps (paper: 100)", check=int_at_least(1))
     checkpoint_every: int = opt(
-        200, "save a mask checkpoint every N steps, a multiple of --eval-every (paper: 200)", check=at_least(1)
+        200, "save a mask checkpoint every N steps, a multiple of --eval-every (paper: 200)", check=int_at_least(1)
     )
-    lm_eval_blocks: int = opt(64, "held-out ControlLM blocks per evaluation", check=at_least(1))
+    lm_eval_blocks: int = opt(64, "held-out ControlLM blocks per evaluation", check=int_at_least(1))
     keep_all_checkpoints: bool = opt(
         False,
         "keep every mask checkpoint (default: only the latest and the best qualifying)",
@@ -336,8 +296,7 @@ class DiscoveryConfig:
 
     def validate(self) -> "DiscoveryConfig":
         """Check every value against its type and constraint (naming the option), then the relations."""
-        for f in fields(self):
-            setattr(self, f.name, check_setting(f.name, getattr(self, f.name), where=_flag(f.name)))
+        validate_fields(self)
         if self.checkpoint_every % self.eval_every:
             raise ConfigError(
                 f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of --eval-every ({self.eval_every}) "
@@ -345,11 +304,11 @@ class DiscoveryConfig:
             )
         mc_bounds = [f for f in ("select_max_target_mc", "select_min_control_mc") if getattr(self, f) is not None]
         if mc_bounds and self.mc_choices == 0:
-            raise ConfigError(f"{_flag(mc_bounds[0])} needs multiple choice (--mc-choices >= 2, not 0)")
+            raise ConfigError(f"{flag_of(mc_bounds[0])} needs multiple choice (--mc-choices >= 2, not 0)")
         for name in ("tail_weight", "distractor_weight", "lens_weight"):
             if getattr(self, name) > 0 and self.tail_position == "released":
                 raise ConfigError(
-                    f"{_flag(name)} > 0 needs --tail-position correct (the released off-by-one scores positions without a tail token)"
+                    f"{flag_of(name)} > 0 needs --tail-position correct (the released off-by-one scores positions without a tail token)"
                 )
         if self.distractor_weight > 0 and self.tail_scoring == "last":
             raise ConfigError(
@@ -368,89 +327,17 @@ class DiscoveryConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(DiscoveryConfig)}
-FIELD_TYPES: dict[str, Any] = typing.get_type_hints(DiscoveryConfig)
-_FIELDS = {f.name: f for f in fields(DiscoveryConfig)}
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "granularity": tuple(GRANULARITIES),
-    "ablation": tuple(ABLATIONS),
-    "backend": ("bridge", "hooked"),
-}
+FIELD_TYPES: dict[str, Any] = field_types(DiscoveryConfig)
 
 
 def check_setting(name: str, value: Any, *, where: str) -> Any:
-    """One setting checked on its own (type, constraint, allowed values), as ``validate`` does for
-    every field; errors name ``where`` (an option, or a file and key). Returns the coerced value."""
-    if name not in FIELD_NAMES:
-        raise ConfigError(f"{where}: unknown setting {name!r}; valid settings are {sorted(FIELD_NAMES)}")
-    v = coerce(name, value, FIELD_TYPES[name], where=where)
-    if name == "granularity":
-        v = DEPRECATED_GRANULARITIES.get(v, v)  # old runs: 'neuron'
-    check = _FIELDS[name].metadata.get("check")
-    bad = check(v) if check is not None and v is not None else None
-    if bad:
-        raise ConfigError(f"{where} {_show(v)}: must be {bad}")
-    allowed = _CHOICES.get(name)
-    if allowed is not None and v is not None and v not in allowed:
-        raise ConfigError(f"{where} {v!r}: expected one of {', '.join(allowed)}")
-    if name == "matrices" and (not v or any(m not in MATRICES for m in v)):
-        raise ConfigError(f"{where} {','.join(v)!r}: expected a non-empty subset of {','.join(MATRICES)}")
-    return v
+    """One discovery setting checked on its own (type, constraint, allowed values), as ``validate``
+    does for every field; errors name ``where`` (an option, or a file and key)."""
+    return check_value(DiscoveryConfig, name, value, where=where)
 
 
 def field_default(name: str) -> Any:
-    f = next(f for f in fields(DiscoveryConfig) if f.name == name)
-    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc,operator]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _show(v: Any) -> str:
-    return repr(v) if isinstance(v, str) else str(v)
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " or ".join(repr(a) for a in get_args(tp))
-    if get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None)) + " or null"
-    if get_origin(tp) is list:
-        return "a list of strings"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def coerce(name: str, value: Any, tp: Any, *, where: str) -> Any:
-    """``value`` as the field's type (ints for floats, a comma string for a list), or a ConfigError
-    naming ``where`` (the option or the config file key) and the expected type."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return None
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        return coerce(name, value, inner[0], where=where)
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{where} {_show(value)}: expected {_type_name(tp)}")
-    if origin is list:
-        if isinstance(value, str):
-            value = [x.strip() for x in value.split(",") if x.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
-            return list(value)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{where} {_show(value)}: expected {_type_name(tp)}, got {type(value).__name__}")
+    return settings.field_default(DiscoveryConfig, name)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -468,7 +355,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - FIELD_NAMES)
     if unknown:
         raise ConfigError(f"--config {p}: unknown keys {unknown}; valid keys are {sorted(FIELD_NAMES)}")
-    return {k: coerce(k, v, FIELD_TYPES[k], where=f"--config {p}: key {k!r} =") for k, v in data.items()}
+    return {k: _coerce(k, v, where=f"--config {p}: key {k!r} =") for k, v in data.items()}
+
+
+def _coerce(name: str, value: Any, *, where: str) -> Any:
+    """``value`` as field ``name``'s type; a deprecated granularity name is kept (build_config warns)."""
+    if name == "granularity" and value in DEPRECATED_GRANULARITIES:
+        return value
+    return coerce(value, FIELD_TYPES[name], where=where)
 
 
 def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
@@ -478,9 +372,7 @@ def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
     if unknown:
         raise ConfigError(f"unknown options {unknown}")
     merged = {**(read_config_file(file) if file else {}), **given}
-    recipe = merged.get("recipe", "auto")
-    if recipe not in ("auto", "paper", "bundled"):
-        raise ConfigError(f"--recipe {_show(recipe)}: expected auto, paper or bundled")
+    recipe = check_setting("recipe", merged.get("recipe", "auto"), where="--recipe")
     if recipe == "auto":
         recipe = "bundled" if merged.get("model", field_default("model")) in BUNDLED_NAMES else "paper"
     recipe_values: dict[str, Any] = {}
@@ -488,9 +380,9 @@ def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
         gran = merged.get("granularity", field_default("granularity"))  # validated below
         recipe_values = {**BUNDLED_RECIPE, **BUNDLED_RECIPE_BY_GRANULARITY.get(str(gran), {})}
     values = {**recipe_values, **merged}
-    cfg = DiscoveryConfig(**{k: coerce(k, v, FIELD_TYPES[k], where=_flag(k)) for k, v in values.items()})
-    if cfg.granularity in DEPRECATED_GRANULARITIES:
-        cfg.granularity = normalize_granularity(cfg.granularity, warn=True)
+    if values.get("granularity") in DEPRECATED_GRANULARITIES:
+        values["granularity"] = normalize_granularity(values["granularity"], warn=True)
+    cfg = DiscoveryConfig(**{k: coerce(v, FIELD_TYPES[k], where=flag_of(k)) for k, v in values.items()})
     cfg.recipe = recipe
     return cfg.validate()
 
@@ -503,6 +395,9 @@ def config_from_saved(saved: dict[str, Any], where: str) -> DiscoveryConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown config keys {unknown} (written by another kcs-lens version?)")
     try:
-        return DiscoveryConfig(**{k: coerce(k, v, FIELD_TYPES[k], where=f"key {k!r} =") for k, v in saved.items()}).validate()
+        saved = {
+            k: DEPRECATED_GRANULARITIES.get(v, v) if k == "granularity" else v for k, v in saved.items()
+        }  # old runs: 'neuron'
+        return DiscoveryConfig(**{k: coerce(v, FIELD_TYPES[k], where=f"key {k!r} =") for k, v in saved.items()}).validate()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None

@@ -3,63 +3,43 @@
 Read top to bottom: :func:`discover` opens and locks a run directory (:mod:`kcs_lens.discovery.rundir` owns its
 layout), :class:`Run` loads the model and the run's data, then :meth:`Run.train` is the whole loop
 (Adam on mask logits, warm-up, periodic evaluation and checkpoints, resumable from any crash:
-:meth:`Run.load_state`), and
+:mod:`kcs_lens.discovery.checkpoints`), and
 :meth:`Run.finish` selects a checkpoint (:mod:`kcs_lens.discovery.selection`) and writes
 ``subnetwork.safetensors`` and ``summary.json``. The loss is :mod:`kcs_lens.objective.reference`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import signal
-import threading
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from kcs_lens.data.triplets import TripletBatch
+from kcs_lens.discovery.checkpoints import Checkpointing, StopAtOnce, sigint_deferred
 from kcs_lens.discovery.config import DiscoveryConfig, build_config
-from kcs_lens.discovery.rundir import (
-    RunData,
-    RunDir,
-    abandon_run_dir,
-    load_run_data,
-    open_run_dir,
-    package_versions,
-    read_state_file,
-)
-from kcs_lens.discovery.selection import meets_criteria, select_checkpoint, selection_rule
+from kcs_lens.discovery.run_data import RunData, load_run_data
+from kcs_lens.discovery.rundir import RunDir, abandon_run_dir, open_run_dir, package_versions
+from kcs_lens.discovery.selection import select_checkpoint, selection_rule
 from kcs_lens.discovery.shared import SharedInputs, digest
-from kcs_lens.errors import ConfigError, KcsLensError, KcsLensWarning, NonFiniteLoss, OutputError, RunError
+from kcs_lens.errors import ConfigError, NonFiniteLoss, OutputError, RunError
 from kcs_lens.evaluation.choice import ChoiceSet, choice_scores, run_choice_sets
 from kcs_lens.evaluation.lens import LENS_TOPK, lens_metrics, lens_ranks
 from kcs_lens.evaluation.scoring import lm_nll, tail_scores
-from kcs_lens.files import atomic_write_bytes
-from kcs_lens.masks.mask import MaskConfig, WeightMask, resolve_layers
+from kcs_lens.masks.mask import WeightMask
+from kcs_lens.masks.mask_config import MaskConfig, resolve_layers
 from kcs_lens.masks.subnetwork import Subnetwork
-from kcs_lens.model.backends import LensModel
 from kcs_lens.model.canonical import MATRICES
+from kcs_lens.model.lens import LensModel
 from kcs_lens.model.loading import load_model
 from kcs_lens.objective.distractors import DistractorPools
 from kcs_lens.objective.fast import FastObjective
 from kcs_lens.objective.reference import Objective, ReferenceObjective
 from kcs_lens.progress import Progress
 from kcs_lens.tracking import Trackers, Tracking, check_tracking, parse_tracking
-
-
-class ResumeWarning(KcsLensWarning):
-    """A resume that cannot continue exactly (a damaged state.pt or checkpoint): the CLI prints it as
-    one ``note:`` line on stderr."""
-
-
-def warn(message: str) -> None:
-    warnings.warn(message, ResumeWarning, stacklevel=3)
 
 
 def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
@@ -177,8 +157,8 @@ def model_matrices(requested: list[str], lm: LensModel) -> tuple[str, ...]:
     return tuple(m for m in requested if m in have)
 
 
-class Run:
-    """One discovery run bound to a run directory."""
+class Run(Checkpointing):
+    """One discovery run bound to a run directory (checkpoints and resume: :class:`Checkpointing`)."""
 
     def __init__(
         self,
@@ -210,19 +190,6 @@ class Run:
         self.original: dict[str, float] = {}
         self.trackers: Trackers | None = None  # --log: each metrics.jsonl record also goes there
 
-    def _new_optimizer(self) -> None:
-        self.opt = torch.optim.Adam(self.masks.parameters(), lr=self.cfg.lr)
-        warm = self.warm  # a plain function: LambdaLR does not save it in state.pt
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
-
-    def wall_s(self) -> float:
-        """Wall seconds of the run so far: this session (model and data loading included) plus the
-        earlier sessions a resumed run continues."""
-        return self.wall_before + time.perf_counter() - self.t_start
-
-    def is_checkpoint_step(self, step: int) -> bool:
-        return step > 0 and (step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps)
-
     # --- files (layout: kcs_lens.discovery.rundir.RunDir) -----------------------------------------------
     def write_config(self) -> None:
         self.dir.write_json(
@@ -240,114 +207,6 @@ class Run:
                 "versions": package_versions(),
             },
         )
-
-    def save_state(self, gen_state: Tensor | None = None) -> None:
-        state = {
-            "step": self.step,
-            "logits": {n: p.detach().clone() for n, p in self.masks.items()},
-            "opt": self.opt.state_dict(),
-            "sched": self.sched.state_dict(),
-            "generator": gen_state if gen_state is not None else self.masks.generator.get_state(),
-            "original": self.original,
-            "wall_s": self.wall_s(),
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(self.dir.state, buf.getvalue())
-
-    def load_state(self) -> None:
-        """Continue where the run stopped, whatever stopped it. Temporary files of an interrupted
-        write are removed. ``state.pt`` (written before each mask checkpoint) gives an exact
-        continuation; its mask checkpoint is rewritten if it is missing. Without a usable
-        ``state.pt``: the newest intact mask checkpoint with a fresh optimizer state (a warning),
-        else step 0. Metrics after the resumed step are dropped (those steps are redone)."""
-        for p in self.dir.remove_temporary():
-            self.log(f"removed {p} (left by an interrupted write)")
-        state, problem = self._read_state()
-        if state is not None:
-            self._apply_state(state)
-            if self.is_checkpoint_step(self.step) and not self.dir.checkpoint(self.step).exists():
-                self.save_mask_checkpoint()  # the state was written; the process stopped before its mask checkpoint
-        else:
-            self._fall_back(problem)
-        self.dir.truncate_metrics(self.step)
-
-    def _read_state(self) -> tuple[dict[str, Any] | None, str | None]:
-        """The saved state, or None and what is wrong with it (None: it was never written)."""
-        path = self.dir.state
-        if not path.exists():
-            return None, None
-        try:
-            state = read_state_file(path, map_location=self.lm.device)
-            logits = state["logits"]
-            if set(logits) != set(self.masks.names) or any(logits[n].shape != p.shape for n, p in self.masks.items()):
-                return None, f"{path} does not match this run's masks"
-            for k in ("step", "opt", "sched", "generator", "original"):
-                state[k]  # noqa: B018 (a KeyError marks a damaged file)
-            return state, None
-        except RunError:  # a file kcs-lens did not write (it could run code): refused, not skipped
-            raise
-        except Exception as e:  # truncated, corrupted or foreign file
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            return None, f"{path} is damaged ({type(e).__name__}: {first})"
-
-    def _apply_state(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for n, p in self.masks.items():
-                p.copy_(state["logits"][n])
-        try:
-            self.opt.load_state_dict(state["opt"])
-            self.sched.load_state_dict(state["sched"])
-            self.masks.generator.set_state(state["generator"])
-        except Exception as e:
-            raise RunError(f"{self.dir.state}: the optimizer state does not fit this run ({type(e).__name__}: {e})") from None
-        self.step, self.original = state["step"], state["original"]
-        self.wall_before = float(state.get("wall_s", 0.0))  # absent in runs saved by older versions
-
-    def _fall_back(self, problem: str | None) -> None:
-        """No usable state.pt: the newest intact mask checkpoint, else step 0."""
-        for step in sorted(self.dir.checkpoint_steps(), reverse=True):
-            path = self.dir.checkpoint(step)
-            try:
-                logits = Subnetwork.load(path).logits
-                if set(logits) != set(self.masks.names) or any(logits[n].shape != p.shape for n, p in self.masks.items()):
-                    raise RunError(f"{path} does not match this run's masks")
-            except KcsLensError as e:
-                warn(f"skipping damaged checkpoint {path} ({e})")
-                continue
-            with torch.no_grad():
-                for n, p in self.masks.items():
-                    p.copy_(logits[n].to(p.device, p.dtype))
-            self._new_optimizer()
-            self.sched.last_epoch = step
-            for g in self.opt.param_groups:
-                g["lr"] = self.cfg.lr * min(1.0, (step + 1) / self.warm)
-            self.masks.generator.manual_seed(self.cfg.seed + 1_000_003 * step)
-            self.step, self.original = step, {}
-            why = problem or f"{self.dir.state} is missing"
-            warn(
-                f"{why}; resuming from the mask checkpoint at step {step} with a fresh optimizer and "
-                "noise state (the result can differ from an uninterrupted run)"
-            )
-            return
-        if problem:
-            warn(f"{problem} and there is no intact mask checkpoint; starting again from step 0")
-        else:
-            self.log(f"{self.dir.path} never reached a checkpoint; starting from step 0")
-
-    def save_mask_checkpoint(self) -> None:
-        Subnetwork.from_mask(self.masks, self.lm, seed=self.cfg.seed, step=self.step).save(self.dir.checkpoint(self.step))
-
-    def prune_checkpoints(self) -> None:
-        """Keep only checkpoints the selection rule could still pick: the latest and the best
-        qualifying one so far (a mask checkpoint of GPT-2 medium is ~0.75 GB)."""
-        steps = self.dir.checkpoint_steps()
-        keep = {max(steps)}
-        ok = [r for r in self.dir.read_metrics() if r["step"] in steps and meets_criteria(r, self.cfg)]
-        if ok:
-            keep.add(select_checkpoint(ok, self.cfg)[0]["step"])
-        for s in steps - keep:
-            self.dir.checkpoint(s).unlink(missing_ok=True)
 
     # --- evaluation ------------------------------------------------------------------------
     def choice_info(self) -> dict[str, Any]:
@@ -392,7 +251,7 @@ class Run:
                         f"non-finite loss at step {self.step}: {losses}. Stopped; the last good checkpoint is kept "
                         f"in {self.dir.checkpoints} (resume or lower --lr)."
                     )
-                with _sigint_deferred(bar):  # the update and its bookkeeping happen whole or not at all
+                with sigint_deferred(bar):  # the update and its bookkeeping happen whole or not at all
                     self.opt.step()
                     self.sched.step()
                     self.step += 1
@@ -416,7 +275,7 @@ class Run:
                             self.prune_checkpoints()
             if self.step < cfg.steps:  # stopped by stop_after: resumable from exactly here
                 self.save_state(gen_state)
-        except _StopAtOnce:
+        except StopAtOnce:
             bar.close()
             raise RunError(
                 f"stopped at once inside step {self.step}'s update; its state was not saved. Resume with: "
@@ -465,34 +324,6 @@ class Run:
         return summary
 
 
-class _StopAtOnce(KeyboardInterrupt):
-    """A second Ctrl-C inside a held block: the in-memory state may be half-updated."""
-
-
-@contextlib.contextmanager
-def _sigint_deferred(bar: Progress) -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt; a second
-    Ctrl-C raises at once. Only in the main thread (elsewhere signals cannot be handled)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-
-    def hold(signum, frame):  # noqa: ARG001
-        if pending:
-            raise _StopAtOnce
-        pending.append(signum)
-        bar.message("Ctrl-C: stopping after this step (press again to stop at once)")
-
-    old = signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if pending:
-        raise KeyboardInterrupt
-
-
 def _run(
     cfg: DiscoveryConfig,
     rd: RunDir,
@@ -509,8 +340,9 @@ def _run(
     torch.manual_seed(cfg.seed)
     run = Run(cfg, rd.path, lm=lens_model, log=log, shared=shared)
     if resume:
-        if run.lm.fingerprint() != rd.read_config()["model_fingerprint"]:
-            raise RunError(f"--resume {rd.path}: the model's weights differ from the run's (fingerprint mismatch)")
+        run.lm.check_fingerprint(
+            rd.read_config()["model_fingerprint"], f"--resume {rd.path}: the run was found on model {cfg.model!r}"
+        )
         run.load_state()
     else:
         kept = rd.clear() if force else []

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from kcs_lens.downstream.tasks import Question
 from kcs_lens.errors import TaskError
 from kcs_lens.masks.subnetwork import Subnetwork
-from kcs_lens.model.backends import LensModel
+from kcs_lens.model.lens import LensModel
 from kcs_lens.model.loading import BUNDLED_NAMES
+from kcs_lens.settings import int_at_least, non_negative, opt, validate_fields
 
 Mode = Literal["head", "full", "lm"]
 MODES: tuple[str, ...] = ("head", "full", "lm")
@@ -45,27 +46,26 @@ DEFAULT_EPOCHS = {"head": 20, "full": 3, "lm": 3}
 PROMPT = "Question: {question}\nAnswer:"
 
 
+def _has_question(x: Any) -> str | None:
+    return None if isinstance(x, str) and "{question}" in x else "a text containing {question}"
+
+
 @dataclass
 class FinetuneSettings:
-    """How every model is finetuned (the same for all of them)."""
+    """How every model is finetuned (the same for all of them); typed settings (:mod:`kcs_lens.settings`)."""
 
-    mode: str = "head"  # a Mode; checked by resolved() (it comes from the command line)
-    epochs: int = 0  # 0: DEFAULT_EPOCHS[mode]
-    lr: float = 0.0  # 0: DEFAULT_LR[mode]
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    lm_score: str = "sum"  # or "mean"
-    prompt: str = PROMPT
-    eval_batch: int = 64
+    mode: Mode = opt("head", "head (MC head on the frozen model), full, or lm (causal LM)", flag="--finetune")
+    epochs: int = opt(0, "epochs (0: head 20, full 3, lm 3)", check=int_at_least(0))
+    lr: float = opt(0.0, "AdamW learning rate (0: head 1e-3, full and lm 5e-5; 1e-3 for the bundled model)", check=non_negative)
+    batch_size: int = opt(16, "questions per step", check=int_at_least(1))
+    weight_decay: float = opt(0.0, "AdamW weight decay", check=non_negative)
+    lm_score: Literal["sum", "mean"] = opt("sum", "lm: a choice's score is its tokens' log-likelihood, sum or mean")
+    prompt: str = opt(PROMPT, "text before each choice; {question} is the question", check=_has_question)
+    eval_batch: int = opt(64, "questions per forward pass when predicting", check=int_at_least(1))
 
     def resolved(self, bundled: bool = False) -> "FinetuneSettings":
         """Checked, with 0 replaced by the defaults (``bundled``: the bundled model's learning rates)."""
-        if self.mode not in MODES:
-            raise TaskError(f"--finetune {self.mode!r}: expected one of {', '.join(MODES)}")
-        if self.lm_score not in ("sum", "mean"):
-            raise TaskError(f"--lm-score {self.lm_score!r}: expected sum or mean")
-        if "{question}" not in self.prompt:
-            raise TaskError(f"--prompt {self.prompt!r}: must contain {{question}}")
+        validate_fields(self)
         try:
             self.prompt.format(question="")
         except (KeyError, IndexError, ValueError) as e:
@@ -73,16 +73,7 @@ class FinetuneSettings:
             raise TaskError(
                 f"--prompt {self.prompt!r}: {what}; only {{question}} is filled in (write {{{{ and }}}} for literal braces)"
             ) from None
-        for name, v, lo in (
-            ("--epochs", self.epochs, 0),
-            ("--batch-size", self.batch_size, 1),
-            ("--eval-batch", self.eval_batch, 1),
-        ):
-            if v < lo:
-                raise TaskError(f"{name} must be at least {lo}, got {v}")
-        if not (math.isfinite(self.lr) and self.lr >= 0) or not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise TaskError(f"--lr and --weight-decay must be finite and non-negative, got {self.lr}, {self.weight_decay}")
-        out = FinetuneSettings(**asdict(self))
+        out = FinetuneSettings(**{f.name: getattr(self, f.name) for f in fields(FinetuneSettings)})
         out.epochs = self.epochs or DEFAULT_EPOCHS[self.mode]
         out.lr = self.lr or (BUNDLED_LR if bundled else DEFAULT_LR)[self.mode]
         return out

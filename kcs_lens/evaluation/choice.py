@@ -44,8 +44,8 @@ from kcs_lens.evaluation.scoring import ModelFn
 
 if TYPE_CHECKING:
     from kcs_lens.discovery.config import DiscoveryConfig
-    from kcs_lens.discovery.rundir import RunData
-    from kcs_lens.model.backends import LensModel
+    from kcs_lens.discovery.run_data import RunData
+    from kcs_lens.model.lens import LensModel
 
 DEFAULT_CHOICES = 5
 MC_SEED = 0  # the distractor draw is fixed: the same facts get the same choices in every run and command

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,16 +22,18 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, concat, tokenize_triplets
-from kcs_lens.discovery.rundir import RunInfo, load_run, load_run_data
-from kcs_lens.errors import RunError, SubnetworkError
+from kcs_lens.discovery.run_data import load_run_data
+from kcs_lens.discovery.run_model import ModelOverrides, load_run_model
+from kcs_lens.discovery.rundir import RunInfo, load_run
+from kcs_lens.errors import RunError
 from kcs_lens.evaluation.choice import ChoiceScores, ChoiceSet, DistractorPool, choice_scores, choice_sets
 from kcs_lens.evaluation.lens import lens_metrics, lens_ranks
 from kcs_lens.evaluation.scoring import TailScores, lm_nll, tail_scores
 from kcs_lens.files import atomic_write_json
-from kcs_lens.masks.mask import Keep
-from kcs_lens.masks.subnetwork import Subnetwork
-from kcs_lens.model.backends import LensModel
-from kcs_lens.model.loading import load_model
+from kcs_lens.masks.granularity import Keep
+from kcs_lens.masks.subnetwork import Subnetwork, random_like
+from kcs_lens.model.lens import LensModel
+from kcs_lens.stats import spread
 
 VARIANTS: dict[str, Keep | None] = {"original": None, "remaining": "remaining", "subnetwork": "subnetwork"}
 Metrics = dict[str, dict[str, dict[str, float]]]  # variant -> set -> metric -> value
@@ -93,16 +94,13 @@ class Evaluator:
         paraphrases: Sequence[str] | None = None,
         distractors: Sequence[str] = (),
         lens_model: LensModel | None = None,
-        model: str | None = None,
-        backend: str | None = None,
-        device: str | None = None,
+        overrides: ModelOverrides | None = None,
         log: Log = print,
     ):
         from kcs_lens.data.loaders import load_kg
 
         cfg = self.config = run.config
-        self.lm = lens_model or load_model(model or cfg.model, backend=backend or cfg.backend, device=device or cfg.device)
-        check_model(run, self.lm)
+        self.lm = load_run_model(run, overrides, lens_model=lens_model)
         data = self.data = load_run_data(cfg, self.lm, log)
         self.batches: dict[str, TripletBatch] = {"target": data.target_batch, "control": data.control_val_batch}
         triplets: dict[str, TripletSet] = {"target": data.target, "control": data.control_val}
@@ -256,32 +254,6 @@ def _picked(sc: ChoiceScores) -> Int[Tensor, " items"]:
     return torch.full((sc.n_items,), 10**9, dtype=torch.long).scatter_reduce(0, sc.item[hit], pos[hit], "amin")
 
 
-def check_model(run: RunInfo, lm: LensModel) -> None:
-    """The model must be the run's: same shape (checked first) and the same weights."""
-    run.subnetwork.check_model(lm, strict_fingerprint=False)
-    if lm.fingerprint() != run.fingerprint:
-        raise SubnetworkError(
-            f"run {run.dir} was found on model {run.config.model!r} (weights fingerprint {run.fingerprint}), "
-            f"but {lm.spec!r} has different weights (fingerprint {lm.fingerprint()})"
-        )
-
-
-def run_header(run: RunInfo) -> dict[str, Any]:
-    c = run.config
-    return {
-        "run": str(run.dir),
-        "model": c.model,
-        "model_fingerprint": run.fingerprint,
-        "target_kg": c.target_kg,
-        "seed": c.seed,
-        "ablation": c.ablation,
-        "combination": run.raw_config.get("combination"),
-        "subnetwork_sha": run.subnetwork.membership_sha(),
-        "selected_step": (run.summary or {}).get("selected_step"),
-        "meets_criteria": (run.summary or {}).get("meets_criteria"),
-    }
-
-
 # ------------------------------------------------------------------------------------------
 # evaluate / baseline
 # ------------------------------------------------------------------------------------------
@@ -297,17 +269,20 @@ def evaluate_run(
     log: Log = print,
     relearn_steps: int = 0,
     relearn_lr: float | None = None,
-    **model_kw: Any,
+    overrides: ModelOverrides | None = None,
+    lens_model: LensModel | None = None,
 ) -> dict[str, Any]:
     """Everything ``kcs-lens evaluate`` shows. ``save``: True writes ``RUN/evaluation.json``, a path
     writes there, False nothing. ``relearn_steps``: also finetune the original and the remaining
     model that many steps on the ControlKG training sentences and score them again
-    (:mod:`kcs_lens.evaluation.relearn`). ``model_kw``: ``model``, ``backend``, ``device``,
-    ``lens_model`` for the Evaluator (``device``: default the run's)."""
+    (:mod:`kcs_lens.evaluation.relearn`). ``overrides`` / ``lens_model``: the run's model
+    (:func:`~kcs_lens.discovery.run_model.load_run_model`)."""
     info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
-    ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, **model_kw)
+    ev = evaluator or Evaluator(
+        info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, overrides=overrides, lens_model=lens_model
+    )
     out = {
-        **run_header(info),
+        **info.header(),
         "sets": ev.sets,
         "subnetwork": info.subnetwork.density_stats(),
         "metrics": ev.metrics(info.subnetwork),
@@ -322,54 +297,6 @@ def evaluate_run(
     return out
 
 
-def random_like(sub: Subnetwork, generator: torch.Generator) -> Subnetwork:
-    """A subnetwork with, in every matrix, as many members as ``sub`` (weights, or rows at row
-    granularity) placed uniformly at random; at head granularity as many heads and MLP neurons
-    per block."""
-    units = sub.unit_binary()
-    out = {}
-    for n, b in (units if units is not None else sub.binary()).items():
-        flat = torch.zeros(b.numel(), dtype=torch.bool)
-        flat[torch.randperm(b.numel(), generator=generator)[: int(b.sum())]] = True
-        out[n] = flat.view(b.shape)
-    if units is not None:
-        return sub.with_unit_binary(out, random_baseline=True)
-    return sub.with_binary(out, random_baseline=True)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        *path, last = k.split("/")
-        d = out
-        for p in path:
-            d = d.setdefault(p, {})
-        d[last] = v
-    return out
-
-
-def spread(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """mean, std (sample; 0 for one draw), min and max of every numeric leaf over the samples."""
-    flats = [flatten(s) for s in samples]
-    keys = flats[0].keys()
-    col = {k: [f[k] for f in flats] for k in keys}
-    std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return {
-        name: unflatten({k: fn(v) for k, v in col.items()})
-        for name, fn in (("mean", statistics.fmean), ("std", std), ("min", min), ("max", max))
-    }
-
-
 def baseline_run(
     run: str | os.PathLike | RunInfo,
     *,
@@ -382,20 +309,23 @@ def baseline_run(
     evaluator: Evaluator | None = None,
     save: str | os.PathLike | bool = True,
     log: Log = print,
-    **model_kw: Any,
+    overrides: ModelOverrides | None = None,
+    lens_model: LensModel | None = None,
 ) -> dict[str, Any]:
     """Random subnetworks of the run's per-matrix sizes (``draws`` of them, seeds ``seed``, ``seed+1``...):
     mean and spread of every metric, next to the run's own (``run_metrics``)."""
     if draws < 1:
         raise RunError(f"--draws must be at least 1, got {draws}")
     info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
-    ev = evaluator or Evaluator(info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, **model_kw)
+    ev = evaluator or Evaluator(
+        info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, overrides=overrides, lens_model=lens_model
+    )
     per_draw = []
     for i in range(draws):
         rnd = random_like(info.subnetwork, torch.Generator().manual_seed(seed + i))
         per_draw.append({"metrics": ev.metrics(rnd, ("remaining", "subnetwork")), "density": rnd.density_stats()["density"]})
     out = {
-        **run_header(info),
+        **info.header(),
         "draws": draws,
         "draw_seeds": [seed + i for i in range(draws)],
         "sets": ev.sets,

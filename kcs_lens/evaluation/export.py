@@ -21,15 +21,14 @@ from typing import Any, Literal
 from jaxtyping import Float
 from torch import Tensor
 
+from kcs_lens.discovery.run_model import ModelOverrides, load_run_model
 from kcs_lens.discovery.rundir import load_run
 from kcs_lens.errors import ExportError
-from kcs_lens.evaluation.evaluate import check_model
 from kcs_lens.files import make_temp_dir, normal_modes
 from kcs_lens.masks.subnetwork import Subnetwork
-from kcs_lens.model.backends import LensModel
 from kcs_lens.model.canonical import canonical_shape, parse_weight_name
 from kcs_lens.model.families import FAMILIES, Family, hf_multipliers
-from kcs_lens.model.loading import load_model
+from kcs_lens.model.lens import LensModel
 
 Remove = Literal["subnetwork", "complement"]
 
@@ -114,12 +113,10 @@ def export_run(
     *,
     remove: str = "subnetwork",  # validated below: it comes from the command line
     subnetwork: str | os.PathLike | None = None,
-    model: str | None = None,
-    backend: str | None = None,
+    overrides: ModelOverrides | None = None,
     lens_model: LensModel | None = None,
-    device: str | None = None,
 ) -> Path:
-    """``kcs-lens export RUN --out DIR``: load the run's model (or ``model``) and export it."""
+    """``kcs-lens export RUN --out DIR``: load the run's model (:func:`~kcs_lens.discovery.run_model.load_run_model`) and export it."""
     if Path(out).exists():  # fail before loading anything
         raise ExportError(f"{out} exists; export writes a new directory (remove it or choose another --out)")
     if remove not in ("subnetwork", "complement"):
@@ -127,8 +124,7 @@ def export_run(
     remove_kind: Literal["subnetwork", "complement"] = "subnetwork" if remove == "subnetwork" else "complement"
     info = load_run(run, subnetwork)
     c = info.config
-    lm = lens_model or load_model(model or c.model, backend=backend or c.backend, device=device or c.device)
-    check_model(info, lm)
+    lm = load_run_model(info, overrides, lens_model=lens_model)
     return export_model(
         lm, info.subnetwork, out, remove=remove_kind, provenance={"run": str(info.dir), "target_kg": c.target_kg, "seed": c.seed}
     )

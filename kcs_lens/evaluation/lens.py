@@ -4,8 +4,8 @@ Patil et al. (arXiv 2309.17410) count a deleted fact as recovered when its answe
 top-B candidates read from an intermediate layer through the unembedding. Here: the residual
 stream after each block (TransformerLens hook ``blocks.{l}.hook_resid_post``, on both backends)
 at the position that predicts the tail's first token, through the model's final norm and
-unembedding (:meth:`~kcs_lens.model.backends.LensModel.final_norm`,
-:meth:`~kcs_lens.model.backends.LensModel.unembed`); the tail's rank there (0 = top). At the last
+unembedding (:meth:`~kcs_lens.model.lens.LensModel.final_norm`,
+:meth:`~kcs_lens.model.lens.LensModel.unembed`); the tail's rank there (0 = top). At the last
 block this is the model's own output, so the last layer's ranks are the final ranks.
 
 ``lens_top10_any``: share of triplets whose tail is in the top 10 at some layer (the last one
@@ -21,7 +21,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kcs_lens.data.triplets import TripletBatch
-from kcs_lens.model.backends import LensModel
+from kcs_lens.model.lens import LensModel
 
 LENS_TOPK = 10
 

@@ -11,12 +11,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from kcs_lens.discovery.run_model import ModelOverrides
 from kcs_lens.discovery.rundir import RunInfo, load_run
 from kcs_lens.errors import RunError, SubnetworkError
-from kcs_lens.evaluation.evaluate import Evaluator, run_header
+from kcs_lens.evaluation.evaluate import Evaluator
 from kcs_lens.files import atomic_write_json, make_temp_dir
 from kcs_lens.masks.subnetwork import Subnetwork
 from kcs_lens.model.canonical import parse_weight_name
+from kcs_lens.model.lens import LensModel
 
 Log = Callable[[str], None]
 
@@ -103,7 +105,8 @@ def overlap_runs(
     evaluate: bool = False,
     evaluator: Evaluator | None = None,
     log: Log = print,
-    **model_kw: Any,
+    overrides: ModelOverrides | None = None,
+    lens_model: LensModel | None = None,
 ) -> dict[str, Any]:
     """Union / intersection / at-least-k-of-n of several seeds' subnetworks, with overlap statistics.
 
@@ -125,9 +128,7 @@ def overlap_runs(
     if len(targets) > 1:
         log(f"note: the runs have different TargetKGs {targets}; combinations are evaluated on {infos[0].config.target_kg!r}")
     result: dict[str, Any] = {
-        "runs": [
-            {**run_header(r), "sparsity": r.subnetwork.sparsity, "n_in_subnetwork": r.subnetwork.stats.n_sub} for r in infos
-        ],
+        "runs": [{**r.header(), "sparsity": r.subnetwork.sparsity, "n_in_subnetwork": r.subnetwork.stats.n_sub} for r in infos],
         "target_kgs": targets,
         "overlap": overlap_stats(subs),
         "combinations": {
@@ -136,7 +137,7 @@ def overlap_runs(
         },
     }
     if evaluate:
-        ev = evaluator or Evaluator(infos[0], log=log, **model_kw)
+        ev = evaluator or Evaluator(infos[0], log=log, overrides=overrides, lens_model=lens_model)
         for row, r in zip(result["runs"], infos):
             row["metrics"] = ev.metrics(r.subnetwork, ("remaining",))
         for name, c in combos.items():

@@ -1,19 +1,7 @@
 """Differentiable weight masks attached to a model's unprocessed weights (method.md, "Masks").
 
-Granularities (docs/method.md, "Granularities"):
-
-- ``weight``: one real logit per weight, in the canonical TransformerLens layout;
-- ``row`` (formerly ``neuron``, still accepted): one logit per input row of each masked matrix,
-  broadcast over the row: a residual dimension for ``W_Q``/``W_K``/``W_V``/``W_in``/``W_gate``,
-  a (head, d_head) row for ``W_O``, an MLP neuron only for ``W_out``;
-- ``head``: one logit per attention head (``blocks.{l}.attn.heads`` ``[n_heads]``: the head's
-  slices of ``W_Q``, ``W_K``, ``W_V`` and ``W_O``) and one per MLP neuron (``blocks.{l}.mlp.neurons``
-  ``[d_mlp]``: its column of ``W_in`` / ``W_gate`` and its row of ``W_out``). With grouped-query
-  attention a shared K/V head is in the subnetwork only when all its query heads are.
-
-The trainable logits are the *parameters* (per matrix at ``weight``/``row``, per unit at ``head``);
-:func:`expand_units` turns unit masks into per-matrix masks with pure tensor functions of the
-canonical shapes. Masks attach through ``torch.nn.utils.parametrize`` at the
+The granularities (weight, row, head) and the unit expansion are :mod:`kcs_lens.masks.granularity`;
+what a mask covers is :class:`~kcs_lens.masks.mask_config.MaskConfig`. Masks attach through ``torch.nn.utils.parametrize`` at the
 :class:`~kcs_lens.model.loading.WeightSite` of each matrix, so the model's hooks keep working and
 detaching restores the weights exactly.
 
@@ -31,8 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import torch
@@ -41,254 +28,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from kcs_lens.errors import MaskError
-from kcs_lens.model.backends import LensModel
-from kcs_lens.model.canonical import ATTN_MATRICES, MATRICES, ModelShape, canonical_shape, parse_weight_name, weight_name
+from kcs_lens.masks.granularity import Keep, expand_units, param_shape
+from kcs_lens.masks.mask_config import MaskConfig, param_names_of
+from kcs_lens.model.canonical import ModelShape, canonical_shape, parse_weight_name
+from kcs_lens.model.lens import LensModel
 
-Granularity = Literal["weight", "row", "head"]
 Mode = Literal["off", "sample", "eval"]
-Keep = Literal["remaining", "subnetwork"]
-GRANULARITIES = ("weight", "row", "head")
-DEPRECATED_GRANULARITIES = {"neuron": "row"}  # old name -> current name (old run directories say "neuron")
-HEAD_UNITS, NEURON_UNITS = "heads", "neurons"
-
-
-def normalize_granularity(granularity: str, *, warn: bool = False) -> str:
-    """The current name of a granularity: ``neuron`` -> ``row`` (``warn``: a FutureWarning saying
-    so, for user input; saved runs are read silently). Unknown names -> MaskError."""
-    new = DEPRECATED_GRANULARITIES.get(granularity)
-    if new is not None:
-        if warn:
-            warnings.warn(
-                f"granularity {granularity!r} is deprecated: it means one logit per input row of each matrix "
-                f"(an MLP neuron only for W_out); use {new!r} (same masks), or 'head' for one logit per attention "
-                "head and per MLP neuron",
-                FutureWarning,
-                stacklevel=2,
-            )
-        return new
-    if granularity not in GRANULARITIES:
-        raise MaskError(
-            f"unknown granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)} "
-            f"('neuron' is the deprecated name of 'row')"
-        )
-    return granularity
-
-
-# --- unit masks (head granularity) as pure tensor functions of canonical shapes ------------------
-def unit_name(layer: int, kind: str) -> str:
-    """``blocks.{l}.attn.heads`` (one logit per query head) or ``blocks.{l}.mlp.neurons``."""
-    return f"blocks.{layer}.attn.{HEAD_UNITS}" if kind == HEAD_UNITS else f"blocks.{layer}.mlp.{NEURON_UNITS}"
-
-
-def parse_unit_name(name: str) -> tuple[int, str]:
-    """``blocks.6.attn.heads`` -> ``(6, "heads")``."""
-    parts = name.split(".")
-    if (
-        len(parts) != 4
-        or parts[0] != "blocks"
-        or not parts[1].isdigit()
-        or (parts[2], parts[3])
-        not in (
-            ("attn", HEAD_UNITS),
-            ("mlp", NEURON_UNITS),
-        )
-    ):
-        raise MaskError(f"not a head/neuron unit name: {name!r}")
-    return int(parts[1]), parts[3]
-
-
-def unit_kind(matrix: str) -> str:
-    """Which unit a matrix's head-granularity mask comes from: heads (attention) or neurons (MLP)."""
-    return HEAD_UNITS if matrix in ATTN_MATRICES else NEURON_UNITS
-
-
-def n_kv_heads(shape: ModelShape) -> int:
-    """K/V heads of the model (grouped-query attention), n_heads without GQA."""
-    return shape.kv_heads
-
-
-def head_mask_shape(matrix: str, n_heads: int, n_kv: int, d_mlp: int) -> tuple[int, ...]:
-    """Broadcastable per-matrix mask shape at head granularity (canonical TL layouts):
-    ``W_Q``/``W_O`` ``[n_heads, 1, 1]``, ``W_K``/``W_V`` ``[n_kv_heads, 1, 1]`` (``_W_K`` layout),
-    ``W_in``/``W_gate`` ``[1, d_mlp]`` (columns), ``W_out`` ``[d_mlp, 1]`` (rows)."""
-    if matrix in ("W_Q", "W_O"):
-        return (n_heads, 1, 1)
-    if matrix in ("W_K", "W_V"):
-        return (n_kv, 1, 1)
-    if matrix in ("W_in", "W_gate"):
-        return (1, d_mlp)
-    if matrix == "W_out":
-        return (d_mlp, 1)
-    raise MaskError(f"no head-granularity mask for matrix {matrix!r}")
-
-
-def kv_group(heads: Float[Tensor, " n_heads"], n_kv: int, keep: Keep) -> Float[Tensor, " n_kv"]:
-    """The mask of each shared K/V head from its query heads' masks (query head h uses K/V head
-    ``h // (n_heads // n_kv)``): in the subnetwork only when ALL its query heads are.
-
-    ``keep="subnetwork"``: product of the members' masks (AND); ``keep="remaining"``: the
-    complement of that, ``1 - prod(1 - r)`` (OR of the remaining masks). Exact for binary masks,
-    differentiable (straight-through samples keep their gradients), and for probabilities it is
-    the probability of the event when heads are independent."""
-    n = heads.shape[0]
-    if n_kv <= 0 or n % n_kv:
-        raise MaskError(f"n_heads={n} is not a multiple of n_kv_heads={n_kv}")
-    if n_kv == n:
-        return heads
-    g = heads.view(n_kv, n // n_kv)
-    return g.prod(-1) if keep == "subnetwork" else 1.0 - (1.0 - g).prod(-1)
-
-
-def expand_unit(unit: Float[Tensor, " n"], matrix: str, n_kv: int, keep: Keep) -> Tensor:
-    """One matrix's broadcastable mask from its unit mask (heads ``[n_heads]`` or neurons ``[d_mlp]``)."""
-    if matrix in ("W_Q", "W_O"):
-        return unit.view(-1, 1, 1)
-    if matrix in ("W_K", "W_V"):
-        return kv_group(unit, n_kv, keep).view(-1, 1, 1)
-    if matrix in ("W_in", "W_gate"):
-        return unit.view(1, -1)
-    if matrix == "W_out":
-        return unit.view(-1, 1)
-    raise MaskError(f"no head-granularity mask for matrix {matrix!r}")
-
-
-def expand_units(units: dict[str, Tensor], names: "list[str] | tuple[str, ...]", n_kv: int, keep: Keep) -> dict[str, Tensor]:
-    """Per-matrix masks (canonical names ``names``) from unit masks keyed by :func:`unit_name`."""
-    out = {}
-    for n in names:
-        layer, matrix = parse_weight_name(n)
-        out[n] = expand_unit(units[unit_name(layer, unit_kind(matrix))], matrix, n_kv, keep)
-    return out
-
-
-def expand_unit_logits(units: dict[str, Tensor], names: "list[str] | tuple[str, ...]", n_kv: int) -> dict[str, Tensor]:
-    """Per-matrix *logits* of a head-granularity subnetwork (for files and per-matrix tools): the
-    unit's logit, and for a shared K/V head the minimum over its query heads, so that
-    ``logit > 0`` is exactly the membership rule of :func:`kv_group`."""
-    out = {}
-    for n in names:
-        layer, matrix = parse_weight_name(n)
-        u = units[unit_name(layer, unit_kind(matrix))]
-        if matrix in ("W_K", "W_V") and n_kv != u.shape[0]:
-            u = u.view(n_kv, -1).amin(-1)
-        out[n] = expand_unit(u, matrix, u.shape[0], "subnetwork").clone()  # own storage (files refuse shared tensors)
-    return out
-
-
-def resolve_layers(layers: "str | list[int] | tuple[int, ...] | None", n_layers: int) -> tuple[int, ...]:
-    """``top-half`` (default: blocks n/2 .. n-1, as in the paper), ``all``, ``A-B`` or ``A:B``
-    (inclusive / python-style), a comma list, or a list of ints. Out of range -> MaskError."""
-    if layers is None or layers == "top-half":
-        out = tuple(range(n_layers // 2, n_layers))
-    elif layers == "all":
-        out = tuple(range(n_layers))
-    elif isinstance(layers, str):
-        s = layers.replace(" ", "")
-        try:
-            if "-" in s:
-                a, b = s.split("-")
-                out = tuple(range(int(a), int(b) + 1))
-            elif ":" in s:
-                a, b = s.split(":")
-                out = tuple(range(int(a), int(b)))
-            else:
-                out = tuple(int(x) for x in s.split(",") if x)
-        except ValueError as e:
-            raise MaskError(
-                f"--layers {layers!r}: expected 'top-half', 'all', a range like '6-11', or a list like '6,7,8'"
-            ) from e
-    else:
-        out = tuple(int(x) for x in layers)
-    if not out:
-        raise MaskError(f"--layers {layers!r} selects no block")
-    bad = [l for l in out if not 0 <= l < n_layers]
-    if bad:
-        raise MaskError(
-            f"--layers {layers!r}: blocks {bad} are out of range for a model with {n_layers} blocks (0-{n_layers - 1})"
-        )
-    return tuple(sorted(set(out)))
-
-
-def mask_shape(shape: ModelShape, matrix: str, granularity: str) -> tuple[int, ...]:
-    """Shape of one matrix's (broadcastable) logits and mask: the canonical shape (``weight``),
-    1 along the output dims (``row``), or one entry per head / neuron (``head``)."""
-    granularity = normalize_granularity(granularity)
-    full = canonical_shape(shape, matrix)
-    if granularity == "weight":
-        return full
-    if granularity == "row":  # one logit per input row, broadcast over the outputs
-        if matrix in ("W_Q", "W_K", "W_V"):
-            return (1, full[1], 1)
-        if matrix == "W_O":
-            return (full[0], full[1], 1)
-        return (full[0], 1)  # W_in / W_gate: a residual dimension; W_out: an MLP neuron
-    return head_mask_shape(matrix, shape.n_heads, n_kv_heads(shape), shape.d_mlp)
-
-
-def param_shape(shape: ModelShape, name: str, granularity: str) -> tuple[int, ...]:
-    """Shape of one trainable logit tensor: a matrix's :func:`mask_shape`, or a unit's
-    ``[n_heads]`` / ``[d_mlp]`` at head granularity."""
-    if normalize_granularity(granularity) != "head":
-        return mask_shape(shape, parse_weight_name(name)[1], granularity)
-    return (shape.n_heads,) if parse_unit_name(name)[1] == HEAD_UNITS else (shape.d_mlp,)
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    layers: tuple[int, ...]
-    matrices: tuple[str, ...] = MATRICES
-    granularity: str = "weight"  # validated below: it comes from configs and files
-    init_prob: float = 0.45
-    tau: float = 1.0
-
-    def __post_init__(self) -> None:
-        bad = [m for m in self.matrices if m not in MATRICES]
-        if bad:
-            raise MaskError(f"unknown matrices {bad}; expected a subset of {', '.join(MATRICES)}")
-        object.__setattr__(self, "granularity", normalize_granularity(self.granularity))  # 'neuron' -> 'row'
-        if not 0.0 < self.init_prob < 1.0:
-            raise MaskError(f"init_prob must be in (0, 1), got {self.init_prob}")
-
-    @property
-    def names(self) -> list[str]:
-        """The masked matrices' canonical names."""
-        return [weight_name(l, m) for l in self.layers for m in self.matrices]
-
-    @property
-    def param_names(self) -> list[str]:
-        """Names of the trainable logit tensors: the matrices, or at head granularity the units
-        (``blocks.{l}.attn.heads`` where an attention matrix is masked, ``blocks.{l}.mlp.neurons``
-        where an MLP matrix is)."""
-        return param_names_of(self, self.names)
-
-    def model_names(self, shape: ModelShape) -> list[str]:
-        """:attr:`names` that the model of ``shape`` has (``W_gate`` only in gated MLPs)."""
-        have = shape.matrices
-        names = [n for n in self.names if parse_weight_name(n)[1] in have]
-        if not names:
-            raise MaskError(f"none of the matrices {', '.join(self.matrices)} exists in this model (it has {', '.join(have)})")
-        return names
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "layers": list(self.layers), "matrices": list(self.matrices)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MaskConfig":
-        return cls(
-            layers=tuple(d["layers"]),
-            matrices=tuple(d.get("matrices", MATRICES)),
-            granularity=d.get("granularity", "weight"),
-            init_prob=d.get("init_prob", 0.45),
-            tau=d.get("tau", 1.0),
-        )
-
-
-def param_names_of(config: MaskConfig, names: "list[str]") -> list[str]:
-    """The trainable logit tensors that mask the matrices ``names`` under ``config``."""
-    if config.granularity != "head":
-        return list(names)
-    kinds = {unit_kind(parse_weight_name(n)[1]) for n in names}
-    return [unit_name(l, k) for l in config.layers for k in (HEAD_UNITS, NEURON_UNITS) if k in kinds]
 
 
 def _key(name: str) -> str:
@@ -343,7 +88,7 @@ class WeightMask(nn.Module):
                 for n in self._param_names
             }
         )
-        self.n_kv = n_kv_heads(shape)
+        self.n_kv = shape.kv_heads
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.mode: Mode = "eval"

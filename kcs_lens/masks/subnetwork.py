@@ -6,12 +6,12 @@ plus string metadata (model spec and weight fingerprint, model shape, layer rang
 sparsity, seed, step, kcs-lens version). Logit shapes follow the canonical layout, so a
 subnetwork found on one TransformerLens backend applies on the other. Masks of ``row`` and
 ``head`` granularity are stored at a shape that broadcasts to the matrix
-(:func:`~kcs_lens.masks.mask.mask_shape`; :meth:`Subnetwork.full_binary` expands them).
+(:func:`~kcs_lens.masks.granularity.mask_shape`; :meth:`Subnetwork.full_binary` expands them).
 
 At ``head`` granularity the file also holds ``units/blocks.{l}.attn.heads`` ``[n_heads]`` and
 ``units/blocks.{l}.mlp.neurons`` ``[d_mlp]``: the trained logits, one per attention head and per
 MLP neuron. They are the source of truth; the per-matrix logits are derived from them
-(:func:`~kcs_lens.masks.mask.expand_unit_logits`), so every per-matrix tool reads a head run as it
+(:func:`~kcs_lens.masks.granularity.expand_unit_logits`), so every per-matrix tool reads a head run as it
 reads any other.
 """
 
@@ -32,19 +32,9 @@ from torch import Tensor
 
 from kcs_lens.errors import SubnetworkError
 from kcs_lens.files import atomic_save_safetensors, canonical_json
-from kcs_lens.masks.mask import (
-    HEAD_UNITS,
-    Keep,
-    MaskConfig,
-    MaskStats,
-    WeightMask,
-    expand_unit_logits,
-    mask_stats,
-    n_kv_heads,
-    param_names_of,
-    parse_unit_name,
-)
-from kcs_lens.model.backends import LensModel
+from kcs_lens.masks.granularity import HEAD_UNITS, Keep, expand_unit_logits, parse_unit_name
+from kcs_lens.masks.mask import MaskStats, WeightMask, mask_stats
+from kcs_lens.masks.mask_config import MaskConfig, param_names_of
 from kcs_lens.model.canonical import (
     ATTN_MATRICES,
     KV_MATRICES,
@@ -54,6 +44,7 @@ from kcs_lens.model.canonical import (
     total_linear_weights,
     weight_name,
 )
+from kcs_lens.model.lens import LensModel
 
 BINARY_LOGIT = 20.0  # logits of a purely binary subnetwork (a combination, a random draw): sigmoid = 1 - 2e-9
 NEAR = 0.05  # a mask probability sigmoid(l) <= NEAR is "near 0", >= 1 - NEAR "near 1"
@@ -79,7 +70,7 @@ class Subnetwork:
         missing = [n for n in param_names_of(self.mask_config, names) if n not in self.units]
         if missing:
             raise SubnetworkError(f"head-granularity subnetwork without logits for {missing[:3]}")
-        self.logits = expand_unit_logits(self.units, names, n_kv_heads(self.shape))
+        self.logits = expand_unit_logits(self.units, names, self.shape.kv_heads)
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -224,11 +215,9 @@ class Subnetwork:
             raise SubnetworkError(
                 f"subnetwork was found on a model of shape {asdict(self.shape)}, but {lm.spec!r} has {asdict(lm.shape)}"
             )
-        fp = self.meta.get("model_fingerprint")
-        if strict_fingerprint and fp and fp != lm.fingerprint():
-            raise SubnetworkError(
-                f"subnetwork was found on model {self.meta.get('model_spec')!r} (weights fingerprint {fp}), "
-                f"but {lm.spec!r} has different weights (fingerprint {lm.fingerprint()})"
+        if strict_fingerprint:
+            lm.check_fingerprint(
+                self.meta.get("model_fingerprint"), f"subnetwork was found on model {self.meta.get('model_spec')!r}"
             )
 
     @contextmanager
@@ -238,13 +227,6 @@ class Subnetwork:
         wm = self.to_mask(device=lm.device)
         with wm.applied(lm, mode="eval", keep=keep):
             yield lm
-
-    def remove_from(self, lm: LensModel) -> WeightMask:
-        """Attach the deterministic complement to ``lm`` and return the mask (``.detach()`` restores)."""
-        self.check_model(lm)
-        wm = self.to_mask(device=lm.device).attach(lm)
-        wm.mode, wm.keep = "eval", "remaining"
-        return wm
 
     # --- files -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
@@ -309,7 +291,7 @@ def units_from_matrix_logits(logits: dict[str, Tensor], mc: MaskConfig, shape: M
     else W_O, else K/V without GQA; neurons from W_in, W_gate or W_out). Every other matrix of a
     unit must agree on membership (shared K/V heads are not checked under GQA: they follow the
     rule); otherwise the masks are not head-structured -> SubnetworkError."""
-    n_kv = n_kv_heads(shape)
+    n_kv = shape.kv_heads
     order = {HEAD_UNITS: ("W_Q", "W_O", "W_K", "W_V"), "neurons": ("W_in", "W_gate", "W_out")}
     units: dict[str, Tensor] = {}
     for name in param_names_of(mc, mc.model_names(shape)):
@@ -333,3 +315,18 @@ def units_from_matrix_logits(logits: dict[str, Tensor], mc: MaskConfig, shape: M
 
 def _binary_logits(b: Tensor) -> Tensor:
     return torch.where(b.bool(), BINARY_LOGIT, -BINARY_LOGIT)
+
+
+def random_like(sub: Subnetwork, generator: torch.Generator) -> Subnetwork:
+    """A subnetwork with, in every matrix, as many members as ``sub`` (weights, or rows at row
+    granularity) placed uniformly at random; at head granularity as many heads and MLP neurons
+    per block."""
+    units = sub.unit_binary()
+    out = {}
+    for n, b in (units if units is not None else sub.binary()).items():
+        flat = torch.zeros(b.numel(), dtype=torch.bool)
+        flat[torch.randperm(b.numel(), generator=generator)[: int(b.sum())]] = True
+        out[n] = flat.view(b.shape)
+    if units is not None:
+        return sub.with_unit_binary(out, random_baseline=True)
+    return sub.with_binary(out, random_baseline=True)

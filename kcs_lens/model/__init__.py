@@ -1,2 +1,2 @@
 """The model: canonical matrix names, per-family facts, the two TransformerLens backends
-(:class:`~kcs_lens.model.backends.LensModel`) and loading a model spec."""
+(:class:`~kcs_lens.model.lens.LensModel`) and loading a model spec."""

@@ -36,11 +36,25 @@ QKV = ("W_Q", "W_K", "W_V")
 
 @dataclass(frozen=True)
 class Family:
-    """One HF architecture: parameter names (``{l}`` = layer) and layouts of the canonical matrices."""
+    """One HF architecture: parameter names (``{l}`` = layer) and layouts of the canonical matrices,
+    and the facts the loaders, backends and the HookedTransformer mapping read (one place each)."""
 
     name: str  # what the docs call it
     prefix: str  # of layer l's parameters
     sites: dict[str, tuple[str, str]]  # canonical matrix -> (HF parameter suffix, layout)
+    hooked_kind: str  # which HookedTransformerConfig builder maps it (kcs_lens.model.hooked_config)
+    block_norms: tuple[tuple[str, str], ...]  # per block: (HF norm module under prefix, TL norm module)
+    embed: str  # HF token embedding parameter
+    final_norm: str  # HF final norm module (with a trailing dot)
+    pos_embed: str | None = None  # HF learned position embedding parameter (None: rotary)
+    pos_offset: int = 0  # rows of pos_embed never used (OPT: 2)
+    rms_norm: bool = False  # RMSNorm (no centring) rather than LayerNorm
+    norm_plus_one: bool = False  # the RMSNorm scales by (1 + weight) (Gemma)
+    embed_scaled: bool = False  # the embeddings are multiplied by sqrt(d_model) in the forward pass (Gemma)
+    qk_norm: bool = False  # RMSNorm on queries and keys (Qwen 3)
+    sandwich_norms: bool = False  # norms before and after attention and MLP (Gemma 2)
+    act_fields: tuple[str, ...] = ("hidden_act",)  # HF config fields naming the activation, first present wins
+    plain_blocks: bool = False  # GPT-2 blocks: learned positions, the blocks need nothing but the residual
     notes: str = ""
 
     def hf_name(self, layer: int, matrix: str) -> str:
@@ -60,6 +74,32 @@ _LLAMA_LIKE = {
     "W_out": ("mlp.down_proj.weight", "linear"),
 }
 
+_LLAMA_NORMS = (("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2"))
+_GEMMA2_NORMS = (
+    ("input_layernorm", "ln1"),
+    ("post_attention_layernorm", "ln1_post"),
+    ("pre_feedforward_layernorm", "ln2"),
+    ("post_feedforward_layernorm", "ln2_post"),
+)
+
+
+def _llama_like(name: str, **facts: Any) -> Family:
+    """A Llama-like decoder: RMSNorm, gated MLP, rotary positions, ``model.layers``."""
+    return Family(
+        name,
+        "model.layers.{l}.",
+        _LLAMA_LIKE,
+        hooked_kind="llama",
+        block_norms=facts.pop("block_norms", _LLAMA_NORMS),
+        embed="model.embed_tokens.weight",
+        final_norm="model.norm.",
+        rms_norm=True,
+        **facts,
+    )
+
+
+_GEMMA = dict(norm_plus_one=True, embed_scaled=True, act_fields=("hidden_activation", "hidden_act"))
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         "GPT-2",
@@ -72,6 +112,12 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("mlp.c_fc.weight", "conv"),
             "W_out": ("mlp.c_proj.weight", "conv"),
         },
+        hooked_kind="gpt2",
+        block_norms=(("ln_1", "ln1"), ("ln_2", "ln2")),
+        embed="transformer.wte.weight",
+        pos_embed="transformer.wpe.weight",
+        final_norm="transformer.ln_f.",
+        plain_blocks=True,
     ),
     "gpt_neox": Family(
         "GPT-NeoX / Pythia",
@@ -84,13 +130,17 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("mlp.dense_h_to_4h.weight", "linear"),
             "W_out": ("mlp.dense_4h_to_h.weight", "linear"),
         },
+        hooked_kind="gpt_neox",
+        block_norms=_LLAMA_NORMS,
+        embed="gpt_neox.embed_in.weight",
+        final_norm="gpt_neox.final_layer_norm.",
     ),
-    "llama": Family("Llama", "model.layers.{l}.", _LLAMA_LIKE),
-    "mistral": Family("Mistral", "model.layers.{l}.", _LLAMA_LIKE),
-    "qwen2": Family("Qwen2", "model.layers.{l}.", _LLAMA_LIKE),
-    "qwen3": Family("Qwen3", "model.layers.{l}.", _LLAMA_LIKE),
-    "gemma": Family("Gemma", "model.layers.{l}.", _LLAMA_LIKE),
-    "gemma2": Family("Gemma 2", "model.layers.{l}.", _LLAMA_LIKE),
+    "llama": _llama_like("Llama"),
+    "mistral": _llama_like("Mistral"),
+    "qwen2": _llama_like("Qwen2"),
+    "qwen3": _llama_like("Qwen3", qk_norm=True),
+    "gemma": _llama_like("Gemma", **_GEMMA),
+    "gemma2": _llama_like("Gemma 2", block_norms=_GEMMA2_NORMS, sandwich_norms=True, **_GEMMA),
     "opt": Family(
         "OPT",
         "model.decoder.layers.{l}.",
@@ -102,6 +152,12 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("fc1.weight", "linear"),
             "W_out": ("fc2.weight", "linear"),
         },
+        hooked_kind="opt",
+        block_norms=(("self_attn_layer_norm", "ln1"), ("final_layer_norm", "ln2")),
+        embed="model.decoder.embed_tokens.weight",
+        pos_embed="model.decoder.embed_positions.weight",
+        pos_offset=2,
+        final_norm="model.decoder.final_layer_norm.",
     ),
     "gptj": Family(
         "GPT-J",
@@ -114,6 +170,11 @@ FAMILIES: dict[str, Family] = {
             "W_in": ("mlp.fc_in.weight", "linear"),
             "W_out": ("mlp.fc_out.weight", "linear"),
         },
+        hooked_kind="gpt2",
+        block_norms=(("ln_1", "ln1"), ("ln_1", "ln2")),  # one LayerNorm for the parallel attention and MLP
+        embed="transformer.wte.weight",
+        pos_embed="transformer.wpe.weight",
+        final_norm="transformer.ln_f.",
     ),
 }
 

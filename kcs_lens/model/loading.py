@@ -1,14 +1,14 @@
-"""Loading models as :class:`~kcs_lens.model.backends.LensModel` with UNPROCESSED weights.
+"""Loading models as :class:`~kcs_lens.model.lens.LensModel` with UNPROCESSED weights.
 
 One entry point, :func:`load_model`, takes a model spec (an HF name, a local HF directory, the
 bundled model's short name, or a model object the user already holds) and returns a LensModel
-over either backend (:mod:`kcs_lens.model.backends`):
+over either backend (:mod:`kcs_lens.model.lens`):
 
 - ``bridge``: TransformerLens 4.x ``TransformerBridge`` (what a default install gets), or
 - ``hooked``: TransformerLens 3.x ``HookedTransformer`` (what many notebooks hold).
 
 Families: every HF ``model_type`` in :data:`kcs_lens.model.families.FAMILIES` loads on both backends
-(``hooked`` through our own HF -> HookedTransformer mapping, :mod:`kcs_lens.model.hooked`; variants it
+(``hooked`` through our own HF -> HookedTransformer mapping, :mod:`kcs_lens.model.hooked_config`, :mod:`kcs_lens.model.hooked_weights`; variants it
 does not map, e.g. scaled RoPE, are refused there naming the architecture and ``--backend bridge``).
 Anything else is refused with an error naming the architecture. Default: ``hooked`` for GPT-2 where
 TransformerLens 3.x is installed, the bridge otherwise.
@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kcs_lens.errors import ModelLoadError
-from kcs_lens.model.backends import Backend, BridgeLensModel, HookedLensModel, LensModel
+from kcs_lens.model.backend_bridge import BridgeLensModel
+from kcs_lens.model.backend_hooked import HookedLensModel, hooked_from_hf
 from kcs_lens.model.families import check_config
-from kcs_lens.model.hooked import hf_to_tl_state_dict, hooked_config
+from kcs_lens.model.lens import Backend, LensModel
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled" / "model"
 # short name -> (model directory, how to rebuild it)
@@ -372,56 +373,7 @@ def from_hf(
                 f"({', '.join(getattr(hf.config, 'architectures', None) or [type(hf).__name__])}): {type(e).__name__}: {e}"
             ) from e
         return BridgeLensModel(bridge, tokenizer, spec, source)
-    model, originals = _hooked_from_hf(hf, tokenizer, device, spec)
+    model, originals = hooked_from_hf(hf, tokenizer, device, spec)
     lm = HookedLensModel(model, tokenizer, spec, source)
     lm.hf_originals = originals
     return lm
-
-
-def _hooked_from_hf(
-    hf: Any, tokenizer: Any, device: str | torch.device, spec: str = "custom"
-) -> tuple[nn.Module, dict[str, Tensor]]:
-    """A HookedTransformer with the HF model's weights, unprocessed (:mod:`kcs_lens.model.hooked`), and the
-    HF tensors kept for the way back."""
-    from kcs_lens.model.canonical import ModelShape
-    from kcs_lens.model.families import family_of
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    c = hf.config
-    mt = c.model_type
-    kw = hooked_config(c, f"model {spec!r}")
-    dtype = next(hf.parameters()).dtype
-    cfg = HookedTransformerConfig(**kw, dtype=dtype, device=str(device), init_weights=False)
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    shape = ModelShape(
-        cfg.n_layers,
-        cfg.n_heads,
-        cfg.d_model,
-        cfg.d_head,
-        int(cfg.d_mlp or 0),
-        cfg.d_vocab,
-        cfg.n_ctx,
-        cfg.n_key_value_heads,
-        cfg.gated_mlp,
-    )
-    sd, originals = hf_to_tl_state_dict(
-        hf.state_dict(),
-        family_of(mt),
-        mt,
-        shape,
-        dict(model.named_parameters()),
-        {n for n, _ in hf.named_parameters(remove_duplicate=False)},
-        f"model {spec!r}",
-    )
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    params = {n for n, _ in model.named_parameters()}
-    if unexpected or params & set(missing):
-        raise ModelLoadError(
-            f"internal: loading {mt!r} into HookedTransformer: missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]}"
-        )
-    # TL 3.x's HookedTransformer.to prints "Moving model to device" on stdout, which would
-    # corrupt `--json` output; keep stdout for results.
-    return model.to(device, print_details=False).eval(), originals

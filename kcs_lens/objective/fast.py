@@ -61,7 +61,7 @@ from torch.nn.utils import parametrize
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.evaluation.scoring import per_triplet_mean
 from kcs_lens.masks.mask import WeightMask, gumbel_sigmoid_ste
-from kcs_lens.model.backends import LensModel
+from kcs_lens.model.lens import LensModel
 from kcs_lens.objective.distractors import DistractorPools
 from kcs_lens.objective.fast_ops import FusedNoise, RowCache, chunked_unembed_kl, final_and_lens_at, final_at, row_keys
 from kcs_lens.objective.reference import (

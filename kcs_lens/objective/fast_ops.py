@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.masks.mask import WeightMask
-from kcs_lens.model.backends import LensModel
+from kcs_lens.model.lens import LensModel
 
 U_LO, U_HI = 1e-6, 1.0 - 1e-6  # the reference's clamp of the uniform noise
 CHUNK_BYTES = 64 * 2**20  # the largest [rows, vocabulary] float32 tensor of one chunk of the unembedding + KL
@@ -28,19 +28,18 @@ def last_block_at(lm: LensModel, x: Float[Tensor, "b s d"], sm: Bool[Tensor, "b 
     """The last block's output at the positions ``sm`` only (row-major): keys and values at every
     position, queries, attention output and MLP at the selected ones (``lm.plain_attention``)."""
     layer = lm.shape.n_layers - 1
-    blk = lm.model.blocks[layer]
     bi, pi = sm.nonzero(as_tuple=True)
     n = x.shape[1]
-    t = blk.ln1(x)
-    q = lm.project(layer, t[bi, pi], "Q")  # [S, h, dh]
-    k = lm.project(layer, t, "K")[bi]  # [S, n, h, dh]
+    t = lm.attn_input(layer, x)
+    q: Float[Tensor, "S n_heads d_head"] = lm.project(layer, t[bi, pi], "Q")
+    k: Float[Tensor, "S n n_heads d_head"] = lm.project(layer, t, "K")[bi]
     v = lm.project(layer, t, "V")[bi]
     scores = torch.einsum("shd,sjhd->shj", q, k) / math.sqrt(q.shape[-1])
-    future = torch.arange(n, device=x.device)[None, :] > pi[:, None]  # [S, n]
+    future: Bool[Tensor, "S n"] = torch.arange(n, device=x.device)[None, :] > pi[:, None]
     scores = scores.masked_fill(future[:, None, :], float("-inf"))
     z = torch.einsum("shj,sjhd->shd", scores.softmax(-1), v)
     mid = x[bi, pi] + lm.attn_output(layer, z)
-    return mid + blk.mlp(blk.ln2(mid[None]))[0]
+    return mid + lm.mlp_output(layer, mid[None])[0]
 
 
 def final_at(

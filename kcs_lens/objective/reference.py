@@ -44,7 +44,7 @@ from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.errors import ConfigError
 from kcs_lens.evaluation.scoring import per_triplet_mean
 from kcs_lens.masks.mask import WeightMask
-from kcs_lens.model.backends import LensModel
+from kcs_lens.model.lens import LensModel
 from kcs_lens.objective.distractors import DistractorPools
 
 TailPosition = Literal["correct", "released"]
@@ -101,6 +101,7 @@ class LossConfig:
         return out
 
 
+Ablation = Literal["full", "no-suppression", "no-control-kg", "no-control-lm", "no-sparsity"]
 ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
     "no-suppression": {"use_suppression": False},

@@ -9,7 +9,8 @@ machine or a Ray cluster, resumable, ending in one study report (``kcs-lens swee
 """
 
 from kcs_lens.sweep.cells import run_cell
+from kcs_lens.sweep.config import SweepConfig, parse_resources
 from kcs_lens.sweep.plan import Cell, Plan, expand, is_study, load_plan
-from kcs_lens.sweep.runner import parse_resources, run_sweep, status
+from kcs_lens.sweep.runner import run_sweep, status
 
-__all__ = ["Cell", "Plan", "expand", "is_study", "load_plan", "parse_resources", "run_cell", "run_sweep", "status"]
+__all__ = ["Cell", "Plan", "SweepConfig", "expand", "is_study", "load_plan", "parse_resources", "run_cell", "run_sweep", "status"]

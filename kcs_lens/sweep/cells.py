@@ -100,6 +100,28 @@ def resumed_step(rd: RunDir) -> int | None:
 ModelLoader = Callable[[str, "str | None", str], Any]
 
 
+def _file_log(path: Path) -> Callable[[str], None]:
+    """A log function appending time-stamped lines to ``path`` (its folder created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    return log
+
+
+def _cell_config(cell: Cell, rd: Any, state: str, force: bool, device: str | None) -> Any:
+    """The cell's DiscoveryConfig (``device`` replacing its own); a run directory with other
+    settings is refused unless ``force``."""
+    if state == CONFLICT and not force:
+        raise KcsLensError(
+            f"{rd.path} holds a run with other settings than the plan's; move it away or rerun the sweep with --force"
+        )
+    cfg = cell.discovery_config()
+    return cfg if device is None else dataclasses.replace(cfg, device=device).validate()
+
+
 def run_cell(
     study_dir: str | Path,
     cell: Cell,
@@ -130,24 +152,12 @@ def run_cell(
     where = {"pid": os.getpid(), "host": socket.gethostname(), "node": node or socket.gethostname()}
     history: list[dict[str, Any]] = [a for a in prev.get("attempts", []) if isinstance(a, dict)]
     rd = run_dir(study_dir, cell)
-    logf = log_file(study_dir, cell)
-    logf.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(msg: str) -> None:
-        with open(logf, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-
+    log = _file_log(log_file(study_dir, cell))
     try:
         state = cell_state(study_dir, cell)
         if state == DONE:
             return {**base, "state": "skipped", "elapsed": 0.0, "result": result_of(study_dir, cell), "resumed_from": None}
-        if state == CONFLICT and not force:
-            raise KcsLensError(
-                f"{rd.path} holds a run with other settings than the plan's; move it away or rerun the sweep with --force"
-            )
-        cfg = cell.discovery_config()
-        if device is not None:
-            cfg = dataclasses.replace(cfg, device=device).validate()
+        cfg = _cell_config(cell, rd, state, force, device)
         resumed_from = None
         if state == PARTIAL:
             resumed_from = resumed_step(rd)

@@ -123,6 +123,19 @@ def _worker(
             events.put(ev)
 
 
+def _run_in_process(
+    study_dir: Path, groups: list[list[Cell]], device: str | None, force: bool, track: tuple[str, ...], threads: int | None
+) -> Iterator[Event]:
+    """The packs one after the other in this process (one worker: no process isolation)."""
+    if threads is not None:
+        from kcs_lens.threads import set_threads
+
+        set_threads(threads)
+    cache = ModelCache()
+    for group in groups:
+        yield from run_pack(study_dir, group, device=device, cache=cache, force=force, track=track)
+
+
 def run_local(
     study_dir: Path,
     cells: list[Cell],
@@ -144,14 +157,7 @@ def run_local(
     in-process: torch's default unless given)."""
     groups = packs(cells, pack)
     if workers == 1:
-        device = devices[0] if devices else None
-        if threads is not None:
-            from kcs_lens.threads import set_threads
-
-            set_threads(threads)
-        cache = ModelCache()
-        for group in groups:
-            yield from run_pack(study_dir, group, device=device, cache=cache, force=force, track=track)
+        yield from _run_in_process(study_dir, groups, devices[0] if devices else None, force, track, threads)
         return
     ctx = mp.get_context("spawn")  # fork would copy torch's threads and locks
     tasks, events = ctx.Queue(), ctx.Queue()

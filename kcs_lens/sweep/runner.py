@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kcs_lens.errors import ConfigError, KcsLensError
+from kcs_lens.files import atomic_write_json
+from kcs_lens.settings import build
 from kcs_lens.sweep.cells import DONE, cell_state, describe
+from kcs_lens.sweep.config import SweepConfig
 from kcs_lens.sweep.executors import import_ray, packs, run_local, run_ray
 from kcs_lens.sweep.plan import expand, load_plan, reconcile, write_plan
 from kcs_lens.tracking import Tracking, check_tracking, parse_tracking
 
-EXECUTORS = ("local", "ray")
-
-
-def parse_resources(text: str | None) -> dict[str, float]:
-    """``'{"GPU": 1}'`` -> {"GPU": 1.0} (Ray resource names to amounts per cell)."""
-    if not text:
-        return {"CPU": 1.0}
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--resources {text!r}: not JSON ({e.msg}); e.g. '{{\"GPU\": 1}}'") from None
-    if not isinstance(d, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for k, v in d.items()
-    ):
-        raise ConfigError(f"--resources {text!r}: expected a JSON object of resource names to amounts >= 0")
-    return {k: float(v) for k, v in d.items()}
+RUN_SETTINGS = "sweep-run.json"  # the SweepConfig of the last run in a study directory
 
 
 def check_study_dir(out: str | Path) -> Path:
@@ -56,107 +43,79 @@ def status(study_dir: str | Path) -> list[dict[str, Any]]:
 def run_sweep(
     study: str | Path,
     out: str | Path,
+    config: SweepConfig | None = None,
     *,
-    executor: str = "local",
-    workers: int | None = None,
-    devices: list[str] | None = None,
-    ray_address: str | None = None,
-    resources: dict[str, float] | str | None = None,
-    max_retries: int = 1,
-    pack: int = 1,
-    dry_run: bool = False,
-    force: bool = False,
-    add: bool = False,
     progress: bool = False,
-    threads: int | None = None,
     log: Callable[[str], None] = print,
     track: Sequence[str] = (),
+    **options: Any,
 ) -> dict[str, Any]:
     """Expand ``study`` into its plan, write ``out/sweep.json``, and run every cell not done yet
-    (interrupted ones resume). Returns ``{"plan", "results", "failed", "skipped"}``; a failed cell
-    is recorded and the others go on. ``track``: ``--log`` trackers, one tracking run per cell
+    (interrupted ones resume). ``options``: :class:`~kcs_lens.sweep.config.SweepConfig` fields (or
+    pass ``config``). Returns ``{"plan", "results", "failed", "skipped"}``; a failed cell is
+    recorded and the others go on. ``track``: ``--log`` trackers, one tracking run per cell
     (:mod:`kcs_lens.tracking`; a W&B group per study). ``pack``: cells of one model a worker (or
     Ray task) runs in one process, sharing the model, data, the original evaluation and per-row
     caches (same masks as one cell per worker; :mod:`kcs_lens.discovery.shared`)."""
-    if executor not in EXECUTORS:
-        raise ConfigError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if force and add:
-        raise ConfigError("pass --force (replace the plan) or --add (new cells only), not both")
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers {workers}: must be >= 1")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"--threads {threads!r}: must be an integer >= 1")
-    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
-        raise ConfigError(f"--pack {pack!r}: must be an integer >= 1")
-    if max_retries < 0:
-        raise ConfigError(f"--max-retries {max_retries}: must be >= 0")
+    if config is not None and options:
+        raise ConfigError("pass either a SweepConfig or keyword options, not both")
+    c = (config or build(SweepConfig, options)).validate()
     kinds = parse_tracking(track).kinds
     check_tracking(Tracking(kinds))  # a missing package or login: one error line before any cell runs
-    if resources is not None and executor != "ray":
-        raise ConfigError("--resources is for --executor ray (the local executor takes --workers and --devices)")
-    if isinstance(resources, str):
-        resources = parse_resources(resources)
-    devices = [d.strip() for d in (devices or []) if d.strip()]
-    if devices:
-        from kcs_lens.model.loading import check_device
-
-        for d in devices:
-            check_device(d, option="--devices")
     out = check_study_dir(out)
-    if executor == "ray":
+    if c.executor == "ray":
         import_ray()  # the missing extra is one error line before anything else
-        if ray_address is not None and not dry_run:
+        if c.ray_address is not None and not c.dry_run:
             from kcs_lens.sweep.raycluster import probe
 
-            probe(ray_address)  # nothing listening there: seconds, before the study is read
-        if workers is not None or devices:
-            raise ConfigError("--workers and --devices are for --executor local; with ray use --resources (Ray assigns devices)")
-    plan, changed = reconcile(expand(study), out, force=force, add=add)
-    if executor == "local" and not devices:  # where the cells run is known: their devices must be here
+            probe(c.ray_address)  # nothing listening there: seconds, before the study is read
+    plan, changed = reconcile(expand(study), out, force=c.force, add=c.add)
+    if c.executor == "local" and not c.devices:  # where the cells run is known: their devices must be here
         from kcs_lens.model.loading import check_device
 
-        for d in dict.fromkeys(c.config["device"] for c in plan.cells):
+        for d in dict.fromkeys(cell.config["device"] for cell in plan.cells):
             try:
                 check_device(d, option="device =")
             except KcsLensError as e:
                 raise ConfigError(f"{study}: {e}") from None
-    if dry_run:
+    if c.dry_run:
         return {"plan": plan, "results": [], "failed": [], "skipped": [], "changed": changed}
-    if executor == "ray":  # the cluster answers and every node sees --out, before anything is written
+    if c.executor == "ray":  # the cluster answers and every node sees --out, before anything is written
         from kcs_lens.sweep.raycluster import join_cluster
 
-        join_cluster(ray_address, Path(out))
+        join_cluster(c.ray_address, Path(out))
     if changed:
         write_plan(plan, out)
-    states = {c.name: cell_state(out, c) for c in plan.cells}
-    todo = [c for c in plan.cells if states[c.name] != DONE]
-    skipped = [c.name for c in plan.cells if states[c.name] == DONE]
-    log(f"study {out}: {len(plan.cells)} cells, {len(skipped)} done, {len(todo)} to run ({executor} executor)")
-    if executor == "local":
-        n = workers or max(1, len(devices))
+    atomic_write_json(out / RUN_SETTINGS, c.to_dict())
+    states = {cell.name: cell_state(out, cell) for cell in plan.cells}
+    todo = [cell for cell in plan.cells if states[cell.name] != DONE]
+    skipped = [cell.name for cell in plan.cells if states[cell.name] == DONE]
+    log(f"study {out}: {len(plan.cells)} cells, {len(skipped)} done, {len(todo)} to run ({c.executor} executor)")
+    if c.executor == "local":
+        n = c.workers or max(1, len(c.devices))
         events = run_local(
             out,
             todo,
-            workers=min(n, max(1, len(packs(todo, pack)))),
-            devices=devices,
-            force=force,
-            max_retries=max_retries,
+            workers=min(n, max(1, len(packs(todo, c.pack)))),
+            devices=c.devices,
+            force=c.force,
+            max_retries=c.max_retries,
             track=kinds,
-            threads=threads,
-            pack=pack,
+            threads=c.threads,
+            pack=c.pack,
         )
     else:
         events = run_ray(
             out,
             todo,
-            address=ray_address,
-            resources=resources or {"CPU": 1.0},
-            max_retries=max_retries,
-            force=force,
-            threads=threads,
+            address=c.ray_address,
+            resources=c.resource_amounts,
+            max_retries=c.max_retries,
+            force=c.force,
+            threads=c.threads,
             log=log,
             track=kinds,
-            pack=pack,
+            pack=c.pack,
         )
     results = _follow(events, len(plan.cells), len(skipped), progress, log)
     failed = [r["name"] for r in results if r["state"] == "failed"]

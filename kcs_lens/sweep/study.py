@@ -7,17 +7,18 @@ Writes ``study.md``, ``study.csv``, ``study.json``, ``study-density.png``, ``stu
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any, Callable
 
+from kcs_lens.discovery.run_model import ModelOverrides, load_run_model
 from kcs_lens.discovery.rundir import RunInfo, load_run
+from kcs_lens.evaluation import paper_report
 from kcs_lens.evaluation import paper_table as report
 from kcs_lens.files import atomic_write_bytes, atomic_write_json, check_output_file, output_files, with_added_suffix
 from kcs_lens.sweep.cells import DONE, cell_state, describe
 from kcs_lens.sweep.plan import Cell, identity, load_plan
+from kcs_lens.tables import csv_text, md_row, md_table, png_bytes, pyplot
 
 Log = Callable[[str], None]
 OVERLAP_CACHE = ".cells/overlap"
@@ -41,7 +42,7 @@ def study_report(
     draws: int = 5,
     seed: int = 0,
     recompute: bool = False,
-    device: str | None = None,
+    overrides: ModelOverrides | None = None,
     log: Log = print,
     html: bool = False,
     relearn: int = 0,
@@ -64,7 +65,7 @@ def study_report(
         run_page.check_pages(run_page.group_runs(infos), base)
     rows = (
         report.evaluated_rows(
-            infos, draws=draws, seed=seed, recompute=recompute, device=device, log=log, facts=html, relearn=relearn
+            infos, draws=draws, seed=seed, recompute=recompute, overrides=overrides, log=log, facts=html, relearn=relearn
         )
         if infos
         else []
@@ -88,18 +89,18 @@ def study_report(
         m = report.mean_row(g["rows"])
         m.update(group=g["group"], n_seeds=len(g["rows"]), n_planned=g["planned"], seeds=[r["seed"] for r in g["rows"]])
         if len(g["infos"]) > 1:
-            m["overlap"] = seed_overlap(study_dir, g, models, device=device, recompute=recompute, log=log)
+            m["overlap"] = seed_overlap(study_dir, g, models, overrides=overrides, recompute=recompute, log=log)
         summary.append(m)
     res = {"study": plan.study, "dir": str(study_dir), "groups": summary, "runs": rows, "not_finished": pending}
     written = write_study(base, res, infos, groups)
     if html and infos:
-        written += [str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, device=device, log=log)]
+        written += [str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, overrides=overrides, log=log)]
     res["files"] = written
     return res
 
 
 def seed_overlap(
-    study_dir: Path, g: dict[str, Any], models: dict[str, Any], *, device: str | None, recompute: bool, log: Log
+    study_dir: Path, g: dict[str, Any], models: dict[str, Any], *, overrides: ModelOverrides | None, recompute: bool, log: Log
 ) -> dict[str, Any]:
     """Jaccard of the group's seeds, and the union, at-least-k-of-n and intersection of their subnetworks
     removed and evaluated (cached by the members' subnetworks)."""
@@ -121,11 +122,7 @@ def seed_overlap(
     stats = overlap_stats(subs)
     first = infos[0]
     if first.fingerprint not in models:
-        from kcs_lens.model.loading import load_model
-
-        models[first.fingerprint] = load_model(
-            first.config.model, backend=first.config.backend, device=device or first.config.device
-        )
+        models[first.fingerprint] = load_run_model(first, overrides)
     log(f"evaluating the union and intersection of {len(infos)} seeds of {g['group']}")
     ev = Evaluator(first, lens_model=models[first.fingerprint], log=log)
     out: dict[str, Any] = {
@@ -167,7 +164,7 @@ def markdown(res: dict[str, Any], infos: list[RunInfo]) -> str:
     head += ["random dPPL TargetKG", "random dPPL ControlKG", "random dPPL ControlLM"]
     head += [f"top-1 {label} (original → remaining)" for _, label in report.ANSWER_SETS]
     head += [f"MC {label} (original → remaining [random])" for _, label in report.ANSWER_SETS] + ["criteria met"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += md_table(head)
     for g in groups:
         if not g["n_seeds"]:
             lines.append(f"| {g['group']} | 0/{g['n_planned']} |" + " |" * (len(head) - 2))
@@ -175,50 +172,43 @@ def markdown(res: dict[str, Any], infos: list[RunInfo]) -> str:
         cells = [g["group"], f"{g['n_seeds']}/{g['n_planned']}", _pm(g, "sparsity", 100, "{:.2f}")]
         cells += [_pm(g, f"dppl_{k}") for k, _ in report.KEYS] + [_pm(g, f"random_dppl_{k}") for k, _ in report.KEYS]
         cells += [report.before_after(g.get(f"top1_original_{k}"), g.get(f"top1_remaining_{k}")) for k, _ in report.ANSWER_SETS]
-        cells += [report.format_cell(g, "mc", k, ".2f") for k, _ in report.ANSWER_SETS]
+        cells += [paper_report.format_cell(g, "mc", k, ".2f") for k, _ in report.ANSWER_SETS]
         cells.append("yes" if g["meets_criteria"] else "no")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(md_row(cells))
     ov = [g for g in groups if "overlap" in g]
     if ov:
         lines += ["", "## Seeds: overlap, union and intersection removed", ""]
         lines += ["The seeds' subnetworks combined and removed (at least k of n seeds: in study.json).", ""]
         head = ["group", "seeds", "Jaccard (mean pair)"]
         head += [f"{c} {x}" for c in COMBOS for x in ("sparsity %", "dPPL TargetKG", "dPPL ControlKG", "dPPL ControlLM")]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += md_table(head)
         for g in ov:
             o = g["overlap"]
             cells = [g["group"], str(g["n_seeds"]), f"{o['jaccard_mean']:.3f}"]
             for c in COMBOS:
                 cells += [f"{100 * o[c]['sparsity']:.2f}"] + [f"{o[c][f'dppl_{k}']:+.3g}" for k, _ in report.KEYS]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(md_row(cells))
     if res["not_finished"]:
-        lines += [
-            "",
-            "## Cells not finished (not in the tables)",
-            "",
-            "| cell | state | step | last error |",
-            "|---|---|---|---|",
-        ]
-        for r in res["not_finished"]:
-            lines.append(f"| {r['cell']} | {r['state']} | {r['step']}/{r['steps']} | {r['error'] or ''} |")
+        lines += ["", "## Cells not finished (not in the tables)", ""]
+        lines += md_table(
+            ["cell", "state", "step", "last error"],
+            ([r["cell"], r["state"], f"{r['step']}/{r['steps']}", r["error"] or ""] for r in res["not_finished"]),
+        )
     if infos:
-        detail = report.markdown(report.with_means(res["runs"]), infos)
+        detail = paper_report.markdown(report.with_means(res["runs"]), infos)
         lines += ["", "## Per run", ""] + [("#" + x if x.startswith("#") else x) for x in detail.splitlines()[2:]]
     return "\n".join(lines) + "\n"
 
 
-def csv_text(res: dict[str, Any], groups: dict[str, dict[str, Any]]) -> str:
+def study_csv(res: dict[str, Any], groups: dict[str, dict[str, Any]]) -> str:
     """The per-run rows and one mean row per group (``report``'s columns), with the overlap columns."""
     extra = ["group", "cell", "n_seeds", "n_planned", "jaccard_mean"]
     extra += [f"{c}_{x}" for c in COMBOS for x in ["sparsity"] + [f"dppl_{k}" for k, _ in report.KEYS]]
-    cols = extra + report.CSV_COLUMNS + [f"{k}_seed_std" for k in report.NUMERIC] + ["run"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
+    cols = extra + paper_report.CSV_COLUMNS + [f"{k}_seed_std" for k in report.NUMERIC] + ["run"]
     means = {g["group"]: g for g in res["groups"]}
+    rows: list[dict[str, Any]] = []
     for g in groups.values():
-        for r in g["rows"]:
-            w.writerow({c: r.get(c, "") for c in cols})
+        rows += g["rows"]
         m = means[g["group"]]
         if m.get("n_seeds"):
             flat = dict(m)
@@ -226,17 +216,13 @@ def csv_text(res: dict[str, Any], groups: dict[str, dict[str, Any]]) -> str:
             if o:
                 flat["jaccard_mean"] = o["jaccard_mean"]
                 flat.update({f"{c}_{k}": v for c in COMBOS for k, v in o[c].items()})
-            w.writerow({c: flat.get(c, "") for c in cols})
-    return buf.getvalue()
+            rows.append(flat)
+    return csv_text(rows, cols)
 
 
 def density_png(groups: dict[str, dict[str, Any]]) -> bytes:
     """Per group: the density (% of weights kept in the subnetwork) per layer and matrix, mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = [g for g in groups.values() if g["infos"]]
     cols = min(3, max(1, len(done)))
     nrows = max(1, -(-len(done) // cols))
@@ -256,20 +242,13 @@ def density_png(groups: dict[str, dict[str, Any]]) -> bytes:
         ax.set_title(f"{g['group']} ({len(per)} seeds)", fontsize=8)
         fig.colorbar(im, ax=ax, label="density %")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)
 
 
 def tradeoff_png(res: dict[str, Any]) -> bytes:
     """Sparsity against dPPL on TargetKG and on the controls, one point per group (± std over seeds),
     the random baseline in grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     gs = [g for g in res["groups"] if g.get("n_seeds")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (k, label) in zip(axes, report.KEYS):
@@ -284,10 +263,7 @@ def tradeoff_png(res: dict[str, Any]) -> bytes:
     if gs:
         axes[0].legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)
 
 
 def study_files(out: str | Path) -> tuple[Path, list[Path]]:
@@ -301,7 +277,7 @@ def write_study(base: Path, res: dict[str, Any], infos: list[RunInfo], groups: d
     md, csv_file, json_file, density, tradeoff = (with_added_suffix(base, s) for s in STUDY_SUFFIXES)
     out = [
         str(atomic_write_bytes(md, markdown(res, infos).encode())),
-        str(atomic_write_bytes(csv_file, csv_text(res, groups).encode())),
+        str(atomic_write_bytes(csv_file, study_csv(res, groups).encode())),
     ]
     slim = {**res, "runs": [{k: v for k, v in r.items() if k != "config"} for r in res["runs"]]}
     out.append(str(atomic_write_json(json_file, slim)))
