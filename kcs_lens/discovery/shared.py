@@ -1,7 +1,7 @@
 """What several discovery runs of one loaded model in one process share (a *pack*: the cells of a
 study that a sweep worker runs one after another, ``kcs-lens sweep --pack N``).
 
-:class:`SharedInputs` holds, for one :class:`~kcs_lens.model.backends.LensModel`:
+:class:`SharedInputs` holds, for one :class:`~kcs_lens.model.lens.LensModel`:
 
 - the loaded KGs and tokenized ControlLM text blocks (keyed by their spec and the settings that
   shape them; tokenizing the bundled text is most of a run's data loading);
@@ -29,8 +29,8 @@ from torch import Tensor
 
 from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.discovery.config import DiscoveryConfig
-from kcs_lens.discovery.rundir import RunData, load_run_data
-from kcs_lens.model.backends import LensModel
+from kcs_lens.discovery.run_data import RunData, load_run_data
+from kcs_lens.model.lens import LensModel
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ class SharedInputs:
         return value
 
     def run_data(self, cfg: DiscoveryConfig, lm: LensModel, log: Callable[[str], None] = print) -> RunData:
-        """:func:`~kcs_lens.discovery.rundir.load_run_data` with the KGs and text blocks loaded once."""
+        """:func:`~kcs_lens.discovery.run_data.load_run_data` with the KGs and text blocks loaded once."""
         self.check_model(lm)
         return load_run_data(cfg, lm, log, cache=self._loaded)
 
