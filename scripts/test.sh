@@ -44,11 +44,16 @@ run_tests() {  # run_tests LINE [pytest args...]
   # a test file stays on one worker (--dist loadfile): its module fixtures (reference runs) are built once
   if [ "$WORKERS" -gt 1 ]; then par=(-n "$WORKERS" --dist loadfile); fi
   t0=$(date +%s)
+  local rc=0
   if [ "$WORKERS" -gt 1 ]; then
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/python" -m pytest -q -p no:cacheprovider "${par[@]}" "${sel[@]}" "$@" || status=$?
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/python" -m pytest -q -p no:cacheprovider "${par[@]}" "${sel[@]}" "$@" || rc=$?
   else
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}" "$@" || status=$?
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}" "$@" || rc=$?
   fi
+  # pytest's 5 = no test selected: on the 3.9 line that is what the arguments asked for (e.g. a file of
+  # tl_independent tests); anywhere else it stays a failure
+  if [ "$rc" = 5 ] && [ "$line" != 4 ]; then echo "== TransformerLens line $line: none of the selected tests depends on the TL line"; rc=0; fi
+  if [ "$rc" != 0 ]; then status=$rc; fi
   echo "== TransformerLens line $line: tests in $(($(date +%s) - t0)) s"
 }
 
