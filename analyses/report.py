@@ -181,7 +181,7 @@ def _units_table(data: dict[str, Any], res: dict[str, Any], n: int = 12) -> str:
 
 
 def _heatmaps(data: dict[str, Any], name: str) -> str:
-    from kcs_lens.analyses.compare import METHOD_TITLES
+    from kcs_lens.analyses.figures import METHOD_TITLES
 
     imgs = data["files"]["heatmaps"][name]
     return '<div class="row">' + "".join(f"<figure>{_img(p, METHOD_TITLES[m])}</figure>" for m, p in imgs.items()) + "</div>"
