@@ -63,7 +63,7 @@ BUNDLED_RECIPE: dict[str, Any] = {
     "lm_batch": 4,
     "lm_block_len": 128,
     "lm_eval_blocks": 16,
-    # issue 22: the last 100 of the bundled ControlKG validation set (200) are held out of selection
+    # robust removal: the last 100 of the bundled ControlKG validation set (200) are held out of selection
     # and reported as the ControlKG test part; selection reads the first 100
     "control_test_size": 100,
 }
