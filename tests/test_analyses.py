@@ -337,6 +337,7 @@ def test_cli_compare_circuits(run_dir, tmp_path):
             "20",
             "--no-control",
         ],
+        env={"COLUMNS": "200"},  # wide enough that no label wraps (at 80 columns labels wrap at spaces)
     )
     assert r.exit_code == 0, r.output
     assert "density vs patching" in r.output and (tmp_path / "o" / "report.html").exists()
