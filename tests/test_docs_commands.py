@@ -33,7 +33,10 @@ SKIP: list[tuple[str, str]] = [
     (r"hf:|wikitext-2|hf download|load_dataset", "needs the Hugging Face Hub"),
     (r"--devices? cuda|--num-gpus|gpu_step\.sh|cuda\.is_available", "needs a CUDA GPU"),
     (r"ray start|ray stop|ray get-auth-token|RAY_AUTH|--ray-address|srun|scontrol|SLURM", "needs a Ray / Slurm cluster"),
-    (r"pip install|python3? -m venv|constraints-gpu|bash scripts/test\.sh", "installs packages or runs the test suite itself"),
+    (
+        r"pip install|python3? -m venv|constraints-gpu|bash scripts/test\.sh|\.ci/run|/tmp/ci",
+        "installs packages or runs the test suite / CI itself",
+    ),
     (r"bench/", "a benchmark: minutes of timing on the GPT-2 shapes (tests/test_bench.py runs bench/ on tiny settings)"),
     (r"scripts/train_bundled\.py", "retrains a bundled model (40 minutes)"),
     (
