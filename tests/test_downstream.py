@@ -420,4 +420,5 @@ def test_bundled_task_runs_offline(tmp_path):
     r = cli("downstream", run, "--task", "bundled", "--epochs", "1", "--seeds", "1", "--baseline-draws", "1", "--no-progress")
     assert r.exit_code == 0, r.output
     res = json.loads((run / "downstream.json").read_text())
-    assert res["groups"] == {"removed": 30, "kept": 200, "unlinked": len(test) - 230}
+    kept = cfg.control_test_size  # every ControlKG test fact of the bundled KG has a question
+    assert res["groups"] == {"removed": 30, "kept": kept, "unlinked": len(test) - 30 - kept}

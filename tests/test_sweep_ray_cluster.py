@@ -123,7 +123,8 @@ def test_cells_spread_over_the_nodes_and_status_names_them(cluster, uninterrupte
     assert all(read_status(uninterrupted, cell)["state"] == "done" for cell in cells)
     ids = {w.node_id[:8] for w in workers}
     assert {n.split("/")[1] for n in nodes} == ids, nodes  # one cell per 1-CPU worker node, none on the head
-    r = CliRunner().invoke(app, ["sweep", "status", str(uninterrupted)])
+    # wide enough that no node name wraps (at 80 columns 'ip/node-id' is split across lines)
+    r = CliRunner().invoke(app, ["sweep", "status", str(uninterrupted)], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and all(n in r.output for n in nodes), r.output
 
 
