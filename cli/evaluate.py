@@ -2,11 +2,13 @@
 :mod:`kcs_lens.evaluation.evaluate`, :mod:`kcs_lens.evaluation.overlap`, :mod:`kcs_lens.evaluation.paper_table` and
 :mod:`kcs_lens.evaluation.export` (mounted by cli/main.py through ``register``)."""
 
+import inspect
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 
+from kcs_lens.cli.config_options import with_parameters
 from kcs_lens.cli.model_options import BACKEND_OPT, DEVICE_OPT, MODEL_OPT, overrides
 from kcs_lens.cli.result_tables import (
     cell,
@@ -32,19 +34,60 @@ DISTRACTORS_OPT = typer.Option(
 )
 SUB_OPT = typer.Option(None, "--subnetwork", help="a subnetwork file to use instead of RUN/subnetwork.safetensors")
 THREADS_OPT = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's, one per core)")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
+def scoring_options(json_file: str, after: str) -> Callable[[F], F]:
+    """The options ``evaluate`` and ``baseline`` share (the sets scored, the model, ``--json``,
+    ``--threads``), added to a command that takes them as ``**shared`` (read by
+    :func:`scoring_inputs`), in ``--help`` right after its parameter ``after``."""
+    shared = {
+        "kg": (Optional[List[str]], KG_OPT),
+        "paraphrases": (Optional[List[str]], PARA_OPT),
+        "distractors": (Optional[List[str]], DISTRACTORS_OPT),
+        "subnetwork": (Optional[Path], SUB_OPT),
+        "model": (Optional[str], MODEL_OPT),
+        "backend": (Optional[str], BACKEND_OPT),
+        "device": (Optional[str], DEVICE_OPT),
+        "json_out": (Optional[Path], typer.Option(None, "--json", help=f"where to write the JSON (default RUN/{json_file})")),
+        "threads": (Optional[int], THREADS_OPT),
+    }
+
+    def add(fn: F) -> F:
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        at = [p.name for p in own].index(after) + 1
+        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in shared.items()]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i >= at else p for i, p in enumerate(own)]
+        return with_parameters(fn, own[:at] + extra + own[at:])  # type: ignore[return-value]
+
+    return add
+
+
+def scoring_inputs(run: Path, json_file: str, shared: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The :class:`~kcs_lens.evaluation.evaluate.EvalInputs` of the shared options and the JSON file
+    to write (checked writable first); sets ``--threads``."""
+    from kcs_lens.files import check_output_file
+    from kcs_lens.threads import set_threads
+
+    set_threads(shared["threads"])
+    json_out = shared["json_out"]
+    if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
+        check_output_file(json_out or Path(run) / json_file, "--json")
+    inputs = {
+        "kgs": shared["kg"] or (),
+        "paraphrases": shared["paraphrases"] or None,
+        "distractors": shared["distractors"] or (),
+        "subnetwork": shared["subnetwork"],
+        "overrides": overrides(shared["model"], shared["backend"], shared["device"]),
+        "save": json_out or True,
+        "log": typer.echo,
+    }
+    return inputs, json_out or Path(run) / json_file
+
+
+@scoring_options("evaluation.json", after="run")
 def evaluate(
     run: Path = RUN_ARG,
-    kg: Optional[List[str]] = KG_OPT,
-    paraphrases: Optional[List[str]] = PARA_OPT,
-    distractors: Optional[List[str]] = DISTRACTORS_OPT,
-    subnetwork: Optional[Path] = SUB_OPT,
-    model: Optional[str] = MODEL_OPT,
-    backend: Optional[str] = BACKEND_OPT,
-    device: Optional[str] = DEVICE_OPT,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/evaluation.json)"),
-    threads: Optional[int] = THREADS_OPT,
     relearn: int = typer.Option(
         0,
         "--relearn",
@@ -55,31 +98,16 @@ def evaluate(
     relearn_lr: Optional[float] = typer.Option(
         None, "--relearn-lr", help="learning rate of --relearn (default: 3e-5 for the bundled models, else 5e-5)"
     ),
+    **shared: Any,
 ) -> None:
     """Evaluate the original, remaining and subnetwork models.
 
     Tail PPL, ranks, log-probs, top-k, multiple choice, logit lens and unseen wordings per set;
     sparsity and density; with --relearn, relearning."""
     from kcs_lens.evaluation.evaluate import evaluate_run
-    from kcs_lens.files import check_output_file
-    from kcs_lens.threads import set_threads
 
-    set_threads(threads)
-
-    if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
-        check_output_file(json_out or Path(run) / "evaluation.json", "--json")
-    res = evaluate_run(
-        run,
-        kgs=kg or (),
-        paraphrases=paraphrases or None,
-        distractors=distractors or (),
-        subnetwork=subnetwork,
-        overrides=overrides(model, backend, device),
-        save=json_out or True,
-        log=typer.echo,
-        relearn_steps=relearn,
-        relearn_lr=relearn_lr,
-    )
+    inputs, written = scoring_inputs(run, "evaluation.json", shared)
+    res = evaluate_run(run, relearn_steps=relearn, relearn_lr=relearn_lr, **inputs)
     c = console()
     for tab in metrics_tables(res, f"{res['model']} / TargetKG {res['target_kg']} / seed {res['seed']} ({run})"):
         c.print(tab)
@@ -87,47 +115,24 @@ def evaluate(
     if "relearn" in res:
         c.print(relearn_table(res["relearn"]))
     print_subnetwork(c, res["subnetwork"])
-    c.print(f"wrote {json_out or Path(run) / 'evaluation.json'}")
+    c.print(f"wrote {written}")
 
 
+@scoring_options("baseline.json", after="seed")
 def baseline(
     run: Path = RUN_ARG,
     draws: int = typer.Option(5, "--draws", min=1, help="number of random subnetworks"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the first draw (draw i uses seed + i)"),
-    kg: Optional[List[str]] = KG_OPT,
-    paraphrases: Optional[List[str]] = PARA_OPT,
-    distractors: Optional[List[str]] = DISTRACTORS_OPT,
-    subnetwork: Optional[Path] = SUB_OPT,
-    model: Optional[str] = MODEL_OPT,
-    backend: Optional[str] = BACKEND_OPT,
-    device: Optional[str] = DEVICE_OPT,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="where to write the JSON (default RUN/baseline.json)"),
-    threads: Optional[int] = THREADS_OPT,
+    **shared: Any,
 ) -> None:
     """Evaluate random subnetworks of the run's size.
 
     Random subnetworks with the run's per-matrix sizes: mean ± std of every metric over draws."""
     from kcs_lens.evaluation.evaluate import baseline_run
-    from kcs_lens.files import check_output_file
     from kcs_lens.progress import table
-    from kcs_lens.threads import set_threads
 
-    set_threads(threads)
-
-    if json_out is not None or Path(run).is_dir():  # a missing RUN is reported as such
-        check_output_file(json_out or Path(run) / "baseline.json", "--json")
-    res = baseline_run(
-        run,
-        draws=draws,
-        seed=seed,
-        kgs=kg or (),
-        paraphrases=paraphrases or None,
-        distractors=distractors or (),
-        subnetwork=subnetwork,
-        overrides=overrides(model, backend, device),
-        save=json_out or True,
-        log=typer.echo,
-    )
+    inputs, written = scoring_inputs(run, "baseline.json", shared)
+    res = baseline_run(run, draws=draws, seed=seed, **inputs)
     mean, std, own = res["baseline"]["mean"]["metrics"], res["baseline"]["std"]["metrics"], res["run_metrics"]
     t = table(
         f"random baseline ({draws} draws, same per-matrix sizes, sparsity {100 * res['subnetwork']['sparsity']:.3f}%) vs the run",
@@ -150,7 +155,7 @@ def baseline(
                 first = False
     c = console()
     c.print(t)
-    c.print(f"wrote {json_out or Path(run) / 'baseline.json'}")
+    c.print(f"wrote {written}")
 
 
 def overlap(
@@ -237,41 +242,23 @@ def report(
     --html adds the run pages."""
     from kcs_lens.errors import ConfigError
     from kcs_lens.evaluation.paper_report import report_files, report_runs
+    from kcs_lens.evaluation.paper_table import RowSettings
     from kcs_lens.files import check_output_file
     from kcs_lens.sweep import is_study
     from kcs_lens.threads import set_threads
 
     set_threads(threads)
+    settings = RowSettings(draws, seed, recompute, relearn, overrides=overrides(model, backend, device), log=typer.echo)
     if len(runs) == 1 and is_study(runs[0]):
         from kcs_lens.sweep.study import study_report
 
-        res = study_report(
-            runs[0],
-            out,
-            draws=draws,
-            seed=seed,
-            recompute=recompute,
-            overrides=overrides(model, backend, device),
-            log=typer.echo,
-            html=html,
-            relearn=relearn,
-        )
+        res = study_report(runs[0], out, settings, html=html)
     else:
         if out is None:
             raise ConfigError("report: --out FILE is required for run directories (only a study directory has a default)")
         for f in report_files(out)[1]:
             check_output_file(f, "--out")
-        res = report_runs(
-            runs,
-            out,
-            draws=draws,
-            seed=seed,
-            recompute=recompute,
-            overrides=overrides(model, backend, device),
-            log=typer.echo,
-            html=html,
-            relearn=relearn,
-        )
+        res = report_runs(runs, out, settings, html=html)
     typer.echo(Path(res["files"][0]).read_text())
     typer.echo("wrote " + ", ".join(res["files"]))
 

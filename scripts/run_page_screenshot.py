@@ -27,7 +27,7 @@ def main() -> None:
     from kcs_lens.evaluation.paper_report import report_runs
 
     with tempfile.TemporaryDirectory() as tmp:
-        report_runs([args.run], Path(tmp) / "page", html=True, log=print)
+        report_runs([args.run], Path(tmp) / "page", html=True)
         profile = Path(tmp) / "profile"
         shot = Path(tmp) / "shot.png"
         subprocess.run(

@@ -19,7 +19,7 @@ from kcs_lens.masks.mask_config import MaskConfig
 from kcs_lens.model.loading import available_backends
 from kcs_lens.objective.fast import FastObjective, FastSwitches
 from kcs_lens.objective.fast_ops import FusedNoise, final_at
-from kcs_lens.objective.reference import LossConfig, ReferenceObjective
+from kcs_lens.objective.reference import LossConfig, ObjectiveOptions, ReferenceObjective
 
 BACKENDS = available_backends()
 LOSS_RTOL = 1e-5
@@ -56,12 +56,12 @@ def _masks(lm, layers=(2, 3), seed=7, granularity="weight"):
     return m
 
 
-def _run(lm, objective_cls, batches, steps=2, loss=None, masks_kw=None, pools=None, **switches):
+def _run(lm, objective_cls, batches, steps=2, loss=None, masks_kw=None, pools=None, share_sample=False, **switches):
     """Run ``steps`` steps (no optimizer update in between); returns [(losses, grads)] per step."""
     masks = _masks(lm, **(masks_kw or {}))
     masks.attach(lm)
     try:
-        obj = objective_cls(lm, masks, loss or LossConfig(), distractors=pools, **switches)
+        obj = objective_cls(lm, masks, loss or LossConfig(), ObjectiveOptions(share_sample, pools), **switches)
         out = []
         for s in range(steps):
             t, c, b = batches(s)
@@ -209,7 +209,7 @@ def test_one_target_pass_for_every_target_term(make_tiny_lm, data, tiny_tokenize
             masks = _masks(lm)
             masks.attach(lm)
             try:
-                obj = cls(lm, masks, loss, distractors=pools)
+                obj = cls(lm, masks, loss, ObjectiveOptions(distractors=pools))
                 t, c, b = get(0)
                 out = obj.step(t, c, b, 0, 10)
                 states.append((masks.generator.get_state(), out["suppression"], out["control_kg"], out["control_lm"]))

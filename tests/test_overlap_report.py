@@ -14,6 +14,7 @@ from kcs_lens.errors import RunError, SubnetworkError
 from kcs_lens.evaluation.evaluate import evaluate_run
 from kcs_lens.evaluation.overlap import overlap_runs
 from kcs_lens.evaluation.paper_report import report_runs
+from kcs_lens.evaluation.paper_table import RowSettings
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 
@@ -111,7 +112,7 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
         target_kg=str(tiny_kg["target"]),
         ablation="no-control-kg",
     )
-    res = report_runs([runs], tmp_path / "out" / "report.md", draws=1, lens_model=tiny_lm, log=lambda m: None)
+    res = report_runs([runs], tmp_path / "out" / "report.md", RowSettings(draws=1, lens_model=tiny_lm, log=lambda m: None))
     table = res["rows"]
     assert [(r["target_kg"] == str(t2), r["seed"]) for r in table] == [
         (False, "0"),
@@ -153,11 +154,13 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
     sub = Subnetwork.load(runs / "B-0")
     sub.meta["model_fingerprint"] = "f" * 32
     sub.save(tmp_path / "other" / "B-0" / "subnetwork.safetensors")
-    two = report_runs([runs, tmp_path / "other"], tmp_path / "two", draws=1, log=lambda m: pytest.fail(f"recomputed: {m}"))
+    two = report_runs(
+        [runs, tmp_path / "other"], tmp_path / "two", RowSettings(draws=1, log=lambda m: pytest.fail(f"recomputed: {m}"))
+    )
     assert (tmp_path / "two.md").read_text().count("## Model") == 2 and len(two["rows"]) == 6
     # a second report reuses the saved evaluations (no model needed, files untouched)
     stamp = (runs / "A-0" / "baseline.json").stat().st_mtime_ns
-    again = report_runs([runs], tmp_path / "out" / "report2", draws=1, log=lambda m: pytest.fail(f"recomputed: {m}"))
+    again = report_runs([runs], tmp_path / "out" / "report2", RowSettings(draws=1, log=lambda m: pytest.fail(f"recomputed: {m}")))
     assert again["rows"][0]["dppl_target"] == a0["dppl_target"] and (runs / "A-0" / "baseline.json").stat().st_mtime_ns == stamp
     # the answers beside the PPLs: top-1 and mean rank of the tail, original -> remaining, from evaluation.json
     assert a0["top1_remaining_target"] == ev["metrics"]["remaining"]["target"]["top1"]
@@ -178,7 +181,7 @@ def test_report_table_means_ablations_and_files(tmp_path, tiny_lm, tiny_kg, tiny
         for m in v.values():
             m.pop("rank_mean", None)
     (runs / "A-0" / "evaluation.json").write_text(json.dumps(ev))
-    old = report_runs([runs], tmp_path / "old", draws=1, log=lambda m: pytest.fail(f"recomputed: {m}"))
+    old = report_runs([runs], tmp_path / "old", RowSettings(draws=1, log=lambda m: pytest.fail(f"recomputed: {m}")))
     assert old["rows"][0]["rank_remaining_target"] is None and "- → -" in (tmp_path / "old.md").read_text()
     assert old["rows"][2]["rank_remaining_target"] == a1["rank_remaining_target"]
 

@@ -70,9 +70,10 @@ def test_cli_relearn(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
 
 def test_report_shows_relearning(tmp_path, tiny_lm, tiny_kg, tiny_model_dir):
     from kcs_lens.evaluation.paper_report import report_runs
+    from kcs_lens.evaluation.paper_table import RowSettings
 
     run = write_run(tmp_path / "runs" / "r", tiny_lm, tiny_kg, tiny_model_dir, density=0.2)
-    res = report_runs([run], tmp_path / "rep", draws=1, lens_model=tiny_lm, log=lambda m: None, relearn=2)
+    res = report_runs([run], tmp_path / "rep", RowSettings(draws=1, relearn=2, lens_model=tiny_lm, log=lambda m: None))
     row = res["rows"][0]
     ev = json.loads((run / "evaluation.json").read_text())
     assert row["relearn_steps"] == 2

@@ -21,9 +21,10 @@ SECTIONS = ("summary", "curves", "facts", "density", "config")
 @pytest.fixture(scope="module")
 def page(real_run, tiny_lm, tmp_path_factory):
     from kcs_lens.evaluation.paper_report import report_runs
+    from kcs_lens.evaluation.paper_table import RowSettings
 
     out = tmp_path_factory.mktemp("page") / "run"
-    res = report_runs([real_run], out, draws=2, lens_model=tiny_lm, html=True, log=lambda m: None)
+    res = report_runs([real_run], out, RowSettings(draws=2, lens_model=tiny_lm, log=lambda m: None), html=True)
     return res, out.with_name("run.html")
 
 

@@ -224,9 +224,10 @@ def test_failed_cell_is_recorded_and_retried(tmp_path, tiny_kg, tiny_model_dir):
     assert [x["name"].split("/", 1)[1] for x in res["results"]] == ["no-such-kg/seed84"]
     assert read_status(tmp_path / "out", load_plan(tmp_path / "out").cells[0])["attempt"] == 2
     # the study report lists the failed cell instead of dropping it
+    from kcs_lens.evaluation.paper_table import RowSettings
     from kcs_lens.sweep.study import study_report
 
-    study_report(tmp_path / "out", draws=1, log=lambda _: None)
+    study_report(tmp_path / "out", settings=RowSettings(draws=1, log=lambda _: None))
     md = (tmp_path / "out" / "study.md").read_text()
     assert "## Cells not finished" in md and "no-such-kg/seed84 | failed |" in md
     assert "/no-such-kg | 0/1 |" in md

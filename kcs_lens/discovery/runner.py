@@ -37,7 +37,7 @@ from kcs_lens.model.lens import LensModel
 from kcs_lens.model.loading import load_model
 from kcs_lens.objective.distractors import DistractorPools
 from kcs_lens.objective.fast import FastObjective
-from kcs_lens.objective.reference import Objective, ReferenceObjective
+from kcs_lens.objective.reference import Objective, ObjectiveOptions, ReferenceObjective
 from kcs_lens.progress import Progress
 from kcs_lens.tracking import Trackers, Tracking, check_tracking, parse_tracking
 
@@ -134,18 +134,11 @@ def make_objective(cfg: DiscoveryConfig, lm: LensModel, masks: WeightMask, data:
             k=cfg.distractor_k,
             seed=cfg.seed + 4,
         )
+    options = ObjectiveOptions(share_sample=cfg.share_sample, distractors=pools)
     if cfg.objective == "reference":
-        return ReferenceObjective(lm, masks, cfg.loss_config(), share_sample=cfg.share_sample, distractors=pools)
+        return ReferenceObjective(lm, masks, cfg.loss_config(), options)
     autocast = None if cfg.autocast == "none" else cfg.autocast
-    return FastObjective(
-        lm,
-        masks,
-        cfg.loss_config(),
-        share_sample=cfg.share_sample,
-        distractors=pools,
-        lm_cache_mb=cfg.lm_cache_mb,
-        autocast=autocast,
-    )
+    return FastObjective(lm, masks, cfg.loss_config(), options, lm_cache_mb=cfg.lm_cache_mb, autocast=autocast)
 
 
 def model_matrices(requested: list[str], lm: LensModel) -> tuple[str, ...]:

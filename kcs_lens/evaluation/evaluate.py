@@ -15,11 +15,12 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypedDict
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from typing_extensions import Unpack
 
 from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, concat, tokenize_triplets
 from kcs_lens.discovery.run_data import load_run_data
@@ -257,30 +258,49 @@ def _picked(sc: ChoiceScores) -> Int[Tensor, " items"]:
 # ------------------------------------------------------------------------------------------
 # evaluate / baseline
 # ------------------------------------------------------------------------------------------
-def evaluate_run(
-    run: str | os.PathLike | RunInfo,
-    *,
-    kgs: Sequence[str] = (),
-    paraphrases: Sequence[str] | None = None,
-    distractors: Sequence[str] = (),
-    subnetwork: str | os.PathLike | None = None,
-    evaluator: Evaluator | None = None,
-    save: str | os.PathLike | bool = True,
-    log: Log = print,
-    relearn_steps: int = 0,
-    relearn_lr: float | None = None,
-    overrides: ModelOverrides | None = None,
-    lens_model: LensModel | None = None,
-) -> dict[str, Any]:
-    """Everything ``kcs-lens evaluate`` shows. ``save``: True writes ``RUN/evaluation.json``, a path
-    writes there, False nothing. ``relearn_steps``: also finetune the original and the remaining
-    model that many steps on the ControlKG training sentences and score them again
-    (:mod:`kcs_lens.evaluation.relearn`). ``overrides`` / ``lens_model``: the run's model
+class EvalInputs(TypedDict, total=False):
+    """What :func:`evaluate_run` and :func:`baseline_run` score a run on and with (every key
+    optional): ``kgs`` more KG specs, one set each; ``paraphrases`` other wordings of the TargetKG
+    (None: the run's own); ``distractors`` KG specs whose tails join the multiple-choice pool;
+    ``subnetwork`` a subnetwork file instead of the run's; ``evaluator`` one already built (it then
+    holds the sets and the model); ``save`` True (default) writes the JSON into the run directory, a
+    path writes there, False nothing; ``log``; ``overrides`` / ``lens_model`` the run's model
     (:func:`~kcs_lens.discovery.run_model.load_run_model`)."""
-    info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
-    ev = evaluator or Evaluator(
-        info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, overrides=overrides, lens_model=lens_model
+
+    kgs: Sequence[str]
+    paraphrases: Sequence[str] | None
+    distractors: Sequence[str]
+    subnetwork: str | os.PathLike | None
+    evaluator: Evaluator | None
+    save: str | os.PathLike | bool
+    log: Log
+    overrides: ModelOverrides | None
+    lens_model: LensModel | None
+
+
+def _evaluator(run: str | os.PathLike | RunInfo, inputs: EvalInputs) -> tuple[RunInfo, Evaluator]:
+    """The run (its subnetwork possibly replaced) and the evaluator of ``inputs``."""
+    info = run if isinstance(run, RunInfo) else load_run(run, inputs.get("subnetwork"))
+    ev = inputs.get("evaluator") or Evaluator(
+        info,
+        kgs=inputs.get("kgs", ()),
+        paraphrases=inputs.get("paraphrases"),
+        distractors=inputs.get("distractors", ()),
+        log=inputs.get("log", print),
+        overrides=inputs.get("overrides"),
+        lens_model=inputs.get("lens_model"),
     )
+    return info, ev
+
+
+def evaluate_run(
+    run: str | os.PathLike | RunInfo, *, relearn_steps: int = 0, relearn_lr: float | None = None, **inputs: Unpack[EvalInputs]
+) -> dict[str, Any]:
+    """Everything ``kcs-lens evaluate`` shows (``RUN/evaluation.json``), on the sets of ``inputs``
+    (:class:`EvalInputs`). ``relearn_steps``: also finetune the original and the remaining model
+    that many steps on the ControlKG training sentences and score them again
+    (:mod:`kcs_lens.evaluation.relearn`)."""
+    info, ev = _evaluator(run, inputs)
     out = {
         **info.header(),
         "sets": ev.sets,
@@ -291,35 +311,21 @@ def evaluate_run(
     if relearn_steps:
         from kcs_lens.evaluation.relearn import relearn
 
-        log(f"relearning: {relearn_steps} finetuning steps of the original and of the remaining model")
+        inputs.get("log", print)(f"relearning: {relearn_steps} finetuning steps of the original and of the remaining model")
         out["relearn"] = relearn(ev, info.subnetwork, relearn_steps, lr=relearn_lr, before=out["metrics"])
-    _save(out, save, info.files.evaluation)
+    _save(out, inputs.get("save", True), info.files.evaluation)
     return out
 
 
 def baseline_run(
-    run: str | os.PathLike | RunInfo,
-    *,
-    draws: int = 5,
-    seed: int = 0,
-    kgs: Sequence[str] = (),
-    paraphrases: Sequence[str] | None = None,
-    distractors: Sequence[str] = (),
-    subnetwork: str | os.PathLike | None = None,
-    evaluator: Evaluator | None = None,
-    save: str | os.PathLike | bool = True,
-    log: Log = print,
-    overrides: ModelOverrides | None = None,
-    lens_model: LensModel | None = None,
+    run: str | os.PathLike | RunInfo, *, draws: int = 5, seed: int = 0, **inputs: Unpack[EvalInputs]
 ) -> dict[str, Any]:
     """Random subnetworks of the run's per-matrix sizes (``draws`` of them, seeds ``seed``, ``seed+1``...):
-    mean and spread of every metric, next to the run's own (``run_metrics``)."""
+    mean and spread of every metric, next to the run's own (``run_metrics``), on the sets of
+    ``inputs`` (:class:`EvalInputs`; saved as ``RUN/baseline.json``)."""
     if draws < 1:
         raise RunError(f"--draws must be at least 1, got {draws}")
-    info = run if isinstance(run, RunInfo) else load_run(run, subnetwork)
-    ev = evaluator or Evaluator(
-        info, kgs=kgs, paraphrases=paraphrases, distractors=distractors, log=log, overrides=overrides, lens_model=lens_model
-    )
+    info, ev = _evaluator(run, inputs)
     per_draw = []
     for i in range(draws):
         rnd = random_like(info.subnetwork, torch.Generator().manual_seed(seed + i))
@@ -334,7 +340,7 @@ def baseline_run(
         "baseline": spread(per_draw),
         "per_draw": [p["metrics"] for p in per_draw],
     }
-    _save(out, save, info.files.baseline)
+    _save(out, inputs.get("save", True), info.files.baseline)
     return out
 
 

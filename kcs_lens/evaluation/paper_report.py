@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kcs_lens import tables
-from kcs_lens.discovery.run_model import ModelOverrides
 from kcs_lens.discovery.rundir import RunInfo, expand_runs, load_run
 from kcs_lens.errors import RunError
 from kcs_lens.evaluation.paper_table import (
@@ -18,14 +17,13 @@ from kcs_lens.evaluation.paper_table import (
     KEYS,
     NUMERIC,
     REPORT_SUFFIXES,
-    Log,
+    RowSettings,
     before_after,
     evaluated_rows,
     short,
     with_means,
 )
 from kcs_lens.files import atomic_write_bytes, output_files, with_added_suffix
-from kcs_lens.model.lens import LensModel
 from kcs_lens.tables import md_row, md_table
 
 
@@ -37,17 +35,7 @@ def report_files(out: str | os.PathLike) -> tuple[Path, list[Path]]:
 
 
 def report_runs(
-    runs: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    draws: int = 5,
-    seed: int = 0,
-    recompute: bool = False,
-    lens_model: LensModel | None = None,
-    overrides: ModelOverrides | None = None,
-    log: Log = print,
-    html: bool = False,
-    relearn: int = 0,
+    runs: Sequence[str | os.PathLike], out: str | os.PathLike, settings: RowSettings = RowSettings(), *, html: bool = False
 ) -> dict[str, Any]:
     """Evaluate (or reuse ``evaluation.json`` / ``baseline.json`` of) every run and write
     ``<out>.md``, ``<out>.csv`` and ``<out>.png`` (per-layer density); ``html``: also the run pages
@@ -60,23 +48,11 @@ def report_runs(
     base_out, report_paths = report_files(out)
     if html:
         run_page.check_pages(run_page.group_runs(infos), base_out)
-    rows = evaluated_rows(
-        infos,
-        draws=draws,
-        seed=seed,
-        recompute=recompute,
-        lens_model=lens_model,
-        overrides=overrides,
-        log=log,
-        facts=html,
-        relearn=relearn,
-    )
-    table = with_means(rows)
+    table = with_means(evaluated_rows(infos, settings, facts=html))
     write_report_files(base_out, table, infos)
     files = [str(f) for f in report_paths]
     if html:
-        pages = run_page.run_pages(infos, base_out, draws=draws, seed=seed, lens_model=lens_model, overrides=overrides, log=log)
-        files += [str(p) for p in pages]
+        files += [str(p) for p in run_page.run_pages(infos, base_out, settings)]
     return {"rows": table, "files": files}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,6 +19,30 @@ from kcs_lens.evaluation.evaluate import Evaluator, baseline_run, evaluate_run
 from kcs_lens.model.lens import LensModel
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """How a run's numbers are obtained, for every table and page built from :func:`evaluated_rows`:
+    ``draws`` random-baseline draws from seed ``seed``, ``relearn`` relearning steps (``evaluate
+    --relearn``; 0: none), ``recompute`` ignores the cached ``evaluation.json`` / ``baseline.json``;
+    the model is ``lens_model`` where its weights are the run's, else the run's own with
+    ``overrides``; ``log`` reports what is evaluated."""
+
+    draws: int = 5
+    seed: int = 0
+    recompute: bool = False
+    relearn: int = 0
+    lens_model: LensModel | None = None
+    overrides: ModelOverrides | None = None
+    log: Log = field(default=print, compare=False)
+
+    def run_model(self, run: RunInfo) -> LensModel:
+        """The model ``run`` is evaluated with: ``lens_model`` where its weights are the run's, else
+        the run's own with ``overrides``."""
+        if self.lens_model is not None and self.lens_model.fingerprint() == run.fingerprint:
+            return self.lens_model
+        return load_run_model(run, self.overrides)
 
 
 REPORT_SUFFIXES = (".md", ".csv", ".png")  # report --out FILE writes FILE.md, FILE.csv, FILE.png
@@ -150,40 +175,31 @@ def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluated_rows(
-    infos: Sequence[RunInfo],
-    *,
-    draws: int = 5,
-    seed: int = 0,
-    recompute: bool = False,
-    lens_model: LensModel | None = None,
-    overrides: ModelOverrides | None = None,
-    log: Log = print,
-    facts: bool = False,
-    relearn: int = 0,
+    infos: Sequence[RunInfo], settings: RowSettings = RowSettings(), *, facts: bool = False
 ) -> list[dict[str, Any]]:
     """One :func:`run_row` per run (in the order given), from the cached ``evaluation.json`` and
     ``baseline.json`` when the subnetwork is unchanged, else evaluated (one model load per model).
-    ``facts``: a cached evaluation must also hold the per-fact answers (older ones are redone).
-    ``relearn``: relearning steps (``evaluate --relearn``); a cached evaluation must hold as many."""
+    ``facts``: a cached evaluation must also hold the per-fact answers (older ones are redone); it
+    must hold as many relearning steps as ``settings.relearn``."""
+    s = settings
     groups: dict[str, list[RunInfo]] = {}
     for r in infos:
         groups.setdefault(r.fingerprint, []).append(r)
     rows: list[dict[str, Any]] = []
-    for fp, group in groups.items():
-        lm = lens_model if lens_model is not None and lens_model.fingerprint() == fp else None
+    for group in groups.values():  # one model at a time
+        lm: LensModel | None = None
         for r in group:
             sha = r.subnetwork.membership_sha()
-            ev_ = None if recompute else _cached(r.files.evaluation, sha, need=("facts",) if facts else ())
-            if relearn and ev_ is not None and (ev_.get("relearn") or {}).get("steps") != relearn:
+            ev_ = None if s.recompute else _cached(r.files.evaluation, sha, need=("facts",) if facts else ())
+            if s.relearn and ev_ is not None and (ev_.get("relearn") or {}).get("steps") != s.relearn:
                 ev_ = None
-            base = None if recompute else _cached(r.files.baseline, sha, draws)
+            base = None if s.recompute else _cached(r.files.baseline, sha, s.draws)
             if ev_ is None or base is None:
-                if lm is None:
-                    lm = load_run_model(r, overrides)
-                log(f"evaluating {r.dir} ({draws} random draws)")
-                evr = Evaluator(r, lens_model=lm, log=log)
-                ev_ = ev_ or evaluate_run(r, evaluator=evr, relearn_steps=relearn, log=log)
-                base = base or baseline_run(r, draws=draws, seed=seed, evaluator=evr)
+                lm = lm or s.run_model(r)
+                s.log(f"evaluating {r.dir} ({s.draws} random draws)")
+                evr = Evaluator(r, lens_model=lm, log=s.log)
+                ev_ = ev_ or evaluate_run(r, evaluator=evr, relearn_steps=s.relearn, log=s.log)
+                base = base or baseline_run(r, draws=s.draws, seed=s.seed, evaluator=evr)
             rows.append(run_row(r, ev_, base))
     order = {str(r.dir): i for i, r in enumerate(infos)}
     return sorted(rows, key=lambda row: order[row["run"]])

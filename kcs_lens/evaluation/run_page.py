@@ -21,17 +21,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from kcs_lens.discovery.run_model import ModelOverrides
 from kcs_lens.discovery.rundir import RunInfo
-from kcs_lens.evaluation.paper_table import evaluated_rows, mean_row, short
+from kcs_lens.evaluation.paper_table import RowSettings, evaluated_rows, mean_row, short
 from kcs_lens.evaluation.run_page_html import render
 from kcs_lens.files import atomic_write_bytes, check_output_file, output_files
-from kcs_lens.model.lens import LensModel
 from kcs_lens.stats import flat_numbers
 
-Log = Callable[[str], None]
 # Settings that say where a run ran, not what it computed: runs differing only in these (and the
 # seed) share a page.
 EXECUTION_KEYS = ("seed", "device")
@@ -147,23 +144,11 @@ def page_data(
     }
 
 
-def pages_data(
-    infos: Sequence[RunInfo],
-    *,
-    draws: int = 5,
-    seed: int = 0,
-    recompute: bool = False,
-    lens_model: LensModel | None = None,
-    overrides: ModelOverrides | None = None,
-    log: Log = print,
-) -> list[dict[str, Any]]:
+def pages_data(infos: Sequence[RunInfo], settings: RowSettings = RowSettings()) -> list[dict[str, Any]]:
     """The data of each page (one per setting group, :func:`group_runs` order): evaluations and
     baselines reused from the run directories as ``kcs-lens report`` reuses them, else computed."""
     groups = group_runs(infos)
-    ordered = [r for g in groups for r in g.runs]
-    rows = evaluated_rows(
-        ordered, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, overrides=overrides, log=log, facts=True
-    )
+    rows = evaluated_rows([r for g in groups for r in g.runs], settings, facts=True)
     out, i = [], 0
     for g in groups:
         n = len(g.runs)
@@ -174,20 +159,9 @@ def pages_data(
     return out
 
 
-def run_pages(
-    infos: Sequence[RunInfo],
-    base: str | Path,
-    *,
-    draws: int = 5,
-    seed: int = 0,
-    recompute: bool = False,
-    lens_model: LensModel | None = None,
-    overrides: ModelOverrides | None = None,
-    log: Log = print,
-) -> list[Path]:
+def run_pages(infos: Sequence[RunInfo], base: str | Path, settings: RowSettings = RowSettings()) -> list[Path]:
     """Write one page per setting group of ``infos`` (paths: :func:`page_paths`, checked first)."""
     paths = check_pages(group_runs(infos), base)
-    data = pages_data(infos, draws=draws, seed=seed, recompute=recompute, lens_model=lens_model, overrides=overrides, log=log)
-    for path, d in zip(paths, data):
+    for path, d in zip(paths, pages_data(infos, settings)):
         atomic_write_bytes(path, render(d).encode())
     return paths

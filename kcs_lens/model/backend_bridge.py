@@ -45,31 +45,11 @@ class BridgeLensModel(LensModel):
         h = self.shape.kv_heads if matrix in KV_MATRICES else self.shape.n_heads
         if matrix in ("W_Q", "W_K", "W_V"):
             # The forward uses the split q/k/v nn.Linear ([out, in]); a fused qkv (GPT-2, NeoX) is not used.
-            lin = getattr(blk.attn, matrix[-1].lower()).original_component
-            return WeightSite(
-                name,
-                lin,
-                "weight",
-                to_native=lambda t: einops.rearrange(t, "h m d -> (h d) m"),
-                from_native=lambda t: einops.rearrange(t, "(h d) m -> h m d", h=h),
-            )
+            return _rearranged(name, getattr(blk.attn, matrix[-1].lower()).original_component, "h m d", "(h d) m", h)
         if matrix == "W_O":
             mod = blk.attn.o.original_component
-            if _is_conv1d(mod):  # HF Conv1D (GPT-2): weight [in=(h d), out=m]
-                return WeightSite(
-                    name,
-                    mod,
-                    "weight",
-                    to_native=lambda t: einops.rearrange(t, "h d m -> (h d) m"),
-                    from_native=lambda t: einops.rearrange(t, "(h d) m -> h d m", h=h),
-                )
-            return WeightSite(  # nn.Linear: weight [out=m, in=(h d)]
-                name,
-                mod,
-                "weight",
-                to_native=lambda t: einops.rearrange(t, "h d m -> m (h d)"),
-                from_native=lambda t: einops.rearrange(t, "m (h d) -> h d m", h=h),
-            )
+            # HF Conv1D (GPT-2): weight [in=(h d), out=m]; nn.Linear: weight [out=m, in=(h d)]
+            return _rearranged(name, mod, "h d m", "(h d) m" if _is_conv1d(mod) else "m (h d)", h)
         mod = getattr(blk.mlp, {"W_in": "in", "W_gate": "gate", "W_out": "out"}[matrix]).original_component
         if _is_conv1d(mod):  # Conv1D [in, out]: the canonical layout
             return WeightSite(name, mod, "weight", to_native=lambda t: t, from_native=lambda t: t)
@@ -149,6 +129,18 @@ class BridgeLensModel(LensModel):
         names, _ = hf_param_names(hf.config.to_dict())
         sd = _clean_state_dict(hf)
         return self._with_canonical({k: sd[k] for k in names})
+
+
+def _rearranged(name: str, mod: nn.Module, canonical: str, native: str, h: int) -> WeightSite:
+    """The ``weight`` of ``mod``, stored with the einops axes ``native``, canonically ``canonical``
+    (``h``: the head count of the split axis)."""
+    return WeightSite(
+        name,
+        mod,
+        "weight",
+        to_native=lambda t: einops.rearrange(t, f"{canonical} -> {native}"),
+        from_native=lambda t: einops.rearrange(t, f"{native} -> {canonical}", h=h),
+    )
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -1,6 +1,6 @@
 """A cheaper discovery step with the same losses and gradients as :class:`~kcs_lens.objective.reference.Objective`.
 
-``FastObjective(lm, masks, config, **switches)`` has the interface of ``Objective`` (``.step(target,
+``FastObjective(lm, masks, config, options, **switches)`` has the interface of ``Objective`` (``.step(target,
 control, blocks, step, total_steps) -> dict``) and computes the same method: three masked passes
 per step (TargetKG: suppression and every other enabled TargetKG term read ONE pass; KL(p || q) on
 ControlKG; KL(p || q) on ControlLM), each with its own fresh mask sample drawn from
@@ -36,7 +36,7 @@ What the switches change (none changes the method):
 - ``lm_cache_mb`` (opt-in, default 0): cache, per ControlLM block, the frozen prefix residual and
   the original's normalized final residual, up to this many MB. ControlLM blocks cycle, so in a
   long run most steps hit the cache; WikiText-2 at 512 tokens needs about 6 KB per token (fp32).
-- ``share_sample`` (an option of every :class:`~kcs_lens.objective.reference.Objective`; CHANGES THE
+- ``share_sample`` (:class:`~kcs_lens.objective.reference.ObjectiveOptions`, taken by every objective; CHANGES THE
   METHOD, not the paper's default): one mask sample per step shared by the three passes.
 - ``autocast``: ``"bf16"`` runs the model passes under bf16 autocast (losses and KL in fp32); for
   CUDA (it works on CPU, slower than fp32 there). Changes the losses by bf16 rounding.
@@ -62,11 +62,11 @@ from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.evaluation.scoring import per_triplet_mean
 from kcs_lens.masks.mask import WeightMask, gumbel_sigmoid_ste
 from kcs_lens.model.lens import LensModel
-from kcs_lens.objective.distractors import DistractorPools
 from kcs_lens.objective.fast_ops import FusedNoise, RowCache, chunked_unembed_kl, final_and_lens_at, final_at, row_keys
 from kcs_lens.objective.reference import (
     LossConfig,
     Objective,
+    ObjectiveOptions,
     kl_p_to_q,
     scored,
     target_losses_from_logits,
@@ -115,15 +115,13 @@ class FastObjective(Objective):
         lm: LensModel,
         masks: WeightMask,
         config: LossConfig,
-        *,
-        share_sample: bool = False,
-        distractors: DistractorPools | None = None,
+        options: ObjectiveOptions = ObjectiveOptions(),
         **switches: Any,
     ):
         bad = set(switches) - set(SWITCH_NAMES)
         if bad:
             raise TypeError(f"unknown FastObjective switches {sorted(bad)}; expected some of {', '.join(SWITCH_NAMES)}")
-        super().__init__(lm, masks, config, share_sample=share_sample, distractors=distractors)
+        super().__init__(lm, masks, config, options)
         self.sw = FastSwitches(**switches)
         self.layer = min(masks.config.layers)
         self._noise: FusedNoise | None = None

@@ -177,7 +177,7 @@ def target_losses_from_logits(
         out["tail"] = per_triplet_mean(tail_excess(logits, tails, config.tail_kind), batch).mean()
     if "distractor" in terms:
         if distractors is None:
-            raise ValueError("the distractor term needs distractors (Objective(distractors=DistractorPools...))")
+            raise ValueError("the distractor term needs distractors (ObjectiveOptions(distractors=DistractorPools...))")
         first = first_scored(batch).to(logits.device)
         out["distractor"] = distractor_excess(logits[first], tails[first], distractors, config.distractor_kind).mean()
     if "lens" in terms:
@@ -192,6 +192,16 @@ def kl_p_to_q(logp: Float[Tensor, "n vocab"], logits_q: Float[Tensor, "n vocab"]
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    """What every objective takes beside the model, its masks and the loss weights:
+    ``share_sample``, one mask sample per step shared by its passes (CHANGES THE METHOD, not the
+    paper's default); ``distractors``, the distractor term's pools (None: the term is off)."""
+
+    share_sample: bool = False
+    distractors: DistractorPools | None = None
+
+
 class Objective:
     """The loss of one discovery step, back-propagated into the mask logits.
 
@@ -202,23 +212,15 @@ class Objective:
     sample each, unless ``share_sample``) and :meth:`sampling`, the context those passes run in.
     """
 
-    def __init__(
-        self,
-        lm: LensModel,
-        masks: WeightMask,
-        config: LossConfig,
-        *,
-        share_sample: bool = False,
-        distractors: DistractorPools | None = None,
-    ):
+    def __init__(self, lm: LensModel, masks: WeightMask, config: LossConfig, options: ObjectiveOptions = ObjectiveOptions()):
         self.lm = lm
         self.masks = masks
         self.config = config
-        self.share_sample = share_sample  # one sample for the step's passes (NOT the paper's default)
-        self.distractors = distractors  # the distractor term's pools (None: the term is off)
+        self.share_sample = options.share_sample  # one sample for the step's passes (NOT the paper's default)
+        self.distractors = options.distractors  # the distractor term's pools (None: the term is off)
         terms = config.target_terms()
-        if "distractor" in terms and distractors is None:
-            raise ValueError("the distractor term (weight > 0) needs distractors=DistractorPools.build(...)")
+        if "distractor" in terms and self.distractors is None:
+            raise ValueError("the distractor term (weight > 0) needs ObjectiveOptions(distractors=DistractorPools.build(...))")
         # the lens term's layers: every masked block below the last block (the last one's output is the logits)
         self.lens_layers = tuple(l for l in sorted(masks.config.layers) if l < lm.shape.n_layers - 1) if "lens" in terms else ()
         if "lens" in terms and not self.lens_layers:

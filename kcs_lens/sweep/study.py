@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from kcs_lens.discovery.run_model import ModelOverrides, load_run_model
 from kcs_lens.discovery.rundir import RunInfo, load_run
 from kcs_lens.evaluation import paper_report
 from kcs_lens.evaluation import paper_table as report
+from kcs_lens.evaluation.paper_table import RowSettings
 from kcs_lens.files import atomic_write_bytes, atomic_write_json, check_output_file, output_files, with_added_suffix
 from kcs_lens.sweep.cells import DONE, cell_state, describe
 from kcs_lens.sweep.plan import Cell, identity, load_plan
 from kcs_lens.tables import csv_text, md_row, md_table, png_bytes, pyplot
 
-Log = Callable[[str], None]
 OVERLAP_CACHE = ".cells/overlap"
 COMBOS = ("union", "intersection")
 STUDY_SUFFIXES = (".md", ".csv", ".json", "-density.png", "-tradeoff.png")
@@ -38,19 +37,14 @@ def group_label(cell: Cell) -> str:
 def study_report(
     study_dir: str | Path,
     out: str | Path | None = None,
+    settings: RowSettings = RowSettings(),
     *,
-    draws: int = 5,
-    seed: int = 0,
-    recompute: bool = False,
-    overrides: ModelOverrides | None = None,
-    log: Log = print,
     html: bool = False,
-    relearn: int = 0,
 ) -> dict[str, Any]:
     """Evaluate (or reuse the caches of) every finished cell and write the study report files to
     ``out`` (default ``DIR/study``: ``DIR/study.md`` ...). Unfinished cells are listed. ``html``:
     also a run page per group of seeds (:mod:`kcs_lens.evaluation.run_page`, ``DIR/study-<group>.html``).
-    ``relearn``: relearning steps per run (``evaluate --relearn``; 0: none)."""
+    ``settings``: how each run's numbers are obtained (draws, relearning, caches, the model)."""
     from kcs_lens.evaluation import run_page
 
     study_dir = Path(study_dir)
@@ -63,13 +57,7 @@ def study_report(
     infos = [load_run(study_dir / c.name) for c in done]
     if html and infos:
         run_page.check_pages(run_page.group_runs(infos), base)
-    rows = (
-        report.evaluated_rows(
-            infos, draws=draws, seed=seed, recompute=recompute, overrides=overrides, log=log, facts=html, relearn=relearn
-        )
-        if infos
-        else []
-    )
+    rows = report.evaluated_rows(infos, settings, facts=html) if infos else []
     groups: dict[str, dict[str, Any]] = {}
     for c in plan.cells:
         g = groups.setdefault(group_key(c), {"group": group_label(c), "planned": 0, "cells": [], "infos": [], "rows": []})
@@ -89,19 +77,17 @@ def study_report(
         m = report.mean_row(g["rows"])
         m.update(group=g["group"], n_seeds=len(g["rows"]), n_planned=g["planned"], seeds=[r["seed"] for r in g["rows"]])
         if len(g["infos"]) > 1:
-            m["overlap"] = seed_overlap(study_dir, g, models, overrides=overrides, recompute=recompute, log=log)
+            m["overlap"] = seed_overlap(study_dir, g, models, settings)
         summary.append(m)
     res = {"study": plan.study, "dir": str(study_dir), "groups": summary, "runs": rows, "not_finished": pending}
     written = write_study(base, res, infos, groups)
     if html and infos:
-        written += [str(p) for p in run_page.run_pages(infos, base, draws=draws, seed=seed, overrides=overrides, log=log)]
+        written += [str(p) for p in run_page.run_pages(infos, base, settings)]
     res["files"] = written
     return res
 
 
-def seed_overlap(
-    study_dir: Path, g: dict[str, Any], models: dict[str, Any], *, overrides: ModelOverrides | None, recompute: bool, log: Log
-) -> dict[str, Any]:
+def seed_overlap(study_dir: Path, g: dict[str, Any], models: dict[str, Any], settings: RowSettings) -> dict[str, Any]:
     """Jaccard of the group's seeds, and the union, at-least-k-of-n and intersection of their subnetworks
     removed and evaluated (cached by the members' subnetworks)."""
     from kcs_lens.evaluation.evaluate import Evaluator
@@ -110,7 +96,7 @@ def seed_overlap(
     infos: list[RunInfo] = g["infos"]
     shas = [i.subnetwork.membership_sha() for i in infos]
     cache = study_dir / OVERLAP_CACHE / f"{g['group']}.json"
-    if not recompute and cache.exists():
+    if not settings.recompute and cache.exists():
         try:
             d = json.loads(cache.read_text())
             if d.get("shas") == shas:
@@ -122,9 +108,9 @@ def seed_overlap(
     stats = overlap_stats(subs)
     first = infos[0]
     if first.fingerprint not in models:
-        models[first.fingerprint] = load_run_model(first, overrides)
-    log(f"evaluating the union and intersection of {len(infos)} seeds of {g['group']}")
-    ev = Evaluator(first, lens_model=models[first.fingerprint], log=log)
+        models[first.fingerprint] = settings.run_model(first)
+    settings.log(f"evaluating the union and intersection of {len(infos)} seeds of {g['group']}")
+    ev = Evaluator(first, lens_model=models[first.fingerprint], log=settings.log)
     out: dict[str, Any] = {
         "shas": shas,
         "jaccard_mean": stats["jaccard_mean"],
