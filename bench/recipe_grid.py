@@ -34,7 +34,7 @@ FIRST_RECIPE = {"sparsity_start": 50.0, "sparsity_end": 75.0, "tail_weight": 0.0
 
 # Named grid points: overrides of the first bundled recipe.
 POINTS: dict[str, dict[str, Any]] = {
-    "default": {},  # the bundled recipe as it is now (kcs_lens.discovery.config.BUNDLED_RECIPE), no overrides
+    "default": {},  # the bundled recipe as it is now (kcs_lens.discovery.recipes.BUNDLED_RECIPE), no overrides
     "base": {},
     "supp3": {"suppression_weight": 3.0},
     "supp6": {"suppression_weight": 6.0},

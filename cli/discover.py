@@ -9,7 +9,8 @@ from typing import Any, List, Optional
 import typer
 
 from kcs_lens.cli.config_options import config_parameters, with_parameters
-from kcs_lens.discovery.config import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY, DiscoveryConfig, build_config, field_default
+from kcs_lens.discovery.config import DiscoveryConfig, build_config, field_default
+from kcs_lens.discovery.recipes import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY
 
 THREADS_HELP = (
     "torch CPU threads (default: torch's, one per core); results are byte-identical only between runs with "

@@ -10,7 +10,8 @@ import re
 import pytest
 from _eval_fixtures import cli
 
-from kcs_lens.discovery.config import BUNDLED_RECIPE, field_default
+from kcs_lens.discovery.config import field_default
+from kcs_lens.discovery.recipes import BUNDLED_RECIPE
 
 pytest_plugins = ["_eval_fixtures"]  # fixtures tiny_lm, real_run (shared by the session)
 

@@ -38,7 +38,7 @@ def test_run_directory_artifacts(tmp_path, tiny_kg, tiny_model_dir):
     assert math.isclose(s["sparsity"], sub.sparsity)
     # the summary's remaining-model numbers are those of the saved subnetwork
     from kcs_lens.discovery.run_data import load_run_data
-    from kcs_lens.discovery.runner import evaluate_split
+    from kcs_lens.discovery.run_metrics import evaluate_split
 
     data = load_run_data(build_config(**tiny_run_kwargs(tiny_kg, tiny_model_dir)), lm)
     with sub.applied(lm):
@@ -331,7 +331,7 @@ def test_config_file_and_flags(tmp_path):
 def test_bundled_recipe_sparsity_weight_per_granularity():
     """At head granularity the bundled recipe uses its own sparsity weight (75 -> 100 empties a
     head-granularity subnetwork); other granularities, the paper's recipe and user values are untouched."""
-    from kcs_lens.discovery.config import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY
+    from kcs_lens.discovery.recipes import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY
 
     head = BUNDLED_RECIPE_BY_GRANULARITY["head"]
     cfg = build_config(granularity="head")

@@ -1,7 +1,7 @@
 """Typed configuration of a discovery run (SAELens-style: config -> runner -> saved artifact).
 
 Defaults are the authors' released ones (method.md, "Optimization") for GPT-2 models. The
-bundled model has its own shortened recipe (``recipe="bundled"``), documented in docs/method.md.
+bundled model has its own shortened recipe (``recipe="bundled"``, :mod:`kcs_lens.discovery.recipes`), documented in docs/method.md.
 A TOML, YAML or JSON file can set any field; CLI flags win over the file.
 
 Every field carries its help text and its constraint (:func:`kcs_lens.settings.opt`), so this file
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kcs_lens import settings
+from kcs_lens.discovery.recipes import Recipe, recipe_values
 from kcs_lens.errors import ConfigError
 from kcs_lens.files import read_mapping
 from kcs_lens.masks.granularity import DEPRECATED_GRANULARITIES, Granularity, normalize_granularity
@@ -38,44 +39,6 @@ from kcs_lens.settings import (
     torch_device,
     validate_fields,
 )
-
-Recipe = Literal["auto", "paper", "bundled"]
-
-# Values that differ from the paper's recipe for the small bundled model (see docs/method.md,
-# "Recipes"). The paper runs 40,000 steps; on 2 CPU cores the bundled default must finish in
-# minutes, so it runs 250 steps and compensates with a 37x sparsity weight (75 -> 100 instead of
-# 2 -> 3) and half the learning rate (0.1): with the paper's weights, 600 steps reach only 91%
-# sparsity. With the paper's objective alone the removed facts' answers survive at that sparsity
-# (TargetKG top-1 0.47-0.77 after 250 steps), so the bundled recipe adds the tail term
-# (margin form, weight 0.5; not in the paper) and selects only checkpoints whose TargetKG top-1 is
-# at most 0.2. Measured grid: bench/results/recipe_grid*.md.
-BUNDLED_RECIPE: dict[str, Any] = {
-    "steps": 250,
-    "lr": 0.1,
-    "sparsity_start": 75.0,
-    "sparsity_end": 100.0,
-    "tail_weight": 0.5,
-    "tail_kind": "margin",
-    "select_max_target_top1": 0.2,
-    "eval_every": 50,
-    "checkpoint_every": 50,
-    "control_batch": 64,
-    "lm_batch": 4,
-    "lm_block_len": 128,
-    "lm_eval_blocks": 16,
-    # robust removal: the last 100 of the bundled ControlKG validation set (200) are held out of selection
-    # and reported as the ControlKG test part; selection reads the first 100
-    "control_test_size": 100,
-}
-
-# The bundled recipe's sparsity weight at `head` granularity: a head's or neuron's logit sums the
-# pull of all its weights, so the weight-granularity 75 -> 100 empties the subnetwork. Screened on
-# `building` seed 84 (bench/results/recipe_grid_head.md, docs/method.md): 2 -> 3 keeps 74% sparsity
-# at LM ratio 1.094; 5 -> 7.5 gives 84% within the ControlKG and LM bounds. At no weight do whole
-# heads and neurons of this 4-layer model remove the facts (TargetKG top-1 stays 1.00).
-BUNDLED_RECIPE_BY_GRANULARITY: dict[str, dict[str, Any]] = {
-    "head": {"sparsity_start": 5.0, "sparsity_end": 7.5},
-}
 
 # Loss weights beyond this overflow float32 losses (a non-finite loss at step 0); the recipes use <= 75.
 WEIGHT = in_range(0, 1e6)
@@ -372,14 +335,12 @@ def build_config(file: str | Path | None = None, **cli: Any) -> DiscoveryConfig:
     if unknown:
         raise ConfigError(f"unknown options {unknown}")
     merged = {**(read_config_file(file) if file else {}), **given}
-    recipe = check_setting("recipe", merged.get("recipe", "auto"), where="--recipe")
-    if recipe == "auto":
-        recipe = "bundled" if merged.get("model", field_default("model")) in BUNDLED_NAMES else "paper"
-    recipe_values: dict[str, Any] = {}
-    if recipe == "bundled":
-        gran = merged.get("granularity", field_default("granularity"))  # validated below
-        recipe_values = {**BUNDLED_RECIPE, **BUNDLED_RECIPE_BY_GRANULARITY.get(str(gran), {})}
-    values = {**recipe_values, **merged}
+    recipe, recipe_set = recipe_values(
+        check_setting("recipe", merged.get("recipe", "auto"), where="--recipe"),
+        merged.get("model", field_default("model")),
+        merged.get("granularity", field_default("granularity")),  # validated below
+    )
+    values = {**recipe_set, **merged}
     if values.get("granularity") in DEPRECATED_GRANULARITIES:
         values["granularity"] = normalize_granularity(values["granularity"], warn=True)
     cfg = DiscoveryConfig(**{k: coerce(v, FIELD_TYPES[k], where=flag_of(k)) for k, v in values.items()})

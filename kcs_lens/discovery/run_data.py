@@ -61,23 +61,62 @@ def load_run_data(
     ``text=False``: no ControlLM blocks, for analyses of the KG prompts only). ``cache``: the
     loaded KGs and text blocks of earlier runs of ``lm`` in this process, by spec (filled here)."""
     from kcs_lens.data.loaders import load_kg
-    from kcs_lens.data.text import load_text_blocks
-
-    def memo(key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
-        if cache is None:
-            return load()
-        if key not in cache:
-            cache[key] = load()
-        return cache[key]
 
     kw: dict[str, Any] = dict(model_name=lm.spec, templates=cfg.templates)
-    kg = lambda spec: memo(("kg", spec, lm.spec, cfg.templates), lambda: load_kg(spec, **kw))
-    target = kg(cfg.target_kg)
-    target, paraphrases = split_wordings(cfg, target, kw)
+    kg = lambda spec: _memo(cache, ("kg", spec, lm.spec, cfg.templates), lambda: load_kg(spec, **kw))
+    target, paraphrases = split_wordings(cfg, kg(cfg.target_kg), kw)
+    control, control_val, control_test, n_dropped = control_parts(cfg, target, kg, log)
+
+    def tok(ts: TripletSet, name: str) -> TripletBatch:
+        return tokenize_triplets(
+            ts,
+            lm.tokenizer,
+            prepend_bos=cfg.prepend_bos,
+            tail_scoring=cfg.tail_scoring,
+            d_vocab=lm.shape.d_vocab,
+            source=name,
+            n_ctx=lm.shape.n_ctx,
+        ).to(lm.device)
+
+    if text:
+        lm_train, lm_heldout = text_blocks(cfg, lm, cache)
+    else:
+        lm_train = lm_heldout = torch.zeros((0, min(cfg.lm_block_len, lm.shape.n_ctx)), dtype=torch.long, device=lm.device)
+    val_spec = cfg.control_val_source or cfg.control_kg
+    return RunData(
+        target,
+        control,
+        control_val,
+        n_dropped,
+        tok(target, cfg.target_kg),
+        tok(control, cfg.control_kg),
+        tok(control_val, val_spec),
+        lm_train,
+        lm_heldout,
+        control_test,
+        None if control_test is None else tok(control_test, f"{val_spec} (test part)"),
+        paraphrases,
+        None if paraphrases is None else tok(paraphrases, paraphrases.source or "paraphrases"),
+    )
+
+
+def _memo(cache: dict[Any, Any] | None, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
+    """``load()``, kept in ``cache`` under ``key`` (when there is a cache)."""
+    if cache is None:
+        return load()
+    if key not in cache:
+        cache[key] = load()
+    return cache[key]
+
+
+def control_parts(
+    cfg: DiscoveryConfig, target: TripletSet, kg: Callable[[str], TripletSet], log: Callable[[str], None]
+) -> tuple[TripletSet, TripletSet, TripletSet | None, int]:
+    """The ControlKG's training, validation and (``control_test_size``) test parts, each disjoint
+    from the TargetKG, and how many overlapping triplets were dropped. ``kg``: loads a KG spec."""
     control = kg(cfg.control_kg)
-    val_spec = cfg.control_val_source
-    if val_spec:
-        control_val = kg(val_spec)
+    if cfg.control_val_source:
+        control_val = kg(cfg.control_val_source)
     else:
         if cfg.control_val_size >= len(control):
             raise ConfigError(
@@ -102,49 +141,32 @@ def load_run_data(
         n_val = len(control_val) - cfg.control_test_size
         control_test = TripletSet(control_val.triplets[n_val:], f"{control_val.name}-test", control_val.source)
         control_val = TripletSet(control_val.triplets[:n_val], control_val.name, control_val.source)
+    return control, control_val, control_test, n1 + n2
 
-    def tok(ts: TripletSet, name: str) -> TripletBatch:
-        return tokenize_triplets(
-            ts,
-            lm.tokenizer,
-            prepend_bos=cfg.prepend_bos,
-            tail_scoring=cfg.tail_scoring,
-            d_vocab=lm.shape.d_vocab,
-            source=name,
-            n_ctx=lm.shape.n_ctx,
-        ).to(lm.device)
+
+def text_blocks(
+    cfg: DiscoveryConfig, lm: LensModel, cache: dict[Any, Any] | None = None
+) -> tuple[Int[Tensor, "n_train block"], Int[Tensor, "n_heldout block"]]:
+    """The ControlLM training and held-out blocks (``lm_block_len`` tokens, capped at the model's
+    context), checked to be in the model's vocabulary."""
+    from kcs_lens.data.text import load_text_blocks
 
     block = min(cfg.lm_block_len, lm.shape.n_ctx)
-    if text:
-        lm_train = memo(
-            ("text", cfg.lm_source, block, "train", None),
-            lambda: load_text_blocks(cfg.lm_source, lm.tokenizer, block_len=block, split="train").to(lm.device),
-        )
-        lm_heldout = memo(
-            ("text", cfg.lm_source, block, "heldout", cfg.lm_eval_blocks),
-            lambda: load_text_blocks(
-                cfg.lm_source, lm.tokenizer, block_len=block, split="heldout", max_blocks=cfg.lm_eval_blocks
-            ).to(lm.device),
-        )
-        if int(max(lm_train.max(), lm_heldout.max())) >= lm.shape.d_vocab:
-            raise RunError(f"ControlLM text {cfg.lm_source!r} tokenizes to ids outside the model's vocabulary")
-    else:
-        lm_train = lm_heldout = torch.zeros((0, block), dtype=torch.long, device=lm.device)
-    return RunData(
-        target,
-        control,
-        control_val,
-        n1 + n2,
-        tok(target, cfg.target_kg),
-        tok(control, cfg.control_kg),
-        tok(control_val, val_spec or cfg.control_kg),
-        lm_train,
-        lm_heldout,
-        control_test,
-        None if control_test is None else tok(control_test, f"{val_spec or cfg.control_kg} (test part)"),
-        paraphrases,
-        None if paraphrases is None else tok(paraphrases, paraphrases.source or "paraphrases"),
+    lm_train = _memo(
+        cache,
+        ("text", cfg.lm_source, block, "train", None),
+        lambda: load_text_blocks(cfg.lm_source, lm.tokenizer, block_len=block, split="train").to(lm.device),
     )
+    lm_heldout = _memo(
+        cache,
+        ("text", cfg.lm_source, block, "heldout", cfg.lm_eval_blocks),
+        lambda: load_text_blocks(cfg.lm_source, lm.tokenizer, block_len=block, split="heldout", max_blocks=cfg.lm_eval_blocks).to(
+            lm.device
+        ),
+    )
+    if int(max(lm_train.max(), lm_heldout.max())) >= lm.shape.d_vocab:
+        raise RunError(f"ControlLM text {cfg.lm_source!r} tokenizes to ids outside the model's vocabulary")
+    return lm_train, lm_heldout
 
 
 def paraphrase_spec(cfg: DiscoveryConfig) -> str | None:

@@ -2,8 +2,8 @@
 
 Read top to bottom: :func:`discover` opens and locks a run directory (:mod:`kcs_lens.discovery.rundir` owns its
 layout), :class:`Run` loads the model and the run's data, then :meth:`Run.train` is the whole loop
-(Adam on mask logits, warm-up, periodic evaluation and checkpoints, resumable from any crash:
-:mod:`kcs_lens.discovery.checkpoints`), and
+(Adam on mask logits, warm-up, periodic evaluation (:mod:`kcs_lens.discovery.run_metrics`) and
+checkpoints, resumable from any crash: :mod:`kcs_lens.discovery.checkpoints`), and
 :meth:`Run.finish` selects a checkpoint (:mod:`kcs_lens.discovery.selection`) and writes
 ``subnetwork.safetensors`` and ``summary.json``. The loss is :mod:`kcs_lens.objective.reference`.
 """
@@ -22,13 +22,12 @@ from kcs_lens.data.triplets import TripletBatch
 from kcs_lens.discovery.checkpoints import Checkpointing, StopAtOnce, sigint_deferred
 from kcs_lens.discovery.config import DiscoveryConfig, build_config
 from kcs_lens.discovery.run_data import RunData, load_run_data
+from kcs_lens.discovery.run_metrics import RATIO_SETS, REMAINING_KEYS, evaluate_split, with_ratios
 from kcs_lens.discovery.rundir import RunDir, abandon_run_dir, open_run_dir, package_versions
 from kcs_lens.discovery.selection import select_checkpoint, selection_rule
-from kcs_lens.discovery.shared import SharedInputs, digest
+from kcs_lens.discovery.shared import SharedInputs
 from kcs_lens.errors import ConfigError, NonFiniteLoss, OutputError, RunError
-from kcs_lens.evaluation.choice import ChoiceSet, choice_scores, run_choice_sets
-from kcs_lens.evaluation.lens import LENS_TOPK, lens_metrics, lens_ranks
-from kcs_lens.evaluation.scoring import lm_nll, tail_scores
+from kcs_lens.evaluation.choice import run_choice_sets
 from kcs_lens.masks.mask import WeightMask
 from kcs_lens.masks.mask_config import MaskConfig, resolve_layers
 from kcs_lens.masks.subnetwork import Subnetwork
@@ -53,70 +52,6 @@ def cycling_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
     start = (step * batch) % n
     idx = torch.arange(start, start + batch) % n
     return perm[idx]
-
-
-# ------------------------------------------------------------------------------------------
-# Evaluation with the deterministic mask
-# ------------------------------------------------------------------------------------------
-def eval_batches(data: RunData) -> dict[str, TripletBatch]:
-    """The triplet sets every evaluation scores: TargetKG, ControlKG validation and, where the run
-    has them, the ControlKG test part and the unseen wordings (``paraphrases``; no selection
-    criterion reads these two)."""
-    out = {"target": data.target_batch, "control": data.control_val_batch}
-    if data.control_test_batch is not None:
-        out["control_test"] = data.control_test_batch
-    if data.paraphrases_batch is not None:
-        out["paraphrases"] = data.paraphrases_batch
-    return out
-
-
-def evaluate_split(
-    lm: LensModel, data: RunData, choices: dict[str, ChoiceSet] | None = None, shared: SharedInputs | None = None
-) -> dict[str, float]:
-    """Tail PPL, top-1 accuracy and mean rank of the tail's first token
-    (:class:`~kcs_lens.evaluation.scoring.TailScores`) and, with ``choices``, multiple-choice accuracy
-    (:mod:`kcs_lens.evaluation.choice`) on every set of :func:`eval_batches`, the TargetKG's
-    logit-lens share (:mod:`kcs_lens.evaluation.lens`); LM PPL on held-out text; for what ``lm`` is now.
-    ``shared``: the original model's values of earlier runs on the same tokens (masks off only)."""
-    out: dict[str, float] = {}
-    for name, batch in eval_batches(data).items():
-        cs = choices.get(name) if choices else None
-
-        def part(name: str = name, batch: TripletBatch = batch, cs: ChoiceSet | None = cs) -> dict[str, float]:
-            res = {f"{name}_{k}": v for k, v in tail_scores(lm, batch).headline().items()}
-            if cs is not None:
-                mc = choice_scores(lm, cs).headline()
-                res.update({f"{name}_{k}": v for k, v in mc.items() if k != "mc_chance"})
-            if name == "target":
-                res[f"target_lens_top{LENS_TOPK}_any"] = lens_metrics(lens_ranks(lm, batch))[f"lens_top{LENS_TOPK}_any"]
-            return res
-
-        out.update(shared.original((name, digest(batch), digest(cs)), part) if shared else part())
-    lm_part = lambda: {"lm_ppl": math.exp(lm_nll(lm, data.lm_heldout))}
-    out.update(shared.original(("lm", digest(data.lm_heldout)), lm_part) if shared else lm_part())
-    return out
-
-
-# What summary.json keeps of the selected evaluation (older runs' records lack the ranks, the
-# multiple choice and the ControlKG test part).
-REMAINING_KEYS = tuple(
-    f"{s}_{m}"
-    for s in ("target", "control", "control_test", "paraphrases")
-    for m in ("ppl", "top1", "rank", "mc", "mc_norm", "mc_prob")
-) + ("lm_ppl", f"target_lens_top{LENS_TOPK}_any")
-
-
-RATIO_SETS = ("target", "control", "lm", "control_test", "paraphrases")
-
-
-def with_ratios(rem: dict[str, float], orig: dict[str, float]) -> dict[str, float]:
-    """The record plus PPL deltas and ratios (remaining / original) of every set it has."""
-    out = dict(rem)
-    for k in RATIO_SETS:
-        if f"{k}_ppl" in rem and f"{k}_ppl" in orig:
-            out[f"{k}_dppl"] = rem[f"{k}_ppl"] - orig[f"{k}_ppl"]
-            out[f"{k}_ratio"] = rem[f"{k}_ppl"] / orig[f"{k}_ppl"]
-    return out
 
 
 def make_objective(cfg: DiscoveryConfig, lm: LensModel, masks: WeightMask, data: RunData | None = None) -> Objective:

@@ -55,6 +55,12 @@ class Family:
     sandwich_norms: bool = False  # norms before and after attention and MLP (Gemma 2)
     act_fields: tuple[str, ...] = ("hidden_act",)  # HF config fields naming the activation, first present wins
     plain_blocks: bool = False  # GPT-2 blocks: learned positions, the blocks need nothing but the residual
+    hf_class: str = "AutoModelForCausalLM"  # the transformers class that loads a checkpoint
+    hooked_default: bool = False  # the hooked backend is its default where TransformerLens 3.x is installed
+    bridge_name: str | None = None  # the name TransformerBridge boots it by (None: the checkpoint's path or name)
+    tied: tuple[str, ...] = ()  # HF parameters that are always another's (GPT-2's lm_head is wte)
+    # HF config fields an exported checkpoint's config.json takes from the model's shape (ModelShape attribute)
+    shape_config: tuple[tuple[str, str], ...] = ()
     notes: str = ""
 
     def hf_name(self, layer: int, matrix: str) -> str:
@@ -118,6 +124,18 @@ FAMILIES: dict[str, Family] = {
         pos_embed="transformer.wpe.weight",
         final_norm="transformer.ln_f.",
         plain_blocks=True,
+        hf_class="GPT2LMHeadModel",
+        hooked_default=True,
+        bridge_name="gpt2",
+        tied=("lm_head.weight",),
+        shape_config=(
+            ("n_layer", "n_layers"),
+            ("n_head", "n_heads"),
+            ("n_embd", "d_model"),
+            ("n_inner", "d_mlp"),
+            ("vocab_size", "d_vocab"),
+            ("n_positions", "n_ctx"),
+        ),
     ),
     "gpt_neox": Family(
         "GPT-NeoX / Pythia",

@@ -69,7 +69,7 @@ def _gpt2(c: Any, w: str) -> dict[str, Any]:
         act_fn=c.activation_function,
         normalization_type="LN",
     )
-    if c.model_type == "gpt2":
+    if FAMILIES[c.model_type].plain_blocks:  # GPT-2 (else GPT-J)
         if getattr(c, "add_cross_attention", False):
             raise ModelLoadError(f"{w}architecture 'gpt2' with cross-attention is not supported; use --backend bridge")
         out.update(

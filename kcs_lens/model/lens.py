@@ -152,18 +152,10 @@ class LensModel:
     def hf_config(self) -> dict[str, Any]:
         s = self.shape
         cfg = dict(self.source.get("hf_config") or {})
-        if self.model_type != "gpt2":
+        if not self.family.shape_config:
             return cfg
-        cfg.update(
-            model_type="gpt2",
-            architectures=["GPT2LMHeadModel"],
-            n_layer=s.n_layers,
-            n_head=s.n_heads,
-            n_embd=s.d_model,
-            n_inner=s.d_mlp,
-            vocab_size=s.d_vocab,
-            n_positions=s.n_ctx,
-        )
+        cfg.update(model_type=self.model_type, architectures=[self.family.hf_class])
+        cfg.update({k: getattr(s, attr) for k, attr in self.family.shape_config})
         return cfg
 
     def fingerprint(self) -> str:
@@ -190,8 +182,8 @@ class LensModel:
             )
 
     def _tied_names(self) -> set[str]:
-        if self.model_type == "gpt2":
-            return {"lm_head.weight"}
+        if self.family.tied:
+            return set(self.family.tied)
         return set(hf_param_names(self.source.get("hf_config") or {})[1])
 
     def describe(self) -> dict[str, Any]:
@@ -201,6 +193,27 @@ class LensModel:
     def resid_pre(self, tokens: Int[Tensor, "batch seq"], layer: int) -> Float[Tensor, "batch seq d_model"]:
         """``blocks.{layer}.hook_resid_pre``: the residual stream entering block ``layer``."""
         return self.model(tokens, stop_at_layer=layer)
+
+    def with_resid_post(
+        self, tokens: Int[Tensor, "batch seq"], layers: tuple[int, ...]
+    ) -> tuple[Float[Tensor, "batch seq vocab"], dict[int, Float[Tensor, "batch seq d_model"]]]:
+        """The logits of one forward pass and, from the same pass (gradients kept), each of
+        ``layers``' ``blocks.{l}.hook_resid_post``: the residual stream after block ``l``."""
+        resid: dict[int, Tensor] = {}
+
+        def keep(layer: int) -> Callable[..., None]:
+            def hook(_m: Any, _args: Any, out: Any) -> None:  # the block's output
+                resid[layer] = out[0] if isinstance(out, tuple) else out
+
+            return hook
+
+        hooks = [self.model.blocks[l].register_forward_hook(keep(l)) for l in layers]
+        try:
+            logits = self(tokens)
+        finally:
+            for h in hooks:
+                h.remove()
+        return logits, resid
 
     def run_blocks(
         self, x: Float[Tensor, "batch seq d_model"], start: int, stop: int | None = None

@@ -30,7 +30,7 @@ from torch import nn
 from kcs_lens.errors import ModelLoadError
 from kcs_lens.model.backend_bridge import BridgeLensModel
 from kcs_lens.model.backend_hooked import HookedLensModel, hooked_from_hf
-from kcs_lens.model.families import check_config
+from kcs_lens.model.families import FAMILIES, check_config
 from kcs_lens.model.lens import Backend, LensModel
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "bundled" / "model"
@@ -93,7 +93,8 @@ def default_backend() -> Backend:
 def _default_backend_for(model_type: str | None) -> Backend:
     """:func:`default_backend` for GPT-2; the bridge for every other family where it is installed (the
     hooked backend loads them too, with ``--backend hooked``: the default for them stays what it was)."""
-    if model_type != "gpt2" and "bridge" in available_backends():
+    family = FAMILIES.get(model_type or "")
+    if not (family is not None and family.hooked_default) and "bridge" in available_backends():
         return "bridge"
     return default_backend()
 
@@ -298,9 +299,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def _causal_lm_class(model_type: str | None) -> Any:
-    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    import transformers
 
-    return GPT2LMHeadModel if model_type == "gpt2" else AutoModelForCausalLM
+    family = FAMILIES.get(model_type or "")
+    return getattr(transformers, family.hf_class if family is not None else "AutoModelForCausalLM")
 
 
 def _hf_config_dict(hf: Any) -> dict[str, Any]:
@@ -359,12 +361,12 @@ def from_hf(
     processing)."""
     backend = backend or _default_backend_for(getattr(hf.config, "model_type", None))
     mt = getattr(hf.config, "model_type", None)
-    check_config(mt, hf.config.to_dict(), f"model {spec!r}")
+    family = check_config(mt, hf.config.to_dict(), f"model {spec!r}")
     source = dict(source or {"kind": "object"})
     source["hf_config"] = {**dict(source.get("hf_config") or hf.config.to_diff_dict()), "model_type": mt}
     hf = hf.to(device).eval()
     if backend == "bridge":
-        name = "gpt2" if mt == "gpt2" else str(source.get("path") or getattr(hf.config, "_name_or_path", "") or mt)
+        name = family.bridge_name or str(source.get("path") or getattr(hf.config, "_name_or_path", "") or mt)
         try:
             bridge = _bridge_class().boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=str(device))
         except Exception as e:  # an architecture this TransformerLens has no adapter for

@@ -333,20 +333,7 @@ class ReferenceObjective(Objective):
 
     def target_losses(self, target: TripletBatch, step: int = 0) -> dict[str, Tensor]:
         b = scored(target, self.config.tail_position)
-        resid: dict[int, Tensor] = {}
-
-        def keep(layer: int) -> Callable[..., None]:
-            def hook(_m: Any, _args: Any, out: Any) -> None:  # the block's output = blocks.{layer}.hook_resid_post
-                resid[layer] = out[0] if isinstance(out, tuple) else out
-
-            return hook
-
-        hooks = [self.lm.model.blocks[l].register_forward_hook(keep(l)) for l in self.lens_layers]
-        try:
-            logits = self.lm(b.tokens)
-        finally:
-            for h in hooks:
-                h.remove()
+        logits, resid = self.lm.with_resid_post(b.tokens, self.lens_layers)
         lens = {l: self.lm.unembed(self.lm.final_norm(resid[l]))[b.score_mask] for l in self.lens_layers}
         d = (
             self.distractors.draw(b, step)

@@ -143,8 +143,6 @@ def run_cell(
     file (``attempts``: node, pid, start, the step it resumed from, how it ended).
     ``shared(lm)``: the :class:`~kcs_lens.discovery.shared.SharedInputs` of that loaded model (the
     cells of a pack share data, the original evaluation and per-row caches; same masks)."""
-    from kcs_lens.discovery.runner import discover
-
     t0 = time.time()
     prev = read_status(study_dir, cell)
     attempt = int(prev.get("attempt", 0)) + 1
@@ -175,13 +173,7 @@ def run_cell(
             attempts=history,
         )
         log(f"attempt {attempt}: " + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting"))
-        lm = load(cfg.model, cfg.backend, cfg.device) if load is not None else None
-        tracking = Tracking(tuple(track), group=Path(study_dir).resolve().name, name=cell.name, tags=("kcs-lens sweep",))
-        sh = shared(lm) if shared is not None and lm is not None else None
-        if state == PARTIAL:
-            discover(resume=rd.path, lens_model=lm, log=log, track=tracking, shared=sh)
-        else:
-            discover(cfg, out=rd.path, force=True, lens_model=lm, log=log, track=tracking, shared=sh)
+        _discover_cell(study_dir, cell, cfg, resume=state == PARTIAL, load=load, track=track, shared=shared, log=log)
         result = result_of(study_dir, cell)
         elapsed = time.time() - t0
         this["state"] = "done"
@@ -206,6 +198,31 @@ def run_cell(
             history[-1]["state"] = "failed"
         write_status(study_dir, cell, state="failed", attempt=attempt, elapsed=elapsed, error=err, **where, attempts=history)
         return {**base, "state": "failed", "elapsed": elapsed, "error": err}
+
+
+def _discover_cell(
+    study_dir: str | Path,
+    cell: Cell,
+    cfg: Any,
+    *,
+    resume: bool,
+    load: ModelLoader | None,
+    track: Sequence[str],
+    shared: Callable[[Any], Any] | None,
+    log: Callable[[str], None],
+) -> None:
+    """The cell's discovery (``resume``: of its partial run directory), on the model ``load``
+    returns (else discovery loads it), tracked by ``track``."""
+    from kcs_lens.discovery.runner import discover
+
+    rd = run_dir(study_dir, cell)
+    lm = load(cfg.model, cfg.backend, cfg.device) if load is not None else None
+    tracking = Tracking(tuple(track), group=Path(study_dir).resolve().name, name=cell.name, tags=("kcs-lens sweep",))
+    sh = shared(lm) if shared is not None and lm is not None else None
+    if resume:
+        discover(resume=rd.path, lens_model=lm, log=log, track=tracking, shared=sh)
+    else:
+        discover(cfg, out=rd.path, force=True, lens_model=lm, log=log, track=tracking, shared=sh)
 
 
 def _alive(pid: int) -> bool:

@@ -203,26 +203,37 @@ def run_local(
                 if rest:  # the pack's cells that did not start: back to the queue
                     tasks.put([by_name[n].to_json() for n in rest])
                 if name is not None:
-                    err = f"worker process died (exit code {p.exitcode}) while running this cell"
-                    cell = by_name[name]
-                    if retries.get(name, 0) < max_retries:
-                        retries[name] = retries.get(name, 0) + 1
-                        tasks.put([cell.to_json()])
-                        yield {"event": "retry", "name": name, "error": err}
-                    else:
-                        write_status(study_dir, cell, state="failed", error=err)
+                    ev = _died(study_dir, by_name[name], p.exitcode, retries, max_retries, tasks)
+                    if ev["event"] == "finish":
                         left -= 1
-                        yield {"event": "finish", "name": name, "state": "failed", "error": err, "elapsed": None}
+                    yield ev
                 if left:
                     start(i, device)
     finally:
-        for _ in procs:
-            tasks.put(None)
-        deadline = time.time() + 10
-        for p, _ in procs.values():
-            p.join(timeout=max(0.1, deadline - time.time()))
-            if p.is_alive():
-                p.kill()
+        _stop(procs, tasks)
+
+
+def _died(study_dir: Path, cell: Cell, exitcode: int | None, retries: dict[str, int], max_retries: int, tasks: Any) -> Event:
+    """The cell a worker was running when it died: queued again (``retry``, it resumes) up to
+    ``max_retries`` times, then failed (``finish``)."""
+    err = f"worker process died (exit code {exitcode}) while running this cell"
+    if retries.get(cell.name, 0) < max_retries:
+        retries[cell.name] = retries.get(cell.name, 0) + 1
+        tasks.put([cell.to_json()])
+        return {"event": "retry", "name": cell.name, "error": err}
+    write_status(study_dir, cell, state="failed", error=err)
+    return {"event": "finish", "name": cell.name, "state": "failed", "error": err, "elapsed": None}
+
+
+def _stop(procs: dict[int, tuple[Any, str | None]], tasks: Any) -> None:
+    """Ask every worker to stop; kill those still alive after 10 s."""
+    for _ in procs:
+        tasks.put(None)
+    deadline = time.time() + 10
+    for p, _ in procs.values():
+        p.join(timeout=max(0.1, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
 
 
 def ray_options(resources: dict[str, float], max_retries: int) -> dict[str, Any]:
