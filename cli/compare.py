@@ -2,14 +2,13 @@
 (generated, cli/config_options.py), the model overrides and ``--out``; a thin wrapper over
 :func:`kcs_lens.analyses.compare.compare_circuits`."""
 
-import inspect
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from kcs_lens.analyses.config import CompareConfig
-from kcs_lens.cli.config_options import config_parameters, given, with_parameters
+from kcs_lens.cli.config_options import argument, config_parameters, given, option_parameters, with_parameters
 from kcs_lens.cli.model_options import BACKEND_OPT, DEVICE_OPT, MODEL_OPT, overrides
 from kcs_lens.settings import build
 
@@ -104,11 +103,6 @@ def compare_circuits_cmd(run: Path, **kw: Any) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    run = inspect.Parameter(
-        "run",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        default=typer.Argument(..., help="run directory written by `kcs-lens discover`"),
-        annotation=Path,
-    )
-    other = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in OTHER_OPTIONS.items()]
-    app.command("compare-circuits")(with_parameters(compare_circuits_cmd, [run, *config_parameters(CompareConfig), *other]))
+    run = argument("run", Path, "run directory written by `kcs-lens discover`")
+    params = [run, *config_parameters(CompareConfig), *option_parameters(OTHER_OPTIONS)]
+    app.command("compare-circuits")(with_parameters(compare_circuits_cmd, params))

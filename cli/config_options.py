@@ -1,6 +1,7 @@
 """Command flags generated from a typed settings class (:mod:`kcs_lens.settings`): one option per
 field with the field's help text and default, each defaulting to None ('not given', so that a
-config file or the library's defaults decide)."""
+config file or the library's defaults decide); beside them a command's positional argument and its
+own option table (:func:`argument`, :func:`option_parameters`)."""
 
 import inspect
 import types
@@ -46,6 +47,19 @@ def config_parameters(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[_cli_type(tps[f.name])])
         )
     return params
+
+
+def argument(name: str, annotation: Any, help: str) -> inspect.Parameter:
+    """A required positional argument of a command whose signature is generated."""
+    return inspect.Parameter(
+        name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=typer.Argument(..., help=help), annotation=annotation
+    )
+
+
+def option_parameters(table: dict[str, tuple[Any, Any]]) -> list[inspect.Parameter]:
+    """One keyword parameter per entry ``name: (annotation, typer.Option(...))`` of a command's own
+    option table (the options that are not settings fields)."""
+    return [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in table.items()]
 
 
 def with_parameters(fn: Callable[..., Any], params: list[inspect.Parameter]) -> Callable[..., Any]:

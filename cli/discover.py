@@ -2,13 +2,12 @@
 from the fields (cli/config_options.py), plus the flags of the run itself (``--config``,
 ``--out``, ``--resume``, ``--force``, ``--stop-after``, ``--progress``, ``--log``)."""
 
-import inspect
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from kcs_lens.cli.config_options import config_parameters, with_parameters
+from kcs_lens.cli.config_options import config_parameters, option_parameters, with_parameters
 from kcs_lens.discovery.config import DiscoveryConfig, build_config, field_default
 from kcs_lens.discovery.recipes import BUNDLED_RECIPE, BUNDLED_RECIPE_BY_GRANULARITY
 
@@ -89,10 +88,8 @@ def register(app: typer.Typer) -> None:
             return
         print_summary(summary)
 
-    run_params = [
-        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in RUN_OPTIONS.items()
-    ]
-    app.command()(with_parameters(discover, config_parameters(DiscoveryConfig, default_note=_default_note) + run_params))
+    params = config_parameters(DiscoveryConfig, default_note=_default_note) + option_parameters(RUN_OPTIONS)
+    app.command()(with_parameters(discover, params))
 
 
 def print_summary(s: dict[str, Any]) -> None:

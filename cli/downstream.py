@@ -3,13 +3,12 @@
 go; a thin wrapper over :func:`kcs_lens.downstream.downstream` (mounted by cli/main.py through
 ``register``)."""
 
-import inspect
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from kcs_lens.cli.config_options import config_parameters, given, with_parameters
+from kcs_lens.cli.config_options import argument, config_parameters, given, option_parameters, with_parameters
 from kcs_lens.cli.model_options import BACKEND_OPT, DEVICE_OPT, MODEL_OPT, overrides
 from kcs_lens.downstream.config import DownstreamConfig
 from kcs_lens.settings import build
@@ -45,11 +44,6 @@ def downstream(runs: List[Path], **kw: Any) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    runs = inspect.Parameter(
-        "runs",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        default=typer.Argument(..., help="discovery run directories (or overlap combinations); several need --out"),
-        annotation=List[Path],
-    )
-    other = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in OTHER_OPTIONS.items()]
-    app.command("downstream")(with_parameters(downstream, [runs, *config_parameters(DownstreamConfig), *other]))
+    runs = argument("runs", List[Path], "discovery run directories (or overlap combinations); several need --out")
+    params = [runs, *config_parameters(DownstreamConfig), *option_parameters(OTHER_OPTIONS)]
+    app.command("downstream")(with_parameters(downstream, params))

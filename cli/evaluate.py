@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 
-from kcs_lens.cli.config_options import with_parameters
+from kcs_lens.cli.config_options import option_parameters, with_parameters
 from kcs_lens.cli.model_options import BACKEND_OPT, DEVICE_OPT, MODEL_OPT, overrides
 from kcs_lens.cli.result_tables import (
     cell,
@@ -56,7 +56,7 @@ def scoring_options(json_file: str, after: str) -> Callable[[F], F]:
     def add(fn: F) -> F:
         own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         at = [p.name for p in own].index(after) + 1
-        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in shared.items()]
+        extra = option_parameters(shared)
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if i >= at else p for i, p in enumerate(own)]
         return with_parameters(fn, own[:at] + extra + own[at:])  # type: ignore[return-value]
 

@@ -2,14 +2,13 @@
 stands): a command group whose default command is ``run``, so both spellings coexist (mounted by
 cli/main.py as ``app.add_typer(sweep_app, name="sweep")``)."""
 
-import inspect
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 from typer.core import TyperGroup
 
-from kcs_lens.cli.config_options import config_parameters, given, with_parameters
+from kcs_lens.cli.config_options import argument, config_parameters, given, option_parameters, with_parameters
 from kcs_lens.cli.errors import App
 from kcs_lens.settings import build
 from kcs_lens.sweep.config import SweepConfig
@@ -71,13 +70,8 @@ def run(study: Path, **kw: Any) -> None:
         raise typer.Exit(EXIT_CELLS_FAILED)
 
 
-_study = inspect.Parameter(
-    "study",
-    inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    default=typer.Argument(..., help="study file (.toml, .yaml or .json): [base] settings, [grid] lists, [[cells]]"),
-    annotation=Path,
-)
-_other = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o, annotation=t) for k, (t, o) in RUN_OPTIONS.items()]
+_study = argument("study", Path, "study file (.toml, .yaml or .json): [base] settings, [grid] lists, [[cells]]")
+_other = option_parameters(RUN_OPTIONS)
 sweep_app.command("run")(with_parameters(run, [_study, _other[0], *config_parameters(SweepConfig), *_other[1:]]))
 
 
