@@ -163,3 +163,25 @@ def test_selection_on_multiple_choice_records():
     assert not meets_criteria({"step": 1, "sparsity": 1.0, **base}, both)  # an older record cannot be checked
     with pytest.raises(Exception, match="--select-max-target-mc needs multiple choice"):
         build_config(recipe="paper", mc_choices=0, select_max_target_mc=0.3)
+
+
+def test_training_distractors_follow_the_choice_rule(tiny_tokenizer):
+    """The distractor term's pool (objective/distractors.py) and the multiple choice share one rule
+    (data/tail_pool.py): a hypernym of the head, reached through the relation, is never a distractor
+    of the term either, and every tail the rule allows is drawn from."""
+    from kcs_lens.data.triplets import tokenize_triplets
+    from kcs_lens.objective.distractors import DistractorPools, row_key
+
+    target = TripletSet([T("cat", "IsA", "mammal"), T("oak", "IsA", "tree")])
+    control = TripletSet([T("mammal", "IsA", "animal"), T("dog", "IsA", "pet"), T("fern", "IsA", "plant")])
+    batch = tokenize_triplets(target, tiny_tokenizer)
+    pools = DistractorPools.build(list(target), batch, control, tiny_tokenizer, k=9, seed=0)
+    rule = DistractorPool([target, control])
+    first = lambda t, tail: tiny_tokenizer.encode(f"{t.prefix} {tail}")[len(tiny_tokenizer.encode(t.prefix))]
+    for i, t in enumerate(target):
+        got = set(pools.pools[row_key(batch, i)].tolist())
+        own = first(t, t.tail)
+        assert got == {first(t, c) for c in rule.candidates(t)} - {own}
+    cat = target[0]
+    assert "animal" not in rule.candidates(cat) and {"pet", "plant", "tree"} <= set(rule.candidates(cat))
+    assert first(cat, "animal") not in set(pools.pools[row_key(batch, 0)].tolist())

@@ -22,11 +22,15 @@ _log = logging.getLogger("kcs_lens.data")
 TailScoring = Literal["all", "last"]
 
 
+def normalized(s: str) -> str:
+    """``s`` lower-cased, with runs of whitespace collapsed: how heads, relations and tails compare."""
+    return " ".join(s.lower().split())
+
+
 def triplet_key(head: str, relation: str, tail: str) -> tuple[str, str, str]:
     """The identity of a triplet wherever triplets are compared (``disjoint``, downstream links):
-    head, relation and tail, lower-cased, with runs of whitespace collapsed."""
-    norm = lambda s: " ".join(s.lower().split())
-    return (norm(head), norm(relation), norm(tail))
+    head, relation and tail, :func:`normalized`."""
+    return (normalized(head), normalized(relation), normalized(tail))
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,14 @@ Rules (one owner, :func:`build_choices`):
 from __future__ import annotations
 
 import os
-import random
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from kcs_lens.data.tail_pool import DistractorPool
 from kcs_lens.data.templates import indefinite_article
 from kcs_lens.data.triplets import Triplet, TripletBatch, TripletSet, tokenize_triplets
 from kcs_lens.errors import KGError
@@ -49,54 +48,6 @@ if TYPE_CHECKING:
 
 DEFAULT_CHOICES = 5
 MC_SEED = 0  # the distractor draw is fixed: the same facts get the same choices in every run and command
-
-
-def _norm(s: str) -> str:
-    return " ".join(s.lower().split())
-
-
-class DistractorPool:
-    """The tails of each relation in some triplet sets, and the facts they state."""
-
-    def __init__(self, sets: Iterable[Iterable[Triplet]]):
-        self.tails: dict[str, dict[str, str]] = defaultdict(dict)  # relation -> normalized tail -> first spelling
-        self.edges: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # relation -> head -> tails
-        self.sets: list[list[Triplet]] = []
-        for ts in sets:
-            self.add(ts)
-
-    def extended(self, triplets: Iterable[Triplet]) -> "DistractorPool":
-        """A new pool with this one's triplets and ``triplets`` (this one is unchanged)."""
-        return DistractorPool([*self.sets, list(triplets)])
-
-    def add(self, triplets: Iterable[Triplet]) -> None:
-        triplets = list(triplets)
-        self.sets.append(triplets)
-        for t in triplets:
-            rel = _norm(t.relation)
-            self.tails[rel].setdefault(_norm(t.tail), t.tail)
-            self.edges[rel][_norm(t.head)].add(_norm(t.tail))
-
-    def true_tails(self, head: str, relation: str) -> set[str]:
-        """Tails reachable from ``head`` through facts of ``relation`` in the pool (any depth)."""
-        edges = self.edges.get(_norm(relation), {})
-        seen: set[str] = set()
-        todo = [_norm(head)]
-        while todo:
-            for nxt in edges.get(todo.pop(), ()):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return seen
-
-    def distractors(self, t: Triplet, k: int, seed: int) -> list[str]:
-        """Up to ``k - 1`` other tails of ``t``'s relation, drawn with a seed fixed by ``seed`` and ``t``."""
-        rel = _norm(t.relation)
-        banned = self.true_tails(t.head, t.relation) | {_norm(t.tail), _norm(t.head)}
-        cands = sorted(n for n in self.tails.get(rel, {}) if n not in banned)
-        rng = random.Random(f"{seed}|{'|'.join(t.key)}")  # str seeds are hashed by SHA-512: stable across processes
-        picked = rng.sample(cands, min(k - 1, len(cands)))
-        return [self.tails[rel][n] for n in picked]
 
 
 def with_tail(t: Triplet, tail: str) -> str:

@@ -1,9 +1,12 @@
 """Same-relation distractor tails for the distractor term (docs/method.md, "The distractor term").
 
-For every TargetKG row the pool is the first token of every other tail of the same relation in
-the TargetKG and the ControlKG the run trains on, as that tail would follow the row's own prefix
-(the tail's text swapped into the sentence). Tails whose first token is the row's own first tail
-token are left out (they would contrast the tail with itself). Each step draws ``k`` of them per
+For every TargetKG row the pool is the first token of every tail of the same relation in the
+TargetKG and the ControlKG the run trains on that is false of the row's head
+(:meth:`kcs_lens.data.tail_pool.DistractorPool.candidates`, the rule the multiple-choice measure
+uses: no hypernym of the head), as that tail would follow the row's own prefix (the tail's text
+swapped into the sentence; the article before it stays the row's own, since the term compares
+logits at one position). Tails whose first token is the row's own first tail token are left out
+(they would contrast the tail with itself). Each step draws ``k`` of them per
 row without replacement, from a generator seeded by (seed, step): a pure function of the step, so
 a resumed run draws what the uninterrupted one drew, and the reference and the fast objective see
 the same draw.
@@ -17,7 +20,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kcs_lens.data.triplets import Triplet, TripletBatch, triplet_key
+from kcs_lens.data.tail_pool import DistractorPool
+from kcs_lens.data.triplets import Triplet, TripletBatch
 from kcs_lens.errors import ConfigError
 
 
@@ -48,27 +52,21 @@ class DistractorPools:
         """Pools for the rows of ``target_batch`` (tokenized from ``target``, in order) from the
         tails of ``target`` and ``pool_from``. ConfigError where a row has no other tail of its
         relation; ``k`` is lowered to the smallest pool (the caller reports ``k`` as used)."""
-        by_rel: dict[str, dict[str, str]] = {}
-        for t in [*target, *pool_from]:
-            by_rel.setdefault(triplet_key(t.head, t.relation, t.tail)[1], {}).setdefault(" ".join(t.tail.lower().split()), t.tail)
+        tails = DistractorPool([target, pool_from])
         pools: dict[bytes, Tensor] = {}
         for i, t in enumerate(target):
-            rel = triplet_key(t.head, t.relation, t.tail)[1]
-            own = " ".join(t.tail.lower().split())
             n_pre = len(tokenizer.encode(t.prefix, add_special_tokens=False))
             lead = t.tail_str[: len(t.tail_str) - len(t.tail)]  # the space (or nothing) before the tail
             first_own = int(target_batch.targets[i][target_batch.score_mask[i]][0])
             ids: set[int] = set()
-            for norm, tail in by_rel[rel].items():
-                if norm == own:
-                    continue
-                toks = tokenizer.encode(t.prefix + lead + tail, add_special_tokens=False)[n_pre:]
+            for tail in tails.candidates(t):
+                toks = tokenizer.encode(t.prefix + lead + tails.spelling(t, tail), add_special_tokens=False)[n_pre:]
                 if toks and toks[0] != first_own:
                     ids.add(int(toks[0]))
             if not ids:
                 raise ConfigError(
                     f"--distractor-weight: TargetKG triplet {t.text!r} has no other tail of relation {t.relation!r} in the "
-                    "TargetKG and ControlKG to contrast with (the distractor term needs at least one)"
+                    "TargetKG and ControlKG that is false of its head (the distractor term needs at least one)"
                 )
             pools[row_key(target_batch, i)] = torch.tensor(sorted(ids), dtype=torch.long)
         k = min(k, min(len(p) for p in pools.values()))
