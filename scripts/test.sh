@@ -41,14 +41,15 @@ run_tests() {  # run_tests LINE [pytest args...]
   shift
   venv=$(venv_of "$line")
   if [ "$line" = 4 ]; then sel=(); else sel=(-m "(not slow and not tl_independent) or backends"); fi
-  # a test file stays on one worker (--dist loadfile): its module fixtures (reference runs) are built once
-  if [ "$WORKERS" -gt 1 ]; then par=(-n "$WORKERS" --dist loadfile); fi
+  # work units (tests/conftest.py): a test file stays on one worker (its module fixtures are built once),
+  # each docs page is a unit of its own; the units with the most slow tests start first
+  if [ "$WORKERS" -gt 1 ]; then par=(-n "$WORKERS" --dist loadgroup --no-loadscope-reorder); fi
   t0=$(date +%s)
   local rc=0
   if [ "$WORKERS" -gt 1 ]; then
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/python" -m pytest -q -p no:cacheprovider "${par[@]}" "${sel[@]}" "$@" || rc=$?
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$venv/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${par[@]}" "${sel[@]}" "$@" || rc=$?
   else
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${sel[@]}" "$@" || rc=$?
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${sel[@]}" "$@" || rc=$?
   fi
   # pytest's 5 = no test selected: on the 3.9 line that is what the arguments asked for (e.g. a file of
   # tl_independent tests); anywhere else it stays a failure

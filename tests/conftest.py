@@ -155,3 +155,25 @@ def one_thread():
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Work units for pytest-xdist's ``--dist loadgroup`` (scripts/test.sh): a test file stays on
+    one worker (its module fixtures, e.g. reference runs, are built once), except that each docs
+    page of test_docs_commands is a unit of its own (minutes each: on one worker they were the
+    suite's long tail). Units that hold slow tests run first, the most slow tests first, so the
+    workers end together (scripts/test.sh passes --no-loadscope-reorder to keep this order)."""
+    group = {}
+    for item in items:
+        name = item.nodeid.split("::")[0]
+        if getattr(item, "originalname", "") == "test_docs_commands_exit_zero":
+            name = item.nodeid
+        group[item.nodeid] = name
+        item.add_marker(pytest.mark.xdist_group(name))
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[group[item.nodeid]] = slow.get(group[item.nodeid], 0) + (item.get_closest_marker("slow") is not None)
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(group[item.nodeid], i)
+    items.sort(key=lambda it: (-slow[group[it.nodeid]], first[group[it.nodeid]]))
