@@ -212,6 +212,33 @@ def test_distractor_and_lens_terms_in_a_run(tmp_path, tiny_kg, tiny_model_dir):
     assert data["distractor_k"] == 3 and data["distractor_pool_min"] >= 3
 
 
+@requires_bundled
+def test_robust_recipe_trains_the_distractor_term_on_two_wordings(tmp_path):
+    """--recipe robust: the bundled recipe plus the distractor term on templates 0-1 (2-4 unseen),
+    λ 90 -> 120; flags still win over it; a short run trains the term and holds the other wordings out."""
+    from kcs_lens.discovery.recipes import BUNDLED_RECIPE
+
+    cfg = build_config(model="bundled", recipe="robust")
+    assert (cfg.distractor_weight, cfg.train_templates, cfg.sparsity_start, cfg.sparsity_end) == (1.0, ["0", "1"], 90.0, 120.0)
+    assert (cfg.steps, cfg.tail_weight, cfg.control_test_size) == tuple(
+        BUNDLED_RECIPE[k] for k in ("steps", "tail_weight", "control_test_size")
+    )
+    assert build_config(model="bundled", recipe="robust", distractor_weight=0.5).distractor_weight == 0.5
+    assert build_config(model="bundled").distractor_weight == 0.0  # the bundled default is unchanged
+    from kcs_lens.cli.main import app
+
+    r = CliRunner().invoke(
+        app,
+        ["discover", "--recipe", "robust", "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "r"), "--no-progress"],
+    )
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["config"]["recipe"] == "robust" and saved["data"]["distractor_k"] == 4
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["data"]["target"] == 60 and s["data"]["paraphrases"] == 60  # 30 facts x 2 trained / 2 unseen wordings
+    assert [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]["train"]["distractor"] >= 0
+
+
 def test_bad_input(tmp_path, tiny_kg, tiny_model_dir):
     kw = tiny_run_kwargs(tiny_kg, tiny_model_dir)
     out = tmp_path / "run"

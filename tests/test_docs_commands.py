@@ -2,7 +2,8 @@
 the explicit list below with its reason (the Hub, a GPU, a cluster, a placeholder, hours of
 compute). A new command in the docs that is neither runnable here nor in the list fails the test.
 
-The commands run as a user would type them, in a fresh folder per page, in page order, with these
+The commands run as a user would type them (through the CLI's app in this process, as the
+``kcs-lens`` script runs it), in a fresh folder per page, in page order, with these
 changes to keep them short: ``discover`` runs 2 steps; ``--draws`` is 1; ``compare-circuits`` uses
 4 prompts and 10 bootstrap resamples; ``downstream`` 1 epoch, 1 seed, 1 random draw; the page's
 ``study.toml`` is study.md's bundled study with 2 steps per cell. A run directory a command reads
@@ -17,12 +18,13 @@ import importlib.util
 import os
 import re
 import shlex
-import subprocess
-import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import requires_bundled
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
@@ -139,19 +141,33 @@ def needed_runs(args: list[str], cwd: Path) -> list[Path]:
     return [Path(a) for a in args[1:] if RUN_NAME.match(a) and not (cwd / a).exists()]
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kcs_lens.cli.main", *args],
-        cwd=cwd,
-        env={**ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str]) -> Ran:
+    """``kcs-lens ARGS`` in ``cwd``: in this process through the CLI's own app (what the
+    ``kcs-lens`` script calls), which spares each command the seconds of importing torch and
+    transformers; cli/errors.py's exit codes and one-line errors are the same in either. The
+    environment of ENV and ``env`` is set for the command and restored after it."""
+    from kcs_lens.cli.main import app
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(app, args, env={**ENV, **env})
+    finally:
+        os.chdir(here)
+    err = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += "".join(traceback.format_exception(r.exception))
+    return Ran(r.exit_code, r.stdout, err)
 
 
 ENV = {
-    **os.environ,
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -175,7 +191,7 @@ def _wordnet_available() -> bool:
 @pytest.mark.slow
 @requires_bundled
 @pytest.mark.parametrize("page", [p for p in PAGES if any(skip_reason(c) is None for c in commands(p))], ids=lambda p: p.name)
-def test_docs_commands_exit_zero(page: Path, tmp_path: Path):
+def test_docs_commands_exit_zero(page: Path, tmp_path: Path, one_thread):
     (tmp_path / "study.toml").write_text(STUDY)
     ran = []
     for cmd in commands(page):

@@ -172,7 +172,11 @@ class DiscoveryConfig:
         "correct", "correct (logits at the last prefix token) or released (the authors' off-by-one, for fidelity)"
     )
     # optimization
-    recipe: Recipe = opt("auto", "auto (bundled recipe for the bundled model, paper otherwise), paper or bundled")
+    recipe: Recipe = opt(
+        "auto",
+        "auto (bundled recipe for the bundled model, paper otherwise), paper, bundled, or robust (bundled + the distractor "
+        "term on two wordings, NOT in the paper: removal that survives multiple choice and unseen wordings)",
+    )
     steps: int = opt(40_000, "training steps (paper: 40000)", check=int_at_least(1))
     lr: float = opt(0.2, "Adam learning rate on the mask logits (paper: 0.2)", check=in_range(0, 1000, open_lo=True))
     warmup_frac: float = opt(0.1, "linear warm-up share of the steps (paper: 0.1)", check=in_range(0, 1))
