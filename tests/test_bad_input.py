@@ -291,6 +291,8 @@ def test_bad_input_table(argv, phrase, tmp_path, finished_run, tiny_kg, tiny_mod
     if args[0] == "D":  # discover on the tiny model and data with these flags last
         args = discover_args(tiny_kg, tiny_model_dir) + ([] if "--out" in args else ["--out", out]) + args[1:]
     before, shared = snapshot(ws), snapshot(inputs)
+    if "--ray-address" in args:
+        import ray  # noqa: F401  (importing Ray takes 10-20 s on a loaded machine; the bound below is on the probe)
     t0 = time.monotonic()
     r = CliRunner().invoke(app, args)
     if "--ray-address" in args:  # an unreachable cluster fails at once, not after Ray's minutes of retries
