@@ -135,6 +135,11 @@ def _see(out: str, token: str, node_id: str) -> str | None:
         return f"{e.filename or out}: {e.strerror or e}"
 
 
+# How long a node may take to answer the study-directory check: its first worker process imports
+# kcs_lens (torch, transformers), a minute or more on a busy 2-core node.
+CHECK_TIMEOUT_S = 300
+
+
 def check_shared_out(ray: Any, out: Path) -> None:
     """Every alive node sees ``out`` (see the module docstring): a ConfigError naming the first
     node that does not, before any cell runs. The markers are removed afterwards."""
@@ -156,9 +161,14 @@ def check_shared_out(ray: Any, out: Path) -> None:
         for ref, n in refs.items():
             where = f"{n.get('NodeManagerAddress')}/{n['NodeID'][:8]}"
             try:
-                problem = ray.get(ref, timeout=120)
-            except Exception as e:  # the node died or did not answer
-                problem = f"{type(e).__name__}: no answer within 120 s"
+                problem = ray.get(ref, timeout=CHECK_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise ConfigError(
+                    f"--out {out}: Ray node {where} did not answer the study-directory check within {CHECK_TIMEOUT_S} s "
+                    "(its worker process did not start: the node is overloaded or still starting); rerun when it answers"
+                ) from None
+            except Exception as e:  # the node died
+                problem = f"{type(e).__name__}: {e}".splitlines()[0]
             if problem is None and (mdir / n["NodeID"]).is_file() and (mdir / n["NodeID"]).read_text() == token:
                 continue
             raise ConfigError(
