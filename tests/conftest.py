@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,17 +164,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     page of test_docs_commands is a unit of its own (minutes each: on one worker they were the
     suite's long tail). Units that hold slow tests run first, the most slow tests first, so the
     workers end together (scripts/test.sh passes --no-loadscope-reorder to keep this order)."""
-    group = {}
-    for item in items:
-        name = item.nodeid.split("::")[0]
-        if getattr(item, "originalname", "") == "test_docs_commands_exit_zero":
-            name = item.nodeid
-        group[item.nodeid] = name
-        item.add_marker(pytest.mark.xdist_group(name))
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[group[item.nodeid]] = slow.get(group[item.nodeid], 0) + (item.get_closest_marker("slow") is not None)
-    first = {}
-    for i, item in enumerate(items):
-        first.setdefault(group[item.nodeid], i)
-    items.sort(key=lambda it: (-slow[group[it.nodeid]], first[group[it.nodeid]]))
+    units = [
+        item.nodeid if getattr(item, "originalname", "") == "test_docs_commands_exit_zero" else item.nodeid.split("::")[0]
+        for item in items
+    ]
+    slow = Counter(u for u, item in zip(units, items) if item.get_closest_marker("slow") is not None)
+    first: dict[str, int] = {}
+    for i, (u, item) in enumerate(zip(units, items)):
+        first.setdefault(u, i)
+        item.add_marker(pytest.mark.xdist_group(u))
+    order = sorted(range(len(items)), key=lambda i: (-slow[units[i]], first[units[i]]))
+    items[:] = [items[i] for i in order]
