@@ -365,15 +365,20 @@ def test_shared_inputs_are_shared_and_change_nothing(reference, tiny_dir, tmp_pa
 @pytest.mark.slow
 def test_ray_matches_discover_and_retries_a_killed_worker(tmp_path, reference, tiny_dir, tiny_kg, tiny_model_dir):
     """Ray on this machine (2 CPUs): the 2 x 2 study in packs of 2 cells gives the discover() subnetworks; a task whose
-    worker is SIGKILLed mid-cell is retried by Ray and resumes from the cell's checkpoint."""
+    worker is SIGKILLed mid-cell is retried by Ray and resumes from the cell's checkpoint. A sweep that started Ray
+    shuts it down when it ends; one that found this process connected leaves it connected."""
     ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    out = tmp_path / "out"
+    res = run_sweep(tiny_dir[1], out, executor="ray", max_retries=1, pack=2, log=lambda _: None)  # 2 tasks of 2 cells
+    assert not ray.is_initialized()  # the sweep started Ray on this machine and stopped it
+    assert res["failed"] == [] and len(res["results"]) == 4
+    for (t, s), ref in reference.items():
+        same_subnetwork(cell_dir(out, tiny_dir[1], t, s), ref)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        out = tmp_path / "out"
-        res = run_sweep(tiny_dir[1], out, executor="ray", max_retries=1, pack=2, log=lambda _: None)  # 2 tasks of 2 cells
-        assert res["failed"] == [] and len(res["results"]) == 4
-        for (t, s), ref in reference.items():
-            same_subnetwork(cell_dir(out, tiny_dir[1], t, s), ref)
+        res = run_sweep(tiny_dir[1], out, executor="ray", log=lambda _: None)  # all done: nothing to run
+        assert ray.is_initialized() and res["skipped"] and not res["results"]
         # a longer cell, its worker killed after the first checkpoint
         p2 = tiny_study(tmp_path, tiny_kg, tiny_model_dir, targets=("target",), seeds=(84,), **LONG)
         out2 = tmp_path / "out2"

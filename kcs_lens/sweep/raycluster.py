@@ -113,6 +113,21 @@ def join_cluster(address: str | None, out: Path) -> None:
         raise
 
 
+@contextlib.contextmanager
+def connected(address: str | None, out: Path) -> Iterator[None]:
+    """:func:`join_cluster` for the length of a sweep; on the way out, Ray is shut down again if this
+    call connected it (a notebook or a test that called ``ray.init`` itself stays connected)."""
+    import ray
+
+    mine = not ray.is_initialized()
+    try:
+        join_cluster(address, out)
+        yield
+    finally:
+        if mine and ray.is_initialized():
+            ray.shutdown()
+
+
 def node_label() -> str:
     """The node this Ray task runs on: its IP and the first 8 hex digits of its Ray node id
     (several nodes of one machine share the IP)."""

@@ -12,7 +12,7 @@ from kcs_lens.settings import build
 from kcs_lens.sweep.cells import DONE, cell_state, describe
 from kcs_lens.sweep.config import SweepConfig
 from kcs_lens.sweep.executors import import_ray, packs, run_local, run_ray
-from kcs_lens.sweep.plan import expand, load_plan, reconcile, write_plan
+from kcs_lens.sweep.plan import Plan, expand, load_plan, reconcile, write_plan
 from kcs_lens.tracking import Tracking, check_tracking, parse_tracking
 
 RUN_SETTINGS = "sweep-run.json"  # the SweepConfig of the last run in a study directory
@@ -81,9 +81,23 @@ def run_sweep(
     if c.dry_run:
         return {"plan": plan, "results": [], "failed": [], "skipped": [], "changed": changed}
     if c.executor == "ray":  # the cluster answers and every node sees --out, before anything is written
-        from kcs_lens.sweep.raycluster import join_cluster
+        from kcs_lens.sweep.raycluster import connected
 
-        join_cluster(c.ray_address, Path(out))
+        with connected(c.ray_address, Path(out)):
+            return _run(c, plan, changed, Path(out), progress, log, kinds)
+    return _run(c, plan, changed, Path(out), progress, log, kinds)
+
+
+def _run(
+    c: SweepConfig,
+    plan: Plan,
+    changed: bool,
+    out: Path,
+    progress: bool,
+    log: Callable[[str], None],
+    kinds: tuple[str, ...],
+) -> dict[str, Any]:
+    """The study's cells run (the plan written, then each cell not done yet) and followed."""
     if changed:
         write_plan(plan, out)
     atomic_write_json(out / RUN_SETTINGS, c.to_dict())
