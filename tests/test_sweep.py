@@ -375,7 +375,7 @@ def test_ray_matches_discover_and_retries_a_killed_worker(tmp_path, reference, t
     assert res["failed"] == [] and len(res["results"]) == 4
     for (t, s), ref in reference.items():
         same_subnetwork(cell_dir(out, tiny_dir[1], t, s), ref)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not another test's cluster
     try:
         res = run_sweep(tiny_dir[1], out, executor="ray", log=lambda _: None)  # all done: nothing to run
         assert ray.is_initialized() and res["skipped"] and not res["results"]

@@ -75,13 +75,15 @@ def _stderr_into(said: list[str]) -> Iterator[None]:
 
 
 def connect(ray: Any, address: str | None) -> None:
-    """``ray.init(address)`` (None: start Ray on this machine), failures as one ConfigError line."""
+    """``ray.init(address)``, failures as one ConfigError line. None starts a new Ray instance on this
+    machine (``address="local"``), even where a cluster runs here or ``RAY_ADDRESS`` is set: Ray's own
+    default would join that cluster silently; ``--ray-address auto`` joins it."""
     if address is not None:
         probe(address)
     said: list[str] = []
     try:
         with _stderr_into(said):
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            ray.init(address=address or "local", log_to_driver=False, logging_level="ERROR")
     except Exception as e:
         text = f"{e} {' '.join(said)}"
         where = f"the Ray cluster at {address}" if address else "Ray on this machine"
