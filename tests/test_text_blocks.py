@@ -127,3 +127,31 @@ def test_text_source_errors(tmp_path, tiny_tokenizer):
     f.write_text("\n\n".join(PARAS))
     with pytest.raises(KGError, match=r"held-out\): \d+ tokens, fewer than one block of block_len=100000"):
         load_text_blocks(str(f), tiny_tokenizer, block_len=100000, split="heldout")
+
+
+def test_token_ids_are_reused_only_for_the_same_documents_and_tokenizer(tiny_tokenizer_dir, monkeypatch):
+    """A process tokenizes the same documents with the same tokenizer once; a tokenizer that splits
+    differently, other documents or another separator are tokenized afresh; at most a few are kept."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(text_mod, "_TOKENIZED", {})
+    a = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    calls = []
+    real = type(a).__call__
+    monkeypatch.setattr(type(a), "__call__", lambda self, *x, **k: calls.append(1) or real(self, *x, **k))
+    first = tokenize_documents(PARAS, a)
+    again = tokenize_documents(PARAS, AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)))  # equal tokenizer, new object
+    assert again == first and len(calls) == 1
+    again.append(0)  # the caller owns what it gets
+    assert tokenize_documents(PARAS, a) == first and len(calls) == 1
+    b = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    b.add_tokens(["vehicle number"])  # another split of the same text
+    other = tokenize_documents(PARAS, b)
+    assert len(calls) == 2 and other != first and len(other) < len(first)
+    last_eos = len(first) - 1 - first[::-1].index(a.eos_token_id)
+    assert tokenize_documents(PARAS[:-1], a) == first[:last_eos] and len(calls) == 3  # other documents
+    for i in range(text_mod._TOKENIZED_KEEP + 1):
+        tokenize_documents([f"document {i}"], a)
+    assert len(text_mod._TOKENIZED) == text_mod._TOKENIZED_KEEP
+    tokenize_documents(PARAS, a)
+    assert len(calls) == 3 + text_mod._TOKENIZED_KEEP + 2  # the oldest entries were dropped: tokenized again

@@ -13,12 +13,17 @@ Sources (``load_text_blocks(source, ...)``):
 
 Documents are tokenized without special tokens and joined with the EOS token between them; the
 token stream is cut into non-overlapping blocks of ``block_len`` (the remainder is dropped).
-Nothing is prepended to a block (blocks are raw token windows).
+Nothing is prepended to a block (blocks are raw token windows). A process tokenizes the same
+documents with the same tokenizer once (``report`` over many runs, a pack of sweep cells, a
+notebook): the token ids are kept for the last few (documents, tokenizer) pairs, keyed by their
+content.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from array import array
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,6 +123,27 @@ def text_documents(source: str, split: str = "train", *, heldout_split: str = "v
     return _local_documents(path, source)
 
 
+_TOKENIZED: dict[tuple[str, str], array] = {}  # (documents digest, tokenizer digest) -> ids, newest last
+_TOKENIZED_KEEP = 4
+
+
+def _tokenizer_digest(tokenizer: Any, eos: int) -> str | None:
+    """A digest of a fast (``tokenizers``-backed) tokenizer's whole definition and its separator;
+    None for other tokenizers (their ids are not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    return hashlib.sha256(f"{eos}\0{backend.to_str()}".encode()).hexdigest()
+
+
+def _documents_digest(docs: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode())
+        h.update(b"\0")  # no document contains NUL after reading; keeps ["ab"] and ["a", "b"] apart
+    return h.hexdigest()
+
+
 def tokenize_documents(docs: Sequence[str], tokenizer: Any) -> list[int]:
     """Token ids of the documents joined with the EOS token between them (no special tokens else)."""
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -125,6 +151,11 @@ def tokenize_documents(docs: Sequence[str], tokenizer: Any) -> list[int]:
         eos = getattr(tokenizer, "bos_token_id", None)
     if eos is None:
         raise KGError("the tokenizer has no EOS (or BOS) token to separate documents")
+    tok_key = _tokenizer_digest(tokenizer, eos)
+    key = (_documents_digest(docs), tok_key) if tok_key is not None else None
+    if key is not None and key in _TOKENIZED:
+        _TOKENIZED[key] = _TOKENIZED.pop(key)  # most recently used last
+        return _TOKENIZED[key].tolist()
     if callable(tokenizer) and hasattr(tokenizer, "batch_decode"):  # a HF tokenizer: batched and fast
         rows = tokenizer(list(docs), add_special_tokens=False, verbose=False)["input_ids"]
     else:
@@ -134,6 +165,10 @@ def tokenize_documents(docs: Sequence[str], tokenizer: Any) -> list[int]:
         if i:
             ids.append(eos)
         ids.extend(r)
+    if key is not None:
+        _TOKENIZED[key] = array("q", ids)
+        while len(_TOKENIZED) > _TOKENIZED_KEEP:
+            del _TOKENIZED[next(iter(_TOKENIZED))]
     return ids
 
 
