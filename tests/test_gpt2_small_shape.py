@@ -1,4 +1,4 @@
-"""The discover command on a random-init GPT-2-small-shaped model (12 x 768, vocab 50257), 2 steps."""
+"""The discover command on a random-init GPT-2-small-shaped model (12 x 768, vocab 50257), 2 steps, a few facts."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ def test_discover_runs_on_gpt2_small_shape(tmp_path):
     model_dir = tmp_path / "gpt2-small-random"
     GPT2LMHeadModel(GPT2Config()).save_pretrained(model_dir)  # GPT-2 small's default shape
     AutoTokenizer.from_pretrained(str(BUNDLED_DIR)).save_pretrained(model_dir)
+    # a few bundled facts: every evaluation (tail scores, multiple choice, logit lens) and the fast
+    # objective's per-row caches run on all rows of the KGs, minutes at this shape on one CPU thread
+    kg = BUNDLED_DIR.parent / "kg"
+    for name, src, n in (("target", "target_building", 8), ("control", "control_train", 24), ("control_val", "control_val", 8)):
+        (tmp_path / f"{name}.jsonl").write_text("".join((kg / f"{src}.jsonl").read_text().splitlines(keepends=True)[:n]))
     out = tmp_path / "run"
     args = [
         "discover",
@@ -48,6 +53,12 @@ def test_discover_runs_on_gpt2_small_shape(tmp_path):
         "2",
         "--control-lm",
         "bundled",
+        "--target-kg",
+        str(tmp_path / "target.jsonl"),
+        "--control-kg",
+        str(tmp_path / "control.jsonl"),
+        "--control-val-kg",
+        str(tmp_path / "control_val.jsonl"),
         "--out",
         str(out),
         "--no-progress",
