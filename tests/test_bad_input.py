@@ -517,6 +517,7 @@ def test_export_and_overlap_outputs_get_umask_permissions(tmp_path, finished_run
         os.umask(old)
 
 
+@pytest.mark.slow
 def test_damaged_state_warning_goes_to_stderr(tmp_path, tiny_kg, tiny_model_dir):
     """`discover --resume` of a run whose state.pt is truncated: the fallback is a `note:` line on
     stderr, stdout keeps the results only."""

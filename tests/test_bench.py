@@ -20,6 +20,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_step_bench_prints_one_json_line_per_configuration():
     r = _bench(
         "--shape",

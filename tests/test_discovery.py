@@ -89,6 +89,7 @@ def _cli_args(kw: dict) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes_bit_identically(tmp_path, tiny_kg, tiny_model_dir):
     """SIGINT to a running `kcs-lens discover`: one-line message, exit 2, state saved between steps;
     --resume then ends exactly where an uninterrupted run ends."""

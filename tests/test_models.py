@@ -111,6 +111,7 @@ def test_bad_specs(tmp_path, tiny_model_dir):
             load_model(str(tiny_model_dir), device="cuda:99")
 
 
+@pytest.mark.slow
 def test_hub_name_offline_fails_fast_and_clearly():
     """gpt2-medium with HF_HUB_OFFLINE=1: a clear message in under 2 s (fresh process, imports excluded)."""
     code = (

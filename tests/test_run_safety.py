@@ -95,6 +95,7 @@ def test_lock_one_writer(tmp_path):
     RunLock(rd.lock_file).acquire(d).release()
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_run_directory(tmp_path, tiny_kg, tiny_model_dir):
     """A second writer is refused (exit 2, naming the first's pid) and changes nothing; readers say
     the run is still running; after kill -9 of the first the lock is free and --resume works."""
@@ -130,6 +131,7 @@ def test_two_processes_on_one_run_directory(tmp_path, tiny_kg, tiny_model_dir):
     assert discover(resume=out, stop_after=1) is None
 
 
+@pytest.mark.slow
 def test_full_disk_stops_with_one_line_and_resumes(tmp_path, reference, tiny_kg, tiny_model_dir):
     """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes writing state.pt fail with a real
     OSError: exit 2, one line naming the file, no temporary files; --resume then ends exactly where
@@ -268,6 +270,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_no_space_left_stops_with_one_line_and_resumes(small_tmpfs, reference, tiny_kg, tiny_model_dir):
     """A real full disk (ENOSPC on a small tmpfs) while the first state.pt is written: exit 2, one
     error line, no traceback, no temporary files; after the disk grows, --resume ends exactly where
