@@ -8,6 +8,8 @@
 - :func:`check_shared_out`: every node of the cluster sees the study directory: the driver writes
   a marker under ``--out``, one task pinned to each node reads it and writes its own; a node that
   cannot (a node-local path, a filesystem not mounted there) is named before any cell runs.
+- :func:`connected`: the two above for the length of a sweep, and Ray shut down after it when the
+  sweep started it (without ``--ray-address``: a new instance on this machine, ``address="local"``).
 - :func:`node_label`: the node a Ray task runs on, as recorded in a cell's status file.
 """
 
