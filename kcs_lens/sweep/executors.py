@@ -274,7 +274,6 @@ def run_ray(
     study_dir: Path,
     cells: list[Cell],
     *,
-    address: str | None,
     resources: dict[str, float],
     max_retries: int,
     force: bool,
@@ -285,13 +284,9 @@ def run_ray(
 ) -> Iterator[Event]:
     """One Ray task per pack (:func:`packs`) with ``resources``; Ray retries a task whose worker
     died up to ``max_retries`` times (the retry skips the pack's finished cells and resumes the
-    interrupted one from its last checkpoint). ``address``: a running cluster (``auto`` or
-    ``HOST:PORT``); None starts Ray on this machine, unless this process already called ``ray.init``."""
+    interrupted one from its last checkpoint). Ray must be connected: run_sweep does it, and shuts it
+    down after, through :func:`kcs_lens.sweep.raycluster.connected`."""
     ray = import_ray()
-    from kcs_lens.sweep.raycluster import connect
-
-    if not ray.is_initialized():  # run_sweep connected already (and checked the storage)
-        connect(ray, address)
     task = ray.remote(_ray_pack).options(**ray_options(resources, max_retries))
     groups = packs(cells, pack)
     refs = {task.remote(str(study_dir.resolve()), [c.to_json() for c in g], force, track, threads): g for g in groups}

@@ -83,9 +83,9 @@ def run_sweep(
     if c.executor == "ray":  # the cluster answers and every node sees --out, before anything is written
         from kcs_lens.sweep.raycluster import connected
 
-        with connected(c.ray_address, Path(out)):
-            return _run(c, plan, changed, Path(out), progress, log, kinds)
-    return _run(c, plan, changed, Path(out), progress, log, kinds)
+        with connected(c.ray_address, out):
+            return _run(c, plan, changed, out, progress, log, kinds)
+    return _run(c, plan, changed, out, progress, log, kinds)
 
 
 def _run(
@@ -122,7 +122,6 @@ def _run(
         events = run_ray(
             out,
             todo,
-            address=c.ray_address,
             resources=c.resource_amounts,
             max_retries=c.max_retries,
             force=c.force,
